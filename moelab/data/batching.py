@@ -1,0 +1,135 @@
+"""Batches bounded by a token budget, grouping chunks of similar length as fairseq does.
+
+``max_tokens`` bounds the padded size B x max_len of a batch, so padding stays small and memory
+predictable. A training epoch's batch order is a pure function of (seed, epoch), which is what makes
+exact resume and identical shards across DDP ranks possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from moelab.data.dataset import BinarizedDataset, Chunk
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, T) chunk tokens x_1..x_n, right-padded with pad_id
+    lengths: torch.Tensor  # (B,) real tokens per row (>= 1)
+    context: torch.Tensor  # (B, C) the document's tokens before the chunk, right-padded; C may be 0
+    context_lengths: torch.Tensor  # (B,) 0 for a document's first chunk
+    doc_ids: torch.Tensor  # (B,) document index within the split
+    domain_ids: torch.Tensor  # (B,)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of prediction targets in the batch."""
+        return int(self.lengths.sum())
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                        for f in fields(self)})
+
+    def pin_memory(self) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+
+def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    out = torch.full((len(rows), int(lengths.max()) if rows else 0), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.from_numpy(row)
+    return out, lengths
+
+
+def collate(ds: BinarizedDataset, chunks: list[Chunk], max_context: int) -> Batch:
+    tokens, lengths = _pad([ds.chunk_tokens(c) for c in chunks], ds.pad_id)
+    context, context_lengths = _pad([ds.context(c, max_context) for c in chunks], ds.pad_id)
+    return Batch(
+        tokens=tokens,
+        lengths=lengths,
+        context=context,
+        context_lengths=context_lengths,
+        doc_ids=torch.tensor([c.doc for c in chunks], dtype=torch.long),
+        domain_ids=torch.tensor([int(ds.domain_ids[c.doc]) for c in chunks], dtype=torch.long),
+    )
+
+
+def batch_by_size(
+    lengths: np.ndarray, max_tokens: int, max_sentences: int | None = None
+) -> list[np.ndarray]:
+    """Group indices (sorted by length) so that rows x longest row <= max_tokens per batch."""
+    if len(lengths) and int(lengths.max()) > max_tokens:
+        raise ValueError(
+            f"--max-tokens {max_tokens} is smaller than the longest chunk ({int(lengths.max())} "
+            "tokens); raise --max-tokens or lower --tokens-per-sample."
+        )
+    order = np.argsort(lengths, kind="stable")
+    batches, current, longest = [], [], 0
+    for index in order:
+        length = int(lengths[index])
+        grown = max(longest, length)
+        full = max_sentences is not None and len(current) >= max_sentences
+        if current and (grown * (len(current) + 1) > max_tokens or full):
+            batches.append(np.asarray(current, dtype=np.int64))
+            current, grown = [], length
+        current.append(int(index))
+        longest = grown
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return batches
+
+
+class TrainBatches:
+    """Every chunk of a split, batched by size, in a deterministic order per epoch and rank."""
+
+    def __init__(
+        self,
+        ds: BinarizedDataset,
+        *,
+        tokens_per_sample: int,
+        max_tokens: int,
+        seed: int = 1,
+        max_sentences: int | None = None,
+        max_context: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.ds = ds
+        self.chunks = ds.chunks(tokens_per_sample)
+        self.max_context = tokens_per_sample if max_context is None else max_context
+        lengths = np.asarray([c.end - c.start for c in self.chunks], dtype=np.int64)
+        self.batches = batch_by_size(lengths, max_tokens, max_sentences)
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        # Every rank takes the same number of batches, so no rank waits on a missing all-reduce.
+        self.batches_per_epoch = len(self.batches) // world_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the {ds.split} split makes {len(self.batches)} batch(es), fewer than the "
+                f"{world_size} rank(s); lower --max-tokens or use fewer processes."
+            )
+
+    def order(self, epoch: int) -> list[int]:
+        """Batch indices this rank visits in ``epoch``."""
+        indices = np.arange(len(self.batches))
+        if self.shuffle:
+            indices = np.random.default_rng([self.seed, epoch]).permutation(indices)
+        mine = indices[self.rank :: self.world_size][: self.batches_per_epoch]
+        return [int(i) for i in mine]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        for index in self.order(epoch)[start:]:
+            yield collate(self.ds, [self.chunks[i] for i in self.batches[index]], self.max_context)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)

@@ -1,0 +1,122 @@
+"""A binarized split, memory-mapped: documents, their chunks, and each chunk's preceding context.
+
+Nothing is read into memory beyond the per-document offsets and domain ids; token arrays are
+``np.memmap`` views, so a data-bin of any size opens instantly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from moelab.data.preprocess import META_FILE
+from moelab.data.tokenizer import Tokenizer
+from moelab.errors import MoelabError
+
+
+class Chunk(NamedTuple):
+    doc: int  # document index within the split
+    start: int  # first token (offset within the document)
+    end: int  # one past the last token
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise MoelabError(
+            f"{data_dir} is not a moelab data-bin ({META_FILE} is missing); create one with "
+            "`moelab preprocess --bundled --destdir DIR` or `moelab preprocess --data PATH ...`."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoelabError(f"{path} is damaged ({e}); run `moelab preprocess` again.") from None
+
+
+class BinarizedDataset:
+    """One split (train, valid or test) of a data-bin written by ``moelab preprocess``."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(self.data_dir)
+        self.split = split
+        if split not in self.meta["splits"]:
+            raise MoelabError(
+                f"data-bin {self.data_dir} has no '{split}' split (it has "
+                f"{sorted(self.meta['splits'])}); preprocess again with --{split}pref PATH, or use "
+                "--data / --bundled which make all three."
+            )
+        self.domains: list[str] = list(self.meta["domains"])
+        self.vocab_size: int = int(self.meta["vocab_size"])
+        special = self.meta["special_ids"]
+        self.unk_id, self.bos_id = int(special["unk"]), int(special["bos"])
+        self.eos_id, self.pad_id = int(special["eos"]), int(special["pad"])
+        self.offsets = self._load_npy(f"{split}.offsets.npy")
+        self.domain_ids = self._load_npy(f"{split}.domains.npy")
+        self.tokens = self._load_tokens()
+
+    def _load_npy(self, name: str) -> np.ndarray:
+        path = self.data_dir / name
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as e:
+            raise MoelabError(
+                f"{path} is missing or damaged ({e}); run `moelab preprocess` again."
+            ) from None
+
+    def _load_tokens(self) -> np.ndarray:
+        path = self.data_dir / f"{self.split}.tokens.bin"
+        expected = int(self.meta["splits"][self.split]["tokens"])
+        dtype = np.dtype(self.meta["dtype"])
+        actual = path.stat().st_size // dtype.itemsize if path.is_file() else -1
+        if actual != expected or int(self.offsets[-1]) != expected:
+            raise MoelabError(
+                f"{path} holds {max(actual, 0)} tokens but {META_FILE} says {expected}: the "
+                "data-bin is incomplete or damaged; run `moelab preprocess` again."
+            )
+        if expected == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __repr__(self) -> str:
+        return (
+            f"BinarizedDataset({str(self.data_dir)!r}, {self.split!r}: {len(self)} documents, "
+            f"{int(self.offsets[-1])} tokens, domains={self.domains})"
+        )
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.data_dir / self.meta["tokenizer"])
+
+    def document_length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def document(self, i: int) -> np.ndarray:
+        """The document's tokens (ending with eos) as int64."""
+        return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]], dtype=np.int64)
+
+    def chunks(self, tokens_per_sample: int) -> list[Chunk]:
+        """Consecutive pieces of each document, never crossing documents, none dropped."""
+        if tokens_per_sample < 1:
+            raise ValueError(f"tokens_per_sample must be positive, got {tokens_per_sample}")
+        chunks = []
+        for doc in range(len(self)):
+            length = self.document_length(doc)
+            for start in range(0, length, tokens_per_sample):
+                chunks.append(Chunk(doc, start, min(start + tokens_per_sample, length)))
+        return chunks
+
+    def chunk_tokens(self, chunk: Chunk) -> np.ndarray:
+        base = int(self.offsets[chunk.doc])
+        return np.asarray(self.tokens[base + chunk.start : base + chunk.end], dtype=np.int64)
+
+    def context(self, chunk: Chunk, max_context: int) -> np.ndarray:
+        """The document's tokens just before the chunk (at most the last ``max_context``)."""
+        base = int(self.offsets[chunk.doc])
+        first = max(0, chunk.start - max_context)
+        return np.asarray(self.tokens[base + first : base + chunk.start], dtype=np.int64)

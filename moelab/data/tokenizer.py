@@ -1,0 +1,134 @@
+"""Lossless SentencePiece BPE: decode(encode(text)) == text, newlines and indentation included.
+
+Losslessness comes from four settings: the identity normaliser (no NFKC, no whitespace
+folding), no dummy prefix, byte fallback (any character outside the vocabulary becomes its UTF-8
+bytes instead of <unk>), and "\n" as a piece of its own (SentencePiece trains on lines, so the
+newline would otherwise never be learned).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from moelab.errors import MoelabError
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# Lines longer than this are cut into pieces for training only (SentencePiece skips longer
+# "sentences"); encoding is never cut.
+TRAIN_PIECE_CHARS = 4096
+# SentencePiece keeps at most this many training lines (a uniform sample): this is what bounds
+# memory on a large corpus.
+MAX_TRAIN_LINES = 2_000_000
+
+
+def training_lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            for start in range(0, len(line), TRAIN_PIECE_CHARS):
+                yield line[start : start + TRAIN_PIECE_CHARS]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, threads: int = 1) -> bytes:
+    """Train SentencePiece BPE on ``texts`` and return the serialized model.
+
+    Raises MoelabError naming the largest (or smallest) vocabulary that works when ``vocab_size``
+    does not fit the corpus.
+    """
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_lines(texts),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            user_defined_symbols=["\n"],
+            character_coverage=0.9999,
+            max_sentence_length=TRAIN_PIECE_CHARS * 4,  # bytes; a piece is at most 4 bytes a char
+            input_sentence_size=MAX_TRAIN_LINES,
+            shuffle_input_sentence=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            num_threads=max(1, threads),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise _vocab_error(str(e), vocab_size) from None
+    return model.getvalue()
+
+
+def _vocab_error(message: str, vocab_size: int) -> Exception:
+    too_high = re.search(r"value <= (\d+)", message)
+    if too_high:
+        return MoelabError(
+            f"--nwordssrc {vocab_size} is larger than this corpus supports: the largest "
+            f"SentencePiece vocabulary its train split allows is {too_high.group(1)}. "
+            f"Use --nwordssrc {too_high.group(1)} or less, or bring more training text."
+        )
+    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_low:
+        smallest = int(too_low.group(1)) + 1
+        return MoelabError(
+            f"--nwordssrc {vocab_size} is too small: the corpus needs at least {smallest} "
+            "pieces (special tokens, 256 byte pieces and its characters). Use a larger value."
+        )
+    if "sentence" in message.lower() and "empty" in message.lower():
+        return MoelabError("the train split holds no text to train the tokenizer on.")
+    return MoelabError(f"SentencePiece training failed: {message}")
+
+
+class Tokenizer:
+    """A thin wrapper that fixes the special ids and the lossless round trip in one place."""
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()) != (
+            UNK_ID, BOS_ID, EOS_ID, PAD_ID,
+        ):
+            raise MoelabError("this SentencePiece model was not made by `moelab preprocess`.")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise MoelabError(
+                f"tokenizer model {path} is missing; run `moelab preprocess` again to recreate "
+                "the data-bin."
+            )
+        try:
+            return cls(path.read_bytes())
+        except (RuntimeError, OSError) as e:
+            raise MoelabError(f"{path} is not a readable SentencePiece model ({e}).") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_proto).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Special ids (eos, pad, expert tokens beyond the vocabulary) are not text.
+        special = (UNK_ID, BOS_ID, EOS_ID, PAD_ID)
+        return self.sp.decode([i for i in ids if i not in special and i < self.vocab_size])

@@ -1,0 +1,82 @@
+"""Chunks, contexts and token-bounded batches."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from moelab.data import BinarizedDataset, TrainBatches, batch_by_size
+
+
+@pytest.fixture(scope="module")
+def train(tiny_bin) -> BinarizedDataset:
+    return BinarizedDataset(tiny_bin, "train")
+
+
+def test_chunks_tile_each_document_without_crossing(train):
+    chunks = train.chunks(100)
+    for doc in range(len(train)):
+        mine = [c for c in chunks if c.doc == doc]
+        assert mine[0].start == 0 and mine[-1].end == train.document_length(doc)
+        assert all(a.end == b.start for a, b in itertools.pairwise(mine))
+        assert all(0 < c.end - c.start <= 100 for c in mine)
+
+
+def test_context_is_the_text_just_before_the_chunk(train):
+    chunk = next(c for c in train.chunks(64) if c.start >= 128)
+    doc = train.document(chunk.doc)
+    assert np.array_equal(train.context(chunk, 1000), doc[: chunk.start])
+    assert np.array_equal(train.context(chunk, 50), doc[chunk.start - 50 : chunk.start])
+    first = train.chunks(64)[0]
+    assert len(train.context(first, 1000)) == 0
+
+
+def test_batches_respect_max_tokens_and_keep_padding_small():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 257, size=2000)
+    batches = batch_by_size(lengths, max_tokens=1024)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(2000))
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert all(len(b) * lengths[b].max() <= 1024 for b in batches)
+    assert padded / lengths.sum() < 1.1  # grouping by length: under 10% padding
+
+
+def test_max_sentences_caps_rows():
+    batches = batch_by_size(np.full(50, 4), max_tokens=1000, max_sentences=7)
+    assert max(len(b) for b in batches) == 7
+
+
+def test_chunk_longer_than_max_tokens_is_an_error():
+    with pytest.raises(ValueError, match="--max-tokens 10 is smaller than the longest chunk"):
+        batch_by_size(np.array([5, 20]), max_tokens=10)
+
+
+def test_batch_fields_match_the_chunks(train):
+    tb = TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=3)
+    batch = next(tb.epoch(0))
+    assert batch.tokens.shape[0] * batch.tokens.shape[1] <= 512
+    for row in range(len(batch)):
+        n = int(batch.lengths[row])
+        assert (batch.tokens[row, n:] == train.pad_id).all()
+        assert int(batch.domain_ids[row]) == train.domain_ids[int(batch.doc_ids[row])]
+    assert batch.num_tokens == int(batch.lengths.sum())
+
+
+def test_epoch_order_is_deterministic_and_resumable(train):
+    tb = TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=3)
+    assert tb.order(0) == TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=3).order(0)
+    assert tb.order(0) != tb.order(1)
+    full = list(tb.epoch(2))
+    resumed = list(tb.epoch(2, start=5))
+    assert len(resumed) == len(full) - 5
+    assert all(a.tokens.equal(b.tokens) for a, b in zip(full[5:], resumed, strict=True))
+
+
+def test_ranks_get_disjoint_equal_shards(train):
+    shards = [TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=3, rank=r,
+                           world_size=3) for r in range(3)]
+    orders = [set(s.order(4)) for s in shards]
+    assert len({len(o) for o in orders}) == 1
+    assert not (orders[0] & orders[1]) and not (orders[1] & orders[2])
