@@ -24,7 +24,7 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 TRAIN_PIECE_CHARS = 4096
 # SentencePiece keeps at most this many training lines (a uniform sample): this is what bounds
 # memory on a large corpus.
-MAX_TRAIN_LINES = 2_000_000
+MAX_TRAIN_LINES = 500_000
 
 
 def training_lines(texts: Iterable[str]) -> Iterator[str]:

@@ -1,0 +1,244 @@
+"""Training configuration: one dataclass per concern (data, model, optimizer, run).
+
+`moelab train`'s flags are generated from these fields (moelab/train/command.py): a field
+`warmup_updates` is the flag `--warmup-updates` with the same default, so Python and shell callers
+share one set of defaults. Field names are unique across the four classes, which lets
+`RunConfig.from_kwargs(data, lr=1e-3, num_experts=4)` route a flat keyword to its class.
+Names and meanings follow fairseq's where fairseq has the flag.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from moelab.model import PRESETS, ModelConfig
+from moelab.train.objectives import METHODS, method_flags
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class DataConfig:
+    data: str = field(metadata=_help("data-bin folder written by `moelab preprocess`",
+                                     positional="DATA_BIN"))
+    tokens_per_sample: int = field(
+        default=1024, metadata=_help("max tokens per training chunk (and the model's max length)"))
+    max_tokens: int | None = field(
+        default=3584, metadata=_help("max tokens in a batch (rows x longest row)"))
+    max_sentences: int | None = field(
+        default=None, metadata=_help("max chunks in a batch", aliases=("--batch-size",)))
+
+    def __post_init__(self) -> None:
+        self.data = str(self.data)
+        if self.tokens_per_sample < 1:
+            raise ValueError(f"--tokens-per-sample must be >= 1, got {self.tokens_per_sample}")
+        if self.max_tokens is None and self.max_sentences is None:
+            raise ValueError("set --max-tokens or --max-sentences so batches have a size")
+        if self.max_tokens is not None and self.max_tokens < self.tokens_per_sample:
+            raise ValueError(
+                f"--max-tokens ({self.max_tokens}) must be >= --tokens-per-sample "
+                f"({self.tokens_per_sample}) so that the longest chunk fits in a batch; raise "
+                "--max-tokens or lower --tokens-per-sample")
+
+
+@dataclass
+class ModelArgs:
+    """What to build: the preset, the training method and its K, and per-field overrides.
+
+    Resolved into a `moelab.model.ModelConfig` by `model_config` once the data-bin's vocabulary
+    is known. `None` means "the preset's value".
+    """
+
+    arch: str = field(default="transformer_lm",
+                      metadata=_help("model size preset", choices=tuple(PRESETS)))
+    method: str = field(default="hMoEup", metadata=_help(
+        "dense (K=1 LM), hMoEup/hMoElp (hard EM, uniform/learned prior), sMoEup/sMoElp (soft)",
+        choices=METHODS))
+    num_experts: int | None = field(
+        default=None, metadata=_help("K experts (default: 1 for dense, 3 otherwise)"))
+    decoder_layers: int | None = field(default=None, metadata=_help("Transformer blocks"))
+    decoder_embed_dim: int | None = field(default=None, metadata=_help("model width"))
+    decoder_ffn_embed_dim: int | None = field(default=None, metadata=_help("MLP hidden width"))
+    decoder_attention_heads: int | None = field(default=None, metadata=_help("attention heads"))
+    share_decoder_input_output_embed: bool | None = field(default=None, metadata=_help(
+        "tie input and output embeddings (moelab ties unless --no-share-... is given)",
+        negatable=True))
+    dropout: float = field(default=0.1, metadata=_help("dropout probability"))
+    attention_dropout: float = field(default=0.0, metadata=_help("attention-weight dropout"))
+    mean_pool_gating_network: bool | None = field(default=None, metadata=_help(
+        "learned prior p(z|c) from the mean-pool gating network (on by default for *lp methods; "
+        "unused with a uniform prior)"))
+    mean_pool_gating_network_encoder_dim: int | None = field(
+        default=None, metadata=_help("gating network width (default: the preset's)"))
+    mean_pool_gating_network_dropout: float = field(
+        default=0.0, metadata=_help("dropout inside the gating network"))
+
+    def __post_init__(self) -> None:
+        if self.arch not in PRESETS:
+            raise ValueError(f"unknown --arch {self.arch!r}; choose one of {', '.join(PRESETS)}")
+        _, uniform_prior = method_flags(self.method)  # raises with the valid names
+        if self.method == "dense":
+            if self.num_experts not in (None, 1):
+                raise ValueError(f"--method dense is a plain LM with one expert, got "
+                                 f"--num-experts {self.num_experts}; drop --num-experts or pick "
+                                 "a mixture method (hMoEup, hMoElp, sMoEup, sMoElp)")
+            self.num_experts = 1
+        elif self.num_experts is None:
+            self.num_experts = 3  # fairseq translation_moe's default
+        if self.num_experts < 1:
+            raise ValueError(f"--num-experts must be >= 1, got {self.num_experts}")
+        if not uniform_prior:
+            if self.mean_pool_gating_network is False:
+                raise ValueError(f"--method {self.method} learns the prior p(z|c) and needs the "
+                                 "gating network; set mean_pool_gating_network=True (or None)")
+            self.mean_pool_gating_network = True
+
+    @property
+    def uses_gating(self) -> bool:
+        """True when the learned prior is trained; a uniform prior never builds the network."""
+        return not method_flags(self.method)[1]
+
+
+def model_config(args: ModelArgs, *, vocab_size: int, pad_id: int,
+                 tokens_per_sample: int) -> ModelConfig:
+    """ModelArgs + the data-bin's vocabulary -> the model's ModelConfig."""
+    preset = {**dataclasses.asdict(ModelConfig(vocab_size=vocab_size)), **PRESETS[args.arch]}
+    overrides = {
+        "n_layer": args.decoder_layers, "n_embd": args.decoder_embed_dim,
+        "ffn_dim": args.decoder_ffn_embed_dim, "n_head": args.decoder_attention_heads,
+        "share_input_output_embed": args.share_decoder_input_output_embed,
+        "gating_dim": args.mean_pool_gating_network_encoder_dim,
+    }
+    values = {**preset, **{k: v for k, v in overrides.items() if v is not None}}
+    values.update(
+        vocab_size=vocab_size, pad_id=pad_id, num_experts=args.num_experts,
+        max_seq_len=tokens_per_sample, dropout=args.dropout,
+        attention_dropout=args.attention_dropout, gating=args.uses_gating,
+        gating_dropout=args.mean_pool_gating_network_dropout,
+    )
+    return ModelConfig(**values)
+
+
+def parse_betas(value: str | tuple | list) -> tuple[float, float]:
+    """'(0.9, 0.98)' (fairseq's spelling) or a pair -> (0.9, 0.98)."""
+    try:
+        pair = ast.literal_eval(value) if isinstance(value, str) else value
+        beta1, beta2 = (float(b) for b in pair)
+    except (ValueError, SyntaxError, TypeError):
+        raise ValueError(f"--adam-betas must look like '(0.9, 0.98)', got {value!r}") from None
+    return beta1, beta2
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = field(default="adam", metadata=_help("only adam is implemented"))
+    lr: float = field(default=7e-4, metadata=_help("peak learning rate (after warmup)"))
+    adam_betas: tuple[float, float] = field(
+        default=(0.9, 0.98), metadata=_help("Adam betas, e.g. '(0.9, 0.98)'", parse=parse_betas))
+    adam_eps: float = field(default=1e-8, metadata=_help("Adam epsilon"))
+    weight_decay: float = field(default=0.0, metadata=_help("L2 weight decay (as fairseq adam)"))
+    clip_norm: float = field(default=0.0, metadata=_help("clip gradient norm (0 = no clipping)"))
+    lr_scheduler: str = field(default="inverse_sqrt",
+                              metadata=_help("only inverse_sqrt is implemented"))
+    warmup_updates: int = field(default=4000, metadata=_help("linear warmup updates"))
+    warmup_init_lr: float = field(
+        default=1e-7, metadata=_help("lr at update 0 (-1: 0 with warmup, else --lr)"))
+    min_lr: float = field(default=1e-9, metadata=_help("floor of the learning rate"))
+
+    def __post_init__(self) -> None:
+        self.adam_betas = parse_betas(self.adam_betas)
+        if self.optimizer != "adam":
+            raise ValueError(f"--optimizer {self.optimizer} is not supported: moelab trains with "
+                             "adam (drop the flag or pass --optimizer adam)")
+        if self.lr_scheduler != "inverse_sqrt":
+            raise ValueError(f"--lr-scheduler {self.lr_scheduler} is not supported: moelab "
+                             "implements inverse_sqrt (drop the flag or pass inverse_sqrt)")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_updates < 0:
+            raise ValueError(f"--warmup-updates must be >= 0, got {self.warmup_updates}")
+        if self.clip_norm < 0:
+            raise ValueError(f"--clip-norm must be >= 0 (0 = no clipping), got {self.clip_norm}")
+        if self.warmup_init_lr < 0:  # fairseq's -1 default: start from 0, or from lr without warmup
+            self.warmup_init_lr = 0.0 if self.warmup_updates > 0 else self.lr
+
+
+@dataclass
+class TrainConfig:
+    criterion: str = field(default="cross_entropy", metadata=_help(
+        "only cross_entropy (the EM objective's per-token NLL) is implemented"))
+    max_update: int = field(default=0, metadata=_help("stop after this many updates (0: off)"))
+    max_epoch: int = field(default=0, metadata=_help("stop after this many epochs (0: off)"))
+    update_freq: int = field(default=1, metadata=_help("accumulate gradients over N batches"))
+    seed: int = field(default=1, metadata=_help("random seed (init, dropout, batch order)"))
+    log_interval: int = field(default=100, metadata=_help("updates per train_log.jsonl line"))
+    validate_interval_updates: int = field(
+        default=0, metadata=_help("validate every N updates (0: only at the end)"))
+    save_interval_updates: int = field(
+        default=0, metadata=_help("save checkpoint_last.pt every N updates (0: at validation "
+                                  "and at the end)"))
+    save_dir: str = field(default="checkpoints", metadata=_help("where checkpoints and logs go"))
+    restore_file: str = field(default="checkpoint_last.pt", metadata=_help(
+        "checkpoint to resume from (relative paths are looked up in --save-dir)"))
+    device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda[:N]"))
+    progress_bar: bool = field(default=True, metadata=_help(
+        "disable the tqdm progress bar", flag="--no-progress-bar"))
+
+    def __post_init__(self) -> None:
+        self.save_dir = str(self.save_dir)
+        self.restore_file = str(self.restore_file)
+        if self.criterion != "cross_entropy":
+            raise ValueError(f"--criterion {self.criterion} is not supported: moelab's EM "
+                             "objective is cross_entropy (drop the flag)")
+        if self.max_update <= 0 and self.max_epoch <= 0:
+            raise ValueError("training has no end: set --max-update N (or --max-epoch N)")
+        for name in ("update_freq", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+
+
+CONFIG_CLASSES = {"data": DataConfig, "model": ModelArgs, "optim": OptimConfig,
+                  "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; `asdict` of it goes into every checkpoint."""
+
+    data: DataConfig
+    model: ModelArgs = field(default_factory=ModelArgs)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # raises without max_update
+
+    @classmethod
+    def from_kwargs(cls, data: str | None = None, **kwargs) -> RunConfig:
+        """Flat keywords (the flag names with underscores) -> RunConfig; unknown names raise."""
+        groups: dict[str, dict] = {name: {} for name in CONFIG_CLASSES}
+        if data is not None:
+            groups["data"]["data"] = data
+        owner = {f.name: group for group, klass in CONFIG_CLASSES.items() for f in fields(klass)}
+        for key, value in kwargs.items():
+            if key not in owner:
+                raise ValueError(f"unknown training option {key!r}; valid options: "
+                                 f"{', '.join(sorted(owner))}")
+            groups[owner[key]][key] = value
+        if "data" not in groups["data"]:
+            raise ValueError("train needs the data-bin folder: train('data-bin/mix', ...)")
+        return cls(**{group: CONFIG_CLASSES[group](**values) for group, values in groups.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """Inverse of to_dict (what a checkpoint stores); ignores keys a newer moelab dropped."""
+        built = {}
+        for group, klass in CONFIG_CLASSES.items():
+            names = {f.name for f in fields(klass)}
+            built[group] = klass(**{k: v for k, v in d.get(group, {}).items() if k in names})
+        return cls(**built)

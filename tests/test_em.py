@@ -1,0 +1,165 @@
+"""Online EM: method flags, the soft-EM gradient, the dropout-free E-step, hard/soft M-steps."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.model import MixtureLM, ModelConfig
+from moelab.train.objectives import METHODS, PosteriorLogSumExp, em_loss, method_flags
+
+V = 50
+
+
+@dataclass
+class TinyBatch:
+    """The fields of moelab.data.Batch that em_loss reads, built by hand."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    context: torch.Tensor
+    context_lengths: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def make_model(K: int = 3, **overrides) -> MixtureLM:
+    torch.manual_seed(0)
+    base = dict(vocab_size=V, num_experts=K, n_layer=2, n_embd=32, n_head=4, ffn_dim=64,
+                max_seq_len=16, dropout=0.0, gating=True, gating_dim=32)
+    return MixtureLM(ModelConfig(**{**base, **overrides}))
+
+
+def make_batch(seed: int = 1) -> TinyBatch:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, V, (4, 10), generator=g)
+    lengths = torch.tensor([10, 8, 5, 1])
+    tokens[torch.arange(10) >= lengths[:, None]] = 0
+    context = torch.randint(1, V, (4, 6), generator=g)
+    context_lengths = torch.tensor([6, 3, 0, 1])
+    context[torch.arange(6) >= context_lengths[:, None]] = 0
+    return TinyBatch(tokens, lengths, context, context_lengths)
+
+
+def test_method_flags():
+    assert method_flags("dense") == (True, True)
+    assert method_flags("hMoEup") == (True, True)
+    assert method_flags("hMoElp") == (True, False)
+    assert method_flags("sMoEup") == (False, True)
+    assert method_flags("sMoElp") == (False, False)
+    with pytest.raises(ValueError) as err:
+        method_flags("hMoE")
+    assert all(name in str(err.value) for name in METHODS)
+
+
+def test_soft_em_gradient_is_minus_given_posterior():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    r = torch.rand(5, 4, dtype=torch.float64).softmax(-1)  # unrelated to the scores
+    out = PosteriorLogSumExp.apply(scores, r)
+    torch.testing.assert_close(out, -torch.logsumexp(scores, -1))
+    grad_out = torch.randn(5, dtype=torch.float64)
+    out.backward(grad_out)
+    torch.testing.assert_close(scores.grad, -r * grad_out[:, None])
+    # with r = softmax(l), the given-r gradient is the true gradient of -logsumexp
+    scores = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    r = scores.detach().softmax(-1)
+    assert torch.autograd.gradcheck(lambda s: PosteriorLogSumExp.apply(s, r), (scores,))
+    # ... and with any other r it is not (gradcheck compares to finite differences)
+    r_wrong = r.roll(1, dims=1)
+    assert not torch.autograd.gradcheck(lambda s: PosteriorLogSumExp.apply(s, r_wrong),
+                                        (scores,), raise_exception=False)
+
+
+def test_e_step_is_dropout_free_and_restores_training_mode():
+    model = make_model(dropout=0.5, gating_dropout=0.5).train()
+    batch = make_batch()
+    first = em_loss(model, batch, hard=False, uniform_prior=False)
+    second = em_loss(model, batch, hard=False, uniform_prior=False)
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(first.responsibilities, second.responsibilities, rtol=0, atol=0)
+    assert not first.responsibilities.requires_grad
+    torch.testing.assert_close(first.responsibilities.sum(-1), torch.ones(4))
+    # the M-step, by contrast, runs with dropout on
+    assert first.loss.item() != second.loss.item()
+    # an eval-mode model stays in eval mode
+    model.eval()
+    em_loss(model, batch, hard=True, uniform_prior=True)
+    assert not model.training
+
+
+def test_hard_em_updates_only_the_argmax_expert():
+    # untied: with a tied output layer every expert row gets gradient through the softmax
+    model = make_model(K=4, share_input_output_embed=False)
+    batch = make_batch()
+    batch.tokens[:] = batch.tokens[0]  # identical chunks -> one argmax expert for every row
+    batch.lengths[:] = 10
+    out = em_loss(model, batch, hard=True, uniform_prior=True)
+    out.loss.backward()
+    chosen = set(out.responsibilities.argmax(-1).tolist())
+    grad = model.transformer.tok_emb.weight.grad[V:]  # (K, d): expert-token rows
+    for k in range(4):
+        assert (grad[k].abs().sum() > 0) == (k in chosen), (k, chosen)
+    # uniform prior: the gating network is not used, so it gets no gradient
+    assert all(p.grad is None for p in model.gating.parameters())
+
+
+def test_hard_em_loss_scores_the_chosen_expert_and_trains_the_prior():
+    model = make_model().eval()
+    batch = make_batch()
+    out = em_loss(model, batch, hard=True, uniform_prior=False)
+    with torch.no_grad():
+        ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)
+        prior = model.log_prior(batch.context, batch.context_lengths)
+    z = (prior + ll).argmax(-1)
+    expected = -(prior + ll).gather(1, z[:, None]).sum()
+    torch.testing.assert_close(out.loss.detach(), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.nll, -ll.gather(1, z[:, None]).sum(), atol=1e-4, rtol=1e-5)
+    assert out.num_tokens == 24
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gating.parameters())
+
+
+@pytest.mark.parametrize("uniform_prior", [True, False])
+def test_soft_em_loss_is_marginal_nll_and_its_gradient_matches_autograd(uniform_prior):
+    # dropout 0: E-step and M-step scores agree, so r = softmax(l) and the custom gradient must
+    # equal plain autograd through -logsumexp
+    batch = make_batch()
+    model = make_model()
+    out = em_loss(model, batch, hard=False, uniform_prior=uniform_prior)
+    out.loss.backward()
+    reference = make_model()
+    ll = reference.expert_log_likelihoods(batch.tokens, batch.lengths)
+    prior = (torch.full_like(ll, -math.log(3)) if uniform_prior
+             else reference.log_prior(batch.context, batch.context_lengths))
+    marginal = -torch.logsumexp(prior + ll, dim=-1).sum()  # -log K included
+    marginal.backward()
+    torch.testing.assert_close(out.loss.detach(), marginal.detach())
+    torch.testing.assert_close(out.nll, marginal.detach())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_one_expert_uniform_prior_is_the_plain_lm():
+    model = make_model(K=1, gating=False).eval()
+    batch = make_batch()
+    inputs = torch.cat([torch.full((4, 1), V), batch.tokens[:, :-1]], dim=1)
+    nll = F.cross_entropy(model(inputs).flatten(0, 1), batch.tokens.flatten(), reduction="none")
+    plain = (nll.view(4, 10) * (torch.arange(10) < batch.lengths[:, None])).sum()
+    for hard in (True, False):
+        out = em_loss(model, batch, hard=hard, uniform_prior=True)
+        torch.testing.assert_close(out.loss.detach(), plain.detach(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out.nll, plain.detach(), atol=1e-4, rtol=1e-5)
+        assert out.responsibilities.shape == (4, 1)
+
+
+def test_learned_prior_without_gating_network_is_an_error():
+    with pytest.raises(ValueError, match="gating=True"):
+        em_loss(make_model(gating=False), make_batch(), hard=True, uniform_prior=False)
