@@ -96,6 +96,7 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
         if (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()) != (
             UNK_ID, BOS_ID, EOS_ID, PAD_ID,
         ):
@@ -115,10 +116,6 @@ class Tokenizer:
             raise MoelabError(f"{path} is not a readable SentencePiece model ({e}).") from None
 
     @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.model_proto).hexdigest()
 
@@ -130,5 +127,5 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         # Special ids (eos, pad, expert tokens beyond the vocabulary) are not text.
-        special = (UNK_ID, BOS_ID, EOS_ID, PAD_ID)
-        return self.sp.decode([i for i in ids if i not in special and i < self.vocab_size])
+        special, size = (UNK_ID, BOS_ID, EOS_ID, PAD_ID), self.vocab_size
+        return self.sp.decode([i for i in ids if i not in special and i < size])

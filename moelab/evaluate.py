@@ -1,0 +1,527 @@
+"""Perplexity per method, responsibilities and cluster agreement: `moelab eval-lm` and `evaluate`.
+
+Every document is scored by every expert with sliding windows, as fairseq-eval-lm does
+(DESIGN.md section 3): windows of T = tokens-per-sample tokens with `<expert_z>` at position 0;
+the first window scores its T tokens, each later one scores T - C new tokens after C tokens of
+context (C = context-window). All K experts of a batch of windows run as one forward of B*K rows.
+
+From the per-document log-likelihoods log p(doc | z) follow:
+- `mixture`: log p(doc) = logsumexp_z [log pi_z + log p(doc | z)], pi the prior at the document
+  start (empty context). The honest number.
+- `oracle`: max_z log p(doc | z), the best single expert per document. A bound, not a density.
+- `expert_k`: each expert alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from tqdm.auto import tqdm
+
+from moelab.data import BinarizedDataset, Chunk, Tokenizer, read_meta
+from moelab.errors import MoelabError
+from moelab.model import MixtureLM, ModelConfig
+
+ORACLE_NOTE = ("oracle = the best single expert for each document, chosen by that document's own "
+               "likelihood: a lower bound on perplexity, not a density")
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class EvalConfig:
+    tokens_per_sample: int | None = None  # window length T; None: the model's max_seq_len
+    context_window: int = 0  # C tokens of context before the T - C new tokens of later windows
+    max_sentences: int = 8  # windows per batch (each becomes K rows)
+    gen_subset: str = "test"  # split to evaluate
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_sample is not None and self.tokens_per_sample < 1:
+            raise ValueError(f"--tokens-per-sample must be >= 1, got {self.tokens_per_sample}")
+        if self.context_window < 0:
+            raise ValueError(f"--context-window must be >= 0, got {self.context_window}")
+        if self.tokens_per_sample is not None and self.context_window >= self.tokens_per_sample:
+            raise ValueError(
+                f"--context-window ({self.context_window}) must be smaller than "
+                f"--tokens-per-sample ({self.tokens_per_sample}): each window scores "
+                "tokens-per-sample - context-window new tokens; e.g. --context-window "
+                f"{self.tokens_per_sample // 2}")
+        if self.max_sentences < 1:
+            raise ValueError(f"--max-sentences must be >= 1, got {self.max_sentences}")
+        if self.gen_subset not in ("train", "valid", "test"):
+            raise ValueError(f"--gen-subset must be train, valid or test, got {self.gen_subset!r}")
+
+
+def resolve_window(model: MixtureLM, tokens_per_sample: int | None, context_window: int
+                   ) -> tuple[int, int]:
+    """(T, C) checked against the model's context length."""
+    limit = model.config.max_seq_len
+    T = limit if tokens_per_sample is None else tokens_per_sample
+    if not 1 <= T <= limit:
+        raise ValueError(f"--tokens-per-sample {T} is longer than the model's context: it was "
+                         f"trained with --tokens-per-sample {limit}; use {limit} or less")
+    EvalConfig(tokens_per_sample=T, context_window=context_window)  # validates C < T
+    return T, context_window
+
+
+# ----------------------------------------------------------------------------- sliding windows
+
+
+def windows(length: int, tokens_per_sample: int, context_window: int
+            ) -> list[tuple[int, int, int]]:
+    """(start, first_scored, end) for a document of `length` tokens.
+
+    The window holds tokens [start, end) (at most T); its targets [first_scored, end) are
+    scored, the ones before are context. Every token is scored exactly once.
+    """
+    T, C = tokens_per_sample, context_window
+    if length <= 0:
+        return []
+    out = [(0, 0, min(T, length))]
+    new = out[0][2]
+    while new < length:
+        end = min(new + T - C, length)
+        out.append((new - C, new, end))
+        new = end
+    return out
+
+
+@torch.no_grad()
+def window_log_likelihoods(
+    model: MixtureLM,
+    num_documents: int,
+    lengths: Sequence[int],
+    fetch: Callable[[int, int, int], np.ndarray],
+    *,
+    tokens_per_sample: int,
+    context_window: int,
+    max_sentences: int,
+    pad_id: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """log p(doc | z) for every document and expert, float64 (D, K), from sliding windows.
+
+    `fetch(doc, start, end)` returns the document's tokens [start, end). Windows are batched by
+    length (max_sentences per batch) and each batch runs all K experts as B*K rows.
+    """
+    K = model.num_experts
+    device = next(model.parameters()).device
+    rows = [(doc, *w) for doc in range(num_documents)
+            for w in windows(int(lengths[doc]), tokens_per_sample, context_window)]
+    rows.sort(key=lambda r: r[3] - r[1], reverse=True)  # similar lengths together: little padding
+    doc_ll = torch.zeros(num_documents, K, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()  # dropout off: scores are deterministic
+    try:
+        for i in tqdm(range(0, len(rows), max_sentences), desc="eval-lm", unit="batch",
+                      disable=not progress, dynamic_ncols=True):
+            batch = rows[i : i + max_sentences]
+            B, L = len(batch), max(end - start for _, start, _, end in batch)
+            tokens = torch.full((B, L), pad_id, dtype=torch.long)
+            for b, (doc, start, _, end) in enumerate(batch):
+                tokens[b, : end - start] = torch.from_numpy(np.asarray(fetch(doc, start, end)))
+            tokens = tokens.to(device)
+            lens = torch.tensor([end - start for _, start, _, end in batch], device=device)
+            skip = torch.tensor([first - start for _, start, first, _ in batch], device=device)
+            experts = torch.arange(K, device=device).repeat(B)  # (B*K,) row b*K + k: expert k
+            logp = model.token_log_probs(tokens.repeat_interleave(K, dim=0),
+                                         lens.repeat_interleave(K, dim=0), experts)  # (B*K, L)
+            # context tokens of a later window were scored by an earlier one: mask them out
+            scored = torch.arange(L, device=device)[None, :] >= skip[:, None]  # (B, L)
+            ll = (logp.view(B, K, L) * scored[:, None, :]).sum(-1)  # (B, K)
+            docs = torch.tensor([r[0] for r in batch], device=device)
+            doc_ll.index_add_(0, docs, ll.double())
+    finally:
+        model.train(was_training)
+    return doc_ll.cpu()
+
+
+@torch.no_grad()
+def start_log_prior(model: MixtureLM) -> torch.Tensor:
+    """log pi_z at a document's start (empty context): -log K, or the gating net's own prior."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        empty = torch.zeros(1, 0, dtype=torch.long, device=device)
+        return model.log_prior(empty, torch.zeros(1, dtype=torch.long, device=device))[0].double(
+        ).cpu()  # (K,)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class EvalResult:
+    """Everything `evaluate` measures; DataFrames so notebooks can plot and export them."""
+
+    perplexity: pd.DataFrame  # rows: overall + each domain; columns: mixture, oracle, expert_k
+    documents: pd.DataFrame  # per document: domain, tokens, log-likelihoods (nats), winner
+    posteriors: pd.DataFrame  # per document: p(z | doc) as columns expert_k
+    responsibilities: pd.DataFrame  # domains x experts: mean posterior per domain
+    clusters: pd.Series  # purity, nmi, ari of argmax posterior vs domain (NaN: domains unknown)
+    usage: pd.DataFrame  # per expert: documents won, share
+    summary: pd.Series  # documents, tokens, usage entropy, experts used, window settings
+    log_prior: np.ndarray  # (K,) log pi_z at the document start
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        def table(df: pd.DataFrame) -> dict:
+            return {str(k): {c: _plain(v) for c, v in row.items()} for k, row in df.iterrows()}
+
+        return {
+            "summary": {k: _plain(v) for k, v in self.summary.items()},
+            "perplexity": table(self.perplexity),
+            "responsibilities": table(self.responsibilities),
+            "clusters": {k: _plain(v) for k, v in self.clusters.items()},
+            "usage": table(self.usage),
+            "log_prior": [float(x) for x in self.log_prior],
+            "notes": [ORACLE_NOTE, *self.notes],
+        }
+
+
+def _plain(value):
+    """numpy scalars -> Python; NaN -> None (JSON has no NaN)."""
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def evaluate(
+    model: MixtureLM,
+    dataset: BinarizedDataset,
+    *,
+    tokens_per_sample: int | None = None,
+    context_window: int = 0,
+    max_sentences: int = 8,
+    progress: bool = True,
+) -> EvalResult:
+    """Score every document of `dataset` with every expert and summarize (DESIGN.md section 3).
+
+    tokens_per_sample defaults to the model's context length (max_seq_len).
+    """
+    T, C = resolve_window(model, tokens_per_sample, context_window)
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    D = len(dataset)
+    if D == 0:
+        raise ValueError(f"the {dataset.split} split has no documents to evaluate")
+    lengths = np.diff(np.asarray(dataset.offsets, dtype=np.int64))
+    ll = window_log_likelihoods(
+        model, D, lengths, lambda d, s, e: dataset.chunk_tokens(Chunk(d, s, e)),
+        tokens_per_sample=T, context_window=C, max_sentences=max_sentences,
+        pad_id=dataset.pad_id, progress=progress,
+    ).numpy()  # (D, K)
+    log_pi = start_log_prior(model).numpy()  # (K,)
+    return summarize(ll, log_pi, lengths, np.asarray(dataset.domain_ids, dtype=np.int64),
+                     list(dataset.domains), tokens_per_sample=T, context_window=C)
+
+
+def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    top = x.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids: np.ndarray,
+              domains: list[str], *, tokens_per_sample: int, context_window: int) -> EvalResult:
+    """Per-document log p(doc | z) (D, K) -> every table of EvalResult."""
+    D, K = ll.shape
+    experts = [f"expert_{k}" for k in range(K)]
+    joint = ll + log_pi[None, :]  # (D, K) log pi_z + log p(doc | z)
+    mixture = _logsumexp(joint)  # (D,)
+    posterior = np.exp(joint - mixture[:, None])  # (D, K)
+    winner = posterior.argmax(1)  # (D,)
+    names = np.asarray([domains[i] if 0 <= i < len(domains) else str(i) for i in domain_ids])
+
+    documents = pd.DataFrame({"domain": names, "tokens": tokens, "mixture": mixture,
+                              "oracle": ll.max(1)}, index=pd.RangeIndex(D, name="doc"))
+    for k, name in enumerate(experts):
+        documents[name] = ll[:, k]
+    documents["winner"] = winner
+    posteriors = pd.DataFrame(posterior, columns=experts, index=documents.index)
+
+    score_cols = ["mixture", "oracle", *experts]
+    present = [d for d in domains if (names == d).any()]
+    rows = {"overall": documents}
+    rows.update({d: documents[documents["domain"] == d] for d in present})
+    perplexity = pd.DataFrame({
+        name: np.exp(-part[score_cols].sum() / part["tokens"].sum())
+        for name, part in rows.items()
+    }).T[score_cols]
+    perplexity.index.name = "subset"
+
+    responsibilities = posteriors.groupby(documents["domain"]).mean().reindex(present)
+    responsibilities.index.name = "domain"
+
+    notes = []
+    known = domains != ["unknown"] and len(present) > 1
+    if known:
+        clusters = pd.Series({"purity": purity(domain_ids, winner),
+                              "nmi": float(normalized_mutual_info_score(domain_ids, winner)),
+                              "ari": float(adjusted_rand_score(domain_ids, winner))},
+                             name="argmax posterior vs domain")
+    else:
+        clusters = pd.Series({"purity": np.nan, "nmi": np.nan, "ari": np.nan},
+                             name="argmax posterior vs domain")
+        notes.append("cluster agreement (purity, NMI, ARI) needs known domains: this split has "
+                     f"{'no domain labels' if domains == ['unknown'] else 'a single domain'}")
+
+    won = np.bincount(winner, minlength=K)
+    share = won / D
+    usage = pd.DataFrame({"documents": won, "share": share}, index=pd.Index(experts, name="expert"))
+    nz = share[share > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    summary = pd.Series({
+        "documents": D, "tokens": int(tokens.sum()), "num_experts": K,
+        "tokens_per_sample": tokens_per_sample, "context_window": context_window,
+        "usage_entropy": entropy, "usage_entropy_max": math.log(K),
+        "experts_used": int((share >= 1 / (4 * K)).sum()),
+    })
+    return EvalResult(perplexity=perplexity, documents=documents, posteriors=posteriors,
+                      responsibilities=responsibilities, clusters=clusters, usage=usage,
+                      summary=summary, log_prior=log_pi, notes=notes)
+
+
+def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Share of documents whose cluster's most common label is their own label."""
+    total = 0
+    for c in np.unique(clusters):
+        total += np.bincount(labels[clusters == c]).max()
+    return float(total / len(labels))
+
+
+def format_result(result: EvalResult, title: str = "") -> str:
+    """The readable report `moelab eval-lm` prints."""
+    s = result.summary
+    K = int(s["num_experts"])
+    ppl = result.perplexity.rename(columns={"oracle": "oracle*"})
+    lines = [
+        title,
+        f"{int(s['documents'])} documents, {int(s['tokens'])} tokens, K={K}, tokens-per-sample "
+        f"{int(s['tokens_per_sample'])}, context-window {int(s['context_window'])}",
+        "",
+        "perplexity (mixture: the model's density; oracle*: best expert per document, a bound)",
+        ppl.to_string(float_format=lambda x: f"{x:.2f}"),
+        "",
+        "responsibilities: mean posterior p(z | document) per domain",
+        result.responsibilities.to_string(float_format=lambda x: f"{x:.3f}"),
+        "",
+    ]
+    c = result.clusters
+    if c.isna().all():
+        lines.append("clusters: n/a (domains unknown)")
+    else:
+        lines.append(f"clusters (argmax posterior vs domain): purity {c['purity']:.3f}  "
+                     f"NMI {c['nmi']:.3f}  ARI {c['ari']:.3f}")
+    shares = "  ".join(f"{k} {v:.3f}" for k, v in result.usage["share"].items())
+    lines += [
+        f"expert usage (share of documents won): {shares}",
+        f"usage entropy {s['usage_entropy']:.3f} nats (max {s['usage_entropy_max']:.3f}); "
+        f"experts used {int(s['experts_used'])}/{K} (winning >= 1/(4K) of documents)",
+        "prior at document start: "
+        + "  ".join(f"{math.exp(x):.3f}" for x in result.log_prior),
+    ]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines).strip("\n")
+
+
+RESULT_FILES = ("perplexity", "documents", "posteriors", "responsibilities", "usage")
+
+
+def write_results(result: EvalResult, results_dir: str | Path, split: str,
+                  settings: dict | None = None) -> list[Path]:
+    """CSV per table and one JSON, named `{split}_*`; other files in the folder are kept."""
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in RESULT_FILES:
+        path = folder / f"{split}_{name}.csv"
+        getattr(result, name).to_csv(path)
+        written.append(path)
+    path = folder / f"{split}_eval.json"
+    payload = {"split": split, "settings": settings or {}, **result.to_json()}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- shared CLI pieces
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATA_BIN, --path, the model-shape flags (checked against the checkpoint), fairseq flags."""
+    parser.add_argument("data", metavar="DATA_BIN", help="data-bin folder (moelab preprocess)")
+    parser.add_argument("--path", required=True, metavar="CKPT",
+                        help="checkpoint written by `moelab train` (e.g. checkpoint_best.pt)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N]")
+    parser.add_argument("--cpu", action="store_true", help="same as --device cpu (fairseq flag)")
+    shape = parser.add_argument_group(
+        "model flags (read from the checkpoint; if given they must agree with it)")
+    shape.add_argument("--num-experts", type=int, default=None, metavar="K")
+    shape.add_argument("--method", default=None, help="the training method, e.g. hMoEup")
+    shape.add_argument("--mean-pool-gating-network", action="store_true", default=None)
+    shape.add_argument("--mean-pool-gating-network-encoder-dim", type=int, default=None,
+                       metavar="N")
+    shape.add_argument("--mean-pool-gating-network-dropout", type=float, default=None,
+                       metavar="X", help="no effect at inference (dropout is off)")
+    compat = parser.add_argument_group("fairseq compatibility (accepted and explained)")
+    compat.add_argument("--task", default=None, help="only language_model_moe")
+    compat.add_argument("--user-dir", default=None, help="ignored: the MoE code is built in")
+
+
+@dataclass
+class Loaded:
+    model: MixtureLM
+    checkpoint: dict
+    tokenizer: Tokenizer
+    notes: list[str]
+
+
+def load_for_inference(args: argparse.Namespace, command: str) -> Loaded:
+    """Checkpoint + data-bin, checked against each other and against the flags given."""
+    from moelab.train.checkpoint import read_checkpoint
+    from moelab.train.distributed import resolve_device
+
+    notes = _fairseq_notes(args, command)
+    try:
+        device = resolve_device("cpu" if args.cpu else args.device)
+    except (ValueError, RuntimeError) as e:
+        raise MoelabError(str(e)) from None
+    meta = read_meta(args.data)
+    checkpoint = read_checkpoint(args.path, map_location="cpu")
+    config = ModelConfig(**checkpoint["model_config"])
+    notes += _check_flags(args, checkpoint, config)
+    theirs = checkpoint.get("tokenizer", {}).get("sha256")
+    ours = meta.get("tokenizer_sha256")
+    trained_on = checkpoint.get("config", {}).get("data", {}).get("data", "?")
+    if (theirs and ours and theirs != ours) or config.vocab_size != int(meta["vocab_size"]):
+        raise MoelabError(
+            f"checkpoint {args.path} and data-bin {args.data} use different tokenizers "
+            f"(sha256 {str(theirs)[:12]}... with {config.vocab_size} pieces vs "
+            f"{str(ours)[:12]}... with {meta['vocab_size']}): use the data-bin the checkpoint "
+            f"was trained on ({trained_on})")
+    model = MixtureLM(config)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    tokenizer = Tokenizer.load(Path(args.data) / meta["tokenizer"])
+    return Loaded(model=model, checkpoint=checkpoint, tokenizer=tokenizer, notes=notes)
+
+
+def _fairseq_notes(args: argparse.Namespace, command: str) -> list[str]:
+    task = getattr(args, "task", None)
+    if task not in (None, "language_model_moe"):
+        raise MoelabError(f"--task {task} is not supported: `moelab {command}` runs the "
+                          "language_model_moe task (drop --task)")
+    notes = []
+    if task is not None:
+        notes.append("--task language_model_moe is built into moelab; the flag is not needed")
+    if getattr(args, "user_dir", None) is not None:
+        notes.append(f"moelab's MoE task and model are part of the package; --user-dir "
+                     f"{args.user_dir} is ignored")
+    return notes
+
+
+def _check_flags(args: argparse.Namespace, checkpoint: dict, config: ModelConfig) -> list[str]:
+    """Model flags must describe the checkpoint; refuse a mismatch instead of misreading it."""
+    notes = []
+    method = checkpoint.get("config", {}).get("model", {}).get("method")
+    K = config.num_experts
+    if args.num_experts is not None and args.num_experts != K:
+        raise MoelabError(f"--num-experts {args.num_experts} does not match the checkpoint "
+                          f"{args.path}: it was trained with K={K} experts; pass "
+                          f"--num-experts {K} or drop the flag")
+    if args.method is not None and method is not None and args.method != method:
+        raise MoelabError(f"--method {args.method} does not match the checkpoint {args.path}: "
+                          f"it was trained with --method {method}; pass --method {method} or "
+                          "drop the flag")
+    gating_flags = (args.mean_pool_gating_network or
+                    args.mean_pool_gating_network_encoder_dim is not None)
+    if not config.gating and gating_flags:
+        notes.append(f"the checkpoint has a uniform prior (--method {method}): it has no gating "
+                     "network, so --mean-pool-gating-network* flags are unused")
+    dim = args.mean_pool_gating_network_encoder_dim
+    if config.gating and dim is not None and dim != config.gating_dim:
+        raise MoelabError(f"--mean-pool-gating-network-encoder-dim {dim} does not match the "
+                          f"checkpoint {args.path}: its gating network has width "
+                          f"{config.gating_dim}; pass {config.gating_dim} or drop the flag")
+    dropout = args.mean_pool_gating_network_dropout
+    if config.gating and dropout is not None and dropout != config.gating_dropout:
+        notes.append(f"--mean-pool-gating-network-dropout {dropout} has no effect at inference "
+                     "(dropout is off)")
+    return notes
+
+
+# ----------------------------------------------------------------------------- moelab eval-lm
+
+
+def add_eval_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EvalConfig()
+    add_checkpoint_arguments(parser)
+    ev = parser.add_argument_group("evaluation")
+    ev.add_argument("--gen-subset", default=d.gen_subset, choices=["train", "valid", "test"],
+                    help="split to evaluate (default: %(default)s)")
+    ev.add_argument("--tokens-per-sample", type=int, default=d.tokens_per_sample, metavar="T",
+                    help="window length (default: the model's context length)")
+    ev.add_argument("--context-window", type=int, default=d.context_window, metavar="C",
+                    help="tokens of context before the T - C new tokens of each later window "
+                         "(default: %(default)s)")
+    ev.add_argument("--max-sentences", "--batch-size", type=int, default=d.max_sentences,
+                    dest="max_sentences", metavar="N",
+                    help="windows per batch; each runs all K experts (default: %(default)s)")
+    ev.add_argument("--results-dir", default=None, metavar="DIR",
+                    help="write {split}_*.csv and {split}_eval.json here (created if needed; "
+                         "files of the same names are overwritten, other files are kept)")
+    ev.add_argument("--no-progress-bar", action="store_true", help="no tqdm progress bar")
+
+
+def run_eval_lm(args: argparse.Namespace) -> int:
+    try:
+        config = EvalConfig(tokens_per_sample=args.tokens_per_sample,
+                            context_window=args.context_window,
+                            max_sentences=args.max_sentences, gen_subset=args.gen_subset)
+    except ValueError as e:
+        raise MoelabError(str(e)) from None
+    loaded = load_for_inference(args, "eval-lm")
+    for note in loaded.notes:
+        print(f"moelab eval-lm: note: {note}", file=sys.stderr)
+    dataset = BinarizedDataset(args.data, config.gen_subset)
+    started = time.perf_counter()
+    try:
+        result = evaluate(loaded.model, dataset, tokens_per_sample=config.tokens_per_sample,
+                          context_window=config.context_window,
+                          max_sentences=config.max_sentences, progress=not args.no_progress_bar)
+    except ValueError as e:
+        raise MoelabError(str(e)) from None
+    seconds = time.perf_counter() - started
+    tokens = int(result.summary["tokens"])
+    title = f"moelab eval-lm: {config.gen_subset} split of {args.data}, checkpoint {args.path}"
+    print(format_result(result, title))
+    mixture = float(result.perplexity.loc["overall", "mixture"])
+    # fairseq-eval-lm's closing lines, for scripts that parse them
+    print(f"| Evaluated {tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.2f} "
+          "tokens/s)")
+    print(f"| Loss (base 2): {math.log2(mixture):.4f}, Perplexity: {mixture:.2f}")
+    if args.results_dir is not None:
+        settings = {"data": str(args.data), "path": str(args.path),
+                    "tokens_per_sample": int(result.summary["tokens_per_sample"]),
+                    "context_window": config.context_window,
+                    "max_sentences": config.max_sentences, "seconds": seconds}
+        written = write_results(result, args.results_dir, config.gen_subset, settings)
+        print(f"moelab eval-lm: wrote {len(written)} files to {args.results_dir}",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,428 @@
+"""Sampling, greedy decoding and beam search per expert: `moelab interactive` and its Python API.
+
+An expert's continuation is the model's continuation of `[<expert_z>] + prompt` (DESIGN.md
+section 4). Functions are pure and keyword-only; settings live in one GenerationConfig.
+
+The model sees at most max_seq_len positions. A prompt longer than that keeps its end (with a
+PromptTruncatedWarning). When generation fills the context, the window slides: it restarts from
+`[<expert_z>]` + the last max_seq_len // 2 tokens (one re-prefill every max_seq_len // 2 tokens,
+instead of one full forward per token); the cached and uncached paths slide identically, so they
+produce the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import operator
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moelab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from moelab.errors import MoelabError
+from moelab.evaluate import (
+    add_checkpoint_arguments,
+    load_for_inference,
+    start_log_prior,
+    window_log_likelihoods,
+)
+from moelab.model import KVCache, MixtureLM
+
+
+class PromptTruncatedWarning(UserWarning):
+    """The prompt was longer than the model's context; only its end was kept."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 200  # --max-len-b: new tokens at most (eos stops earlier)
+    sampling: bool = False  # --sampling; otherwise greedy (beam 1) or beam search
+    temperature: float = 1.0  # divides the logits before sampling
+    top_p: float = 1.0  # --sampling-topp: nucleus mass; 1 (or fairseq's -1) keeps everything
+    beam: int = 1  # --beam: beam width without --sampling
+    min_len: int = 0  # --min-len: eos is not allowed before this many new tokens
+    seed: int | None = None  # --seed: a fixed seed gives the same samples
+    use_cache: bool = True  # KV cache (off only to measure or to check it)
+
+    def __post_init__(self) -> None:
+        if self.top_p == -1:  # fairseq's "off"
+            self.top_p = 1.0
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--sampling-topp must be in (0, 1] (or -1 for off), got {self.top_p}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}; for greedy "
+                             "decoding drop --sampling")
+        if self.max_new_tokens < 0 or self.min_len < 0:
+            raise ValueError("--max-len-b and --min-len must be >= 0")
+        if self.beam < 1:
+            raise ValueError(f"--beam must be >= 1, got {self.beam}")
+        if self.beam > 1 and self.sampling:
+            raise ValueError(f"--beam {self.beam} with --sampling: moelab samples one "
+                             "continuation at a time; use --beam 1 --sampling to sample, or "
+                             f"drop --sampling for beam search with --beam {self.beam}")
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample token ids (...,) from logits (..., V) with temperature and nucleus (top-p).
+
+    The nucleus is the smallest set of most probable tokens whose mass reaches top_p: a token
+    is kept when the mass of the tokens sorted before it is still below top_p.
+    """
+    probs = F.softmax(logits.float() / temperature, dim=-1)  # (..., V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass ahead of each token
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    flat = probs.reshape(-1, probs.shape[-1])  # (N, V); multinomial renormalizes
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def _banned(model: MixtureLM, device: torch.device) -> torch.Tensor:
+    """Ids generation never emits: expert tokens, padding, bos and unk (V+K,) bool."""
+    banned = torch.zeros(model.config.total_vocab, dtype=torch.bool, device=device)
+    banned[model.config.vocab_size :] = True
+    banned[[PAD_ID, BOS_ID, UNK_ID]] = True
+    return banned
+
+
+class _Rows:
+    """Sequences being extended: feeds `[<expert>] + window` to the model, with or without cache.
+
+    `tokens` keeps every token (prompt + new); the model sees tokens[start:]. A cache holds the
+    keys/values of [<expert>] + tokens[start : start + fed].
+    """
+
+    def __init__(self, model: MixtureLM, experts: torch.Tensor, prompt: list[int],
+                 use_cache: bool):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.expert_ids = (model.config.vocab_size + experts).to(self.device)[:, None]  # (B, 1)
+        self.tokens = torch.tensor([prompt] * len(experts), dtype=torch.long,
+                                   device=self.device).view(len(experts), len(prompt))  # (B, n)
+        self.use_cache = use_cache
+        self.start, self.fed = 0, 0
+        self.cache: KVCache | None = None
+
+    @torch.no_grad()
+    def next_logits(self) -> torch.Tensor:
+        """Logits for the next token of every row, float32 (B, V+K)."""
+        n, limit = self.tokens.shape[1], self.model.config.max_seq_len
+        if 1 + n - self.start > limit:  # context full: slide, and rebuild the cache
+            self.start, self.cache = n - limit // 2, None
+        was_training = self.model.training
+        if was_training:  # dropout would randomize the logits (toggle only when needed: it
+            self.model.eval()  # walks every module, a cost per generated token)
+        try:
+            if not self.use_cache:
+                inputs = torch.cat([self.expert_ids, self.tokens[:, self.start :]], dim=1)
+                return self.model(inputs)[:, -1].float()
+            if self.cache is None:
+                self.cache, self.fed = self.model.new_cache(), 0
+                inputs = torch.cat([self.expert_ids, self.tokens[:, self.start :]], dim=1)
+            else:
+                inputs = self.tokens[:, self.start + self.fed :]  # only what the cache lacks
+            logits = self.model(inputs, self.cache)[:, -1].float()  # (B, V+K)
+            self.fed = n - self.start
+            return logits
+        finally:
+            if was_training:
+                self.model.train()
+
+    def append(self, ids: torch.Tensor) -> None:
+        self.tokens = torch.cat([self.tokens, ids.view(-1, 1).to(self.device)], dim=1)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.tokens, self.expert_ids = self.tokens[rows], self.expert_ids[rows]
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+# ----------------------------------------------------------------------------- prompts, experts
+
+
+def encode_prompt(model: MixtureLM, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Token ids of the prompt; one that does not fit before the first new token keeps its end."""
+    ids = tokenizer.encode(prompt)
+    room = model.config.max_seq_len - 1  # position 0 is the expert token
+    if len(ids) > room:
+        warnings.warn(PromptTruncatedWarning(
+            f"the prompt is {len(ids)} tokens but the model's context holds {room} after the "
+            f"expert token: keeping its last {room} tokens"), stacklevel=3)
+        ids = ids[len(ids) - room :] if room > 0 else []
+    return ids
+
+
+def check_expert(model: MixtureLM, expert: int) -> int:
+    """The expert index as an int; anything else raises ValueError listing the valid choices."""
+    K = model.num_experts
+    try:
+        k = operator.index(expert)  # ints and numpy/torch integers, not floats or strings
+    except TypeError:
+        k = None
+    if k is None or isinstance(expert, bool) or not 0 <= k < K:
+        raise ValueError(f"expert {expert!r} does not exist: this model has K={K} experts; "
+                         f"choose one of {', '.join(map(str, range(K)))}, all or auto")
+    return k
+
+
+@torch.no_grad()
+def expert_posterior(model: MixtureLM, tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
+    """p(z | prompt) ∝ pi_z p(prompt | z), pi the prior at a document start -> (K,) float64.
+
+    A prompt longer than the context is scored whole, with sliding windows as in evaluation.
+    """
+    ids = tokenizer.encode(prompt)
+    joint = start_log_prior(model)  # (K,)
+    if ids:
+        T = model.config.max_seq_len
+        ll = window_log_likelihoods(
+            model, 1, [len(ids)], lambda d, s, e: np.asarray(ids[s:e], dtype=np.int64),
+            tokens_per_sample=T, context_window=T // 2, max_sentences=8,
+            pad_id=model.config.pad_id)  # (1, K)
+        joint = joint + ll[0]
+    return torch.softmax(joint, dim=0)  # (K,)
+
+
+def _resolve_expert(model: MixtureLM, tokenizer: Tokenizer, prompt: str, expert) -> int:
+    if expert == "auto":
+        return int(expert_posterior(model, tokenizer, prompt).argmax())
+    return check_expert(model, expert)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _new_tokens(model: MixtureLM, prompt_ids: list[int], *, expert: int,
+                config: GenerationConfig, generator: torch.Generator | None
+                ) -> Iterator[int]:
+    """New token ids one at a time (sampling or greedy), stopping at eos (not yielded)."""
+    rows = _Rows(model, torch.tensor([expert]), prompt_ids, config.use_cache)
+    banned = _banned(model, rows.device)
+    for step in range(config.max_new_tokens):
+        logits = rows.next_logits().masked_fill(banned, -math.inf)  # (1, V+K)
+        if step < config.min_len:
+            logits[:, EOS_ID] = -math.inf
+        if config.sampling:
+            token = sample_next(logits, temperature=config.temperature, top_p=config.top_p,
+                                generator=generator)
+        else:
+            token = logits.argmax(dim=-1)
+        if int(token) == EOS_ID:
+            return
+        yield int(token)
+        rows.append(token)
+
+
+def _generator(model: MixtureLM, config: GenerationConfig, generator: torch.Generator | None
+               ) -> torch.Generator | None:
+    if generator is not None or config.seed is None:
+        return generator
+    return torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
+
+
+def generate(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: int | str = 0,
+             config: GenerationConfig | None = None,
+             generator: torch.Generator | None = None) -> str:
+    """The continuation (text after the prompt) from one expert, or "auto" (highest posterior).
+
+    Beam search when config.beam > 1; sampling with config.sampling; greedy otherwise.
+    `generator` (else one seeded from config.seed) drives sampling.
+    """
+    return "".join(stream(model, tokenizer, prompt, expert=expert, config=config,
+                          generator=generator))
+
+
+def stream(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: int | str = 0,
+           config: GenerationConfig | None = None,
+           generator: torch.Generator | None = None) -> Iterator[str]:
+    """Like `generate`, yielding text pieces as tokens arrive; their concatenation is the text.
+
+    A byte-fallback character spans several tokens: text is held back until the pending tokens
+    decode cleanly (no trailing replacement character), so no piece shows a half character.
+    """
+    config = config or GenerationConfig()
+    expert = _resolve_expert(model, tokenizer, prompt, expert)
+    if config.beam > 1 and not config.sampling:
+        yield beam_search(model, tokenizer, prompt, expert=expert, config=config)
+        return
+    prompt_ids = encode_prompt(model, tokenizer, prompt)
+    # Tokens not yet shown. SentencePiece decodes piece by piece, so once a prefix decodes
+    # cleanly the rest decodes on its own: only the pending suffix is decoded each step, which
+    # keeps streaming linear in the length.
+    pending: list[int] = []
+    for token in _new_tokens(model, prompt_ids, expert=expert, config=config,
+                             generator=_generator(model, config, generator)):
+        pending.append(token)
+        text = tokenizer.decode(pending)
+        if text and not text.endswith("\ufffd"):  # a byte-fallback character is complete
+            yield text
+            pending = []
+    if pending:  # the last tokens end mid-character: show them as the decoder does
+        text = tokenizer.decode(pending)
+        if text:
+            yield text
+
+
+@torch.no_grad()
+def beam_search(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: int = 0,
+                config: GenerationConfig | None = None) -> str:
+    """The highest-scoring continuation of `config.beam` beams (fairseq-style, length-normalized).
+
+    At each step the 2*beam best extensions are taken; an eos among the best `beam` finishes a
+    hypothesis (score / its length), the first `beam` others live on. Beam 1 is greedy decoding.
+    """
+    config = config or GenerationConfig()
+    expert = check_expert(model, expert)
+    beam = config.beam
+    prompt_ids = encode_prompt(model, tokenizer, prompt)
+    rows = _Rows(model, torch.tensor([expert]), prompt_ids, config.use_cache)
+    banned = _banned(model, rows.device)
+    scores = torch.zeros(1, dtype=torch.float64, device=rows.device)  # (live,)
+    finished: list[tuple[float, list[int]]] = []
+    n_prompt = len(prompt_ids)
+    for step in range(config.max_new_tokens):
+        logits = rows.next_logits().masked_fill(banned, -math.inf)  # (live, V+K)
+        if step < config.min_len:
+            logits[:, EOS_ID] = -math.inf
+        candidates = scores[:, None] + F.log_softmax(logits, dim=-1).double()  # (live, V+K)
+        top, flat = candidates.view(-1).topk(min(2 * beam, candidates.numel()))
+        width = candidates.shape[1]
+        keep_rows, keep_ids, keep_scores = [], [], []
+        for rank, (score, index) in enumerate(zip(top.tolist(), flat.tolist(), strict=True)):
+            if score == -math.inf:
+                break
+            row, token = divmod(index, width)
+            if token == EOS_ID:
+                if rank < beam:
+                    done = rows.tokens[row, n_prompt:].tolist()
+                    finished.append((score / (len(done) + 1), done))
+                continue
+            keep_rows.append(row)
+            keep_ids.append(token)
+            keep_scores.append(score)
+            if len(keep_rows) == beam:
+                break
+        if len(finished) >= beam or not keep_rows:
+            break
+        rows.reorder(torch.tensor(keep_rows, device=rows.device))
+        rows.append(torch.tensor(keep_ids))
+        scores = torch.tensor(keep_scores, dtype=torch.float64, device=rows.device)
+    else:  # max_new_tokens reached: the live beams are hypotheses too
+        for row in range(rows.tokens.shape[0]):
+            done = rows.tokens[row, n_prompt:].tolist()
+            finished.append((float(scores[row]) / max(len(done), 1), done))
+    if not finished:
+        return ""
+    best = max(finished, key=lambda f: f[0])[1]
+    return tokenizer.decode(best)
+
+
+# ----------------------------------------------------------------------------- moelab interactive
+
+
+def add_interactive_arguments(parser: argparse.ArgumentParser) -> None:
+    d = GenerationConfig()
+    add_checkpoint_arguments(parser)
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--gen-expert", default="0", metavar="N|all|auto",
+                     help="expert to continue the prompt: an index, `all` (one continuation per "
+                          "expert) or `auto` (highest posterior given the prompt) "
+                          "(default: %(default)s)")
+    gen.add_argument("--prompt", default=None, metavar="TEXT",
+                     help="one prompt instead of reading stdin (one prompt per line)")
+    gen.add_argument("--beam", type=int, default=d.beam, metavar="N",
+                     help="beam width; beam search when N > 1 without --sampling")
+    gen.add_argument("--sampling", action="store_true", help="sample instead of greedy/beam")
+    gen.add_argument("--sampling-topp", type=float, default=-1.0, metavar="P",
+                     help="nucleus sampling mass (-1: off)")
+    gen.add_argument("--temperature", type=float, default=d.temperature, metavar="X")
+    gen.add_argument("--max-len-b", type=int, default=d.max_new_tokens, metavar="N",
+                     help="new tokens at most (default: %(default)s)")
+    gen.add_argument("--min-len", type=int, default=d.min_len, metavar="N",
+                     help="no eos before N new tokens (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
+    gen.add_argument("--no-kv-cache", action="store_true",
+                     help="recompute the whole context every token (slow; for checks)")
+    gen.add_argument("--remove-bpe", nargs="?", const="sentencepiece", default=None,
+                     metavar="BPE", help="accepted for fairseq: output is always detokenized")
+
+
+def _parse_expert(value: str, K: int) -> list[int] | str:
+    if value in ("all", "auto"):
+        return list(range(K)) if value == "all" else "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        k = None
+    if k is None or not 0 <= k < K:
+        raise MoelabError(f"--gen-expert {value} does not exist: the checkpoint has K={K} "
+                          f"experts; choose one of {', '.join(map(str, range(K)))}, all or auto")
+    return [k]
+
+
+def run_interactive(args: argparse.Namespace) -> int:
+    try:
+        config = GenerationConfig(max_new_tokens=args.max_len_b, sampling=args.sampling,
+                                  temperature=args.temperature, top_p=args.sampling_topp,
+                                  beam=args.beam, min_len=args.min_len, seed=args.seed,
+                                  use_cache=not args.no_kv_cache)
+    except ValueError as e:
+        raise MoelabError(str(e)) from None
+    loaded = load_for_inference(args, "interactive")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    experts = _parse_expert(args.gen_expert, model.num_experts)
+    for note in loaded.notes:
+        print(f"moelab interactive: note: {note}", file=sys.stderr)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
+    if args.prompt is not None:
+        prompts: list[str] | object = [args.prompt]
+    else:
+        if sys.stdin.isatty():
+            print("moelab interactive: type a prompt per line (empty: no prompt); Ctrl-D ends",
+                  file=sys.stderr)
+        prompts = (line.rstrip("\n").rstrip("\r") for line in sys.stdin)
+    for prompt in prompts:
+        _answer(model, tokenizer, prompt, experts, config, generator)
+    return 0
+
+
+def _answer(model: MixtureLM, tokenizer: Tokenizer, prompt: str, experts: list[int] | str,
+            config: GenerationConfig, generator: torch.Generator) -> None:
+    """Print one labelled continuation (prompt + new text) per chosen expert, streaming."""
+    if experts == "auto":
+        posterior = expert_posterior(model, tokenizer, prompt)
+        chosen = [int(posterior.argmax())]
+        labels = [f"[expert {chosen[0]}, posterior {float(posterior[chosen[0]]):.3f}]"]
+    else:
+        chosen = list(experts)
+        labels = [f"[expert {k}]" for k in chosen]
+    for k, label in zip(chosen, labels, strict=True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            pieces = stream(model, tokenizer, prompt, expert=k, config=config,
+                            generator=generator)
+            first = next(pieces, "")
+        for w in caught:
+            print(f"moelab interactive: note: {w.message}", file=sys.stderr)
+        shown = tokenizer.decode(_encode_quietly(model, tokenizer, prompt))
+        print(f"{label} {shown}{first}", end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
+def _encode_quietly(model: MixtureLM, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        return encode_prompt(model, tokenizer, prompt)
