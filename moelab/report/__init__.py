@@ -1,0 +1,30 @@
+"""Figures (matplotlib) and tables (CSV, Markdown, LaTeX) of trained methods and evaluations.
+
+    from moelab import report
+    fig = report.responsibility_heatmap(eval_result)
+    report.save_figure(fig, "results/responsibilities")          # .png .svg .pdf
+    report.export_table(report.method_table(runs), "results/methods")  # .csv .md .tex
+"""
+
+from moelab.report.plots import (
+    METHOD_COLORS,
+    LiveCurves,
+    expert_usage,
+    perplexity_by_domain,
+    responsibility_heatmap,
+    save_figure,
+    training_curves,
+)
+from moelab.report.tables import (
+    MethodRun,
+    cluster_table,
+    export_table,
+    format_value,
+    method_table,
+    to_latex,
+    to_markdown,
+)
+
+__all__ = ["METHOD_COLORS", "LiveCurves", "MethodRun", "cluster_table", "expert_usage",
+           "export_table", "format_value", "method_table", "perplexity_by_domain",
+           "responsibility_heatmap", "save_figure", "to_latex", "to_markdown", "training_curves"]

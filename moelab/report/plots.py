@@ -1,0 +1,332 @@
+"""Figures of the workbench; each function returns a matplotlib Figure and `save_figure` exports it.
+
+Figures are built with `matplotlib.figure.Figure`, not pyplot: nothing is kept in pyplot's global
+figure list, so a loop that makes many figures does not leak them and a notebook shows a figure
+once (as the value of its cell, after `%matplotlib inline`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from moelab.evaluate import EvalResult
+
+# One colour per method, the same in every figure.
+METHOD_COLORS = {"dense": "#7f7f7f", "hMoEup": "#1f77b4", "hMoElp": "#ff7f0e",
+                 "sMoEup": "#2ca02c", "sMoElp": "#d62728"}
+ORACLE_LABEL = "oracle (ring): best expert per document,\na bound, not a density"
+
+
+def method_color(name: str, index: int = 0) -> str:
+    if name in METHOD_COLORS:
+        return METHOD_COLORS[name]
+    extra = colormaps["tab10"].colors[4:]  # after the four the methods use
+    return extra[index % len(extra)]
+
+
+def expert_colors(K: int) -> list:
+    cmap = colormaps["tab10" if K <= 10 else "tab20"]
+    return [cmap(k % cmap.N) for k in range(K)]
+
+
+def _expert_label(column: str) -> str:
+    return column.removeprefix("expert_")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def save_figure(fig: Figure, path_without_suffix: str | Path,
+                formats: Sequence[str] = ("png", "svg", "pdf"), *, dpi: int = 150) -> list[Path]:
+    """Write `fig` as path.png, path.svg, path.pdf (folders created); -> the files written."""
+    stem = Path(path_without_suffix)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        fmt = fmt.lower().lstrip(".")
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        # no creation date in svg/pdf: re-exporting an unchanged figure gives the same file
+        metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
+        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- responsibilities
+
+
+def _responsibility_frame(result: EvalResult | pd.DataFrame) -> pd.DataFrame:
+    return result.responsibilities if isinstance(result, EvalResult) else result
+
+
+def _draw_heatmap(ax, df: pd.DataFrame, *, show_domains: bool = True):
+    values = df.to_numpy(dtype=float)  # (D, K)
+    D, K = values.shape
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="Blues", aspect="auto")
+    size = 9 if K <= 8 else 7 if K <= 14 else 6
+    for i in range(D):
+        for k in range(K):
+            v = values[i, k]
+            ax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=size,
+                    color="white" if v > 0.55 else "black")
+    ax.set_xticks(range(K), labels=[_expert_label(str(c)) for c in df.columns])
+    ax.set_yticks(range(D), labels=[str(d) for d in df.index] if show_domains else [])
+    ax.set_xlabel("expert")
+    ax.tick_params(length=0)
+    return image
+
+
+def responsibility_heatmap(responsibilities: EvalResult | pd.DataFrame
+                           | Mapping[str, EvalResult | pd.DataFrame], *,
+                           title: str | None = None, columns: int = 2) -> Figure:
+    """Domains x experts: the mean posterior p(expert | document) per domain, written in the cells.
+
+    Pass one EvalResult (or its `responsibilities` DataFrame), or a mapping {method: result} for
+    one panel per method side by side. The colour scale is fixed to [0, 1] so that heatmaps of
+    different runs compare at a glance.
+    """
+    if isinstance(responsibilities, Mapping):
+        frames = {name: _responsibility_frame(r) for name, r in responsibilities.items()}
+    else:
+        frames = {"": _responsibility_frame(responsibilities)}
+    if not frames:
+        raise ValueError("responsibility_heatmap needs at least one result")
+    K = max(df.shape[1] for df in frames.values())
+    D = max(df.shape[0] for df in frames.values())
+    label_width = 0.09 * max(len(str(d)) for df in frames.values() for d in df.index)
+    ncols = min(columns, len(frames))
+    nrows = math.ceil(len(frames) / ncols)
+    panel_w, panel_h = 0.6 + 0.55 * K, 0.6 + 0.4 * D
+    fig = Figure(figsize=(1.6 + label_width + ncols * panel_w, 0.7 + nrows * panel_h),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    image = None
+    for i, (ax, (name, df)) in enumerate(zip(axes, frames.items(), strict=False)):
+        image = _draw_heatmap(ax, df, show_domains=i % ncols == 0)
+        if name:
+            ax.set_title(name, loc="left", fontsize=10)
+    for ax in axes[:: ncols]:
+        ax.set_ylabel("domain")
+    for ax in axes[len(frames):]:
+        ax.set_visible(False)
+    colorbar = fig.colorbar(image, ax=axes[: len(frames)].tolist(), fraction=0.05, pad=0.02,
+                            aspect=max(10, 12 * nrows))
+    colorbar.set_label("mean p(expert | document)")
+    fig.suptitle(title or "Responsibilities per domain", x=0.01, ha="left")
+    return fig
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame], *,
+                         title: str | None = None, log_scale: bool | None = None) -> Figure:
+    """Mixture perplexity of each method, grouped by domain (overall first), as a dot plot.
+
+    A filled dot is the mixture perplexity (the model's density); a ring of the same colour,
+    joined to it by a thin line, is the oracle (best single expert per document), a bound and
+    labelled as one. Dots rather than bars: perplexities of methods are close and far from zero,
+    so the axis starts near the data. It is logarithmic when perplexities span more than a
+    factor of 3 (unless log_scale says).
+    """
+    tables = {name: (r.perplexity if isinstance(r, EvalResult) else r)
+              for name, r in results.items()}
+    if not tables:
+        raise ValueError("perplexity_by_domain needs at least one method's results")
+    groups = list(next(iter(tables.values())).index)
+    n = len(tables)
+    step = min(0.8 / n, 0.2)
+    x = np.arange(len(groups), dtype=float)
+    fig = Figure(figsize=(max(6.0, 2.8 + len(groups) * (0.3 + 0.3 * n)), 4.2),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    low, high = math.inf, 0.0
+    for i, (name, table) in enumerate(tables.items()):
+        table = table.reindex(groups)
+        at = x + (i - (n - 1) / 2) * step
+        mixture = table["mixture"].to_numpy(float)
+        oracle = table["oracle"].to_numpy(float)
+        color = method_color(name, i)
+        ax.vlines(at, oracle, mixture, colors=color, linewidth=1.2, alpha=0.7, zorder=2)
+        ax.plot(at, mixture, linestyle="none", marker="o", markersize=6, color=color, label=name,
+                zorder=3)
+        # a ring, drawn on top: it stays visible when the oracle equals the mixture (dense)
+        ax.plot(at, oracle, linestyle="none", marker="o", markersize=11, markerfacecolor="none",
+                markeredgecolor=color, markeredgewidth=1.3, zorder=4)
+        low = min(low, np.nanmin(oracle))
+        high = max(high, np.nanmax(mixture))
+    if log_scale is None:
+        log_scale = high / max(low, 1e-9) > 3
+    if log_scale:
+        ax.set_yscale("log")
+    pad = (high / low) ** 0.08 if log_scale else None
+    if log_scale:
+        ax.set_ylim(low / pad, high * pad)
+    else:
+        margin = max(0.08 * (high - low), 0.02 * high)
+        ax.set_ylim(max(0.0, low - margin), high + margin)
+    rotate = len(groups) > 5
+    ax.set_xticks(x, labels=groups, rotation=30 if rotate else 0,
+                  ha="right" if rotate else "center", rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    if len(groups) > 1 and groups[0] == "overall":
+        ax.axvline(0.5, color="0.6", linewidth=0.8, linestyle="--")
+    ax.set_ylabel("perplexity (lower is better)" + (", log scale" if log_scale else ""))
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.set_axisbelow(True)
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], linestyle="none", marker="o", markersize=11,
+                          markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.3))
+    labels.append(ORACLE_LABEL)
+    ax.legend(handles, labels, title="mixture perplexity (filled)", loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=9, frameon=False,
+              alignment="left")
+    ax.set_title(title or "Perplexity per method and domain", loc="left")
+    return fig
+
+
+# ----------------------------------------------------------------------------- training logs
+
+
+def training_curves(histories: Mapping[str, pd.DataFrame], *, metric: str = "loss",
+                    title: str | None = None) -> Figure:
+    """Training (left) and validation (right) `metric` per method against updates.
+
+    `histories` maps a method to its `read_history` DataFrame (TrainResult.history).
+    """
+    fig = Figure(figsize=(9.5, 3.8), layout="constrained")
+    ax_train, ax_valid = fig.subplots(1, 2, sharey=True)
+    for i, (name, history) in enumerate(histories.items()):
+        color = method_color(name, i)
+        for ax, kind, style in ((ax_train, "train", {}), (ax_valid, "valid", {"marker": "o"})):
+            part = history[history["kind"] == kind] if "kind" in history else history.iloc[:0]
+            if metric in part and len(part):
+                ax.plot(part["update"], part[metric], color=color, label=name,
+                        markersize=4, **style)
+    unit = " (nats per token)" if metric in ("loss", "nll") else ""
+    ax_train.set_ylabel(metric + unit)
+    for ax, name in ((ax_train, "training"), (ax_valid, "validation")):
+        ax.set_title(name, loc="left")
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    ax_valid.tick_params(labelleft=True)
+    for ax in (ax_train, ax_valid):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    hard = any(n.startswith("hMoE") for n in histories)
+    soft = any(n.startswith("sMoE") for n in histories)
+    if metric == "loss" and hard and soft:
+        fig.supxlabel("hard EM (hMoE*) logs -log p(z*, x) for the winning expert z*; soft EM "
+                      "(sMoE*) and dense log the marginal -log p(x)", fontsize=8, x=0.01,
+                      ha="left")
+    handles = [Line2D([], [], color=method_color(n, i), label=n)
+               for i, n in enumerate(histories)]
+    if handles:
+        ax_valid.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                        frameon=False, fontsize=8)
+    fig.suptitle(title or f"Training and validation {metric}", x=0.01, ha="left")
+    return fig
+
+
+def _mass_columns(history: pd.DataFrame) -> list[str]:
+    columns = [c for c in history.columns if c.startswith("posterior_mass_")]
+    return sorted(columns, key=lambda c: int(c.rsplit("_", 1)[1]))
+
+
+def expert_usage(histories: Mapping[str, pd.DataFrame] | pd.DataFrame, *, kind: str = "train",
+                 title: str | None = None, columns: int | None = None) -> Figure:
+    """Mean responsibility of each expert over training, one stacked panel per mixture method.
+
+    Read from the `posterior_mass_k` columns of `read_history`; `kind` picks the train lines (the
+    E-step's responsibilities, averaged over each log interval) or the valid lines (posterior
+    over whole valid documents). Dense runs (one expert) are left out.
+    """
+    if isinstance(histories, pd.DataFrame):
+        histories = {"": histories}
+    panels = {name: h for name, h in histories.items() if len(_mass_columns(h)) > 1}
+    if not panels:
+        raise ValueError("expert_usage needs a mixture run (K > 1) with posterior_mass_k "
+                         "columns in its training log")
+    K = max(len(_mass_columns(h)) for h in panels.values())
+    colors = expert_colors(K)
+    ncols = columns or (2 if len(panels) == 4 else min(3, len(panels)))
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(1.6 + 3.6 * ncols, 0.5 + 2.7 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    for ax, (name, history) in zip(axes, panels.items(), strict=False):
+        part = history[history["kind"] == kind] if "kind" in history else history
+        mass = _mass_columns(history)
+        if len(part):
+            ys = part[mass].fillna(0.0).to_numpy(float).T  # (K, steps)
+            if len(part) == 1:  # a single line: show it as a bar-like band
+                steps = np.asarray(part["update"], float)
+                ax.stackplot(np.r_[steps - 0.5, steps + 0.5], np.repeat(ys, 2, axis=1),
+                             colors=colors[: len(mass)])
+            else:
+                ax.stackplot(part["update"].to_numpy(float), ys, colors=colors[: len(mass)])
+        ax.set_ylim(0, 1)
+        ax.set_title(name, loc="left", fontsize=10)
+        ax.set_xlabel("update")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.margins(x=0)
+    for ax in axes[:: ncols]:
+        ax.set_ylabel("mean responsibility")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles = [Patch(color=colors[k], label=f"expert {k}") for k in range(K)]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8)
+    what = "training batches" if kind == "train" else "validation documents"
+    fig.suptitle(title or f"Expert usage over training ({what})", x=0.01, ha="left")
+    return fig
+
+
+# ----------------------------------------------------------------------------- live plot
+
+
+class LiveCurves:
+    """The training loss of each method, redrawn in a notebook as `moelab.train` logs lines.
+
+    `wb.train(methods, live=LiveCurves())`, or `train(..., **live.callbacks("hMoEup"))`. Redraws
+    at most every `interval` seconds; validation lines always redraw.
+    """
+
+    def __init__(self, metric: str = "loss", interval: float = 2.0):
+        self.metric, self.interval = metric, interval
+        self.records: dict[str, list[dict]] = {}
+        self._handle = None
+        self._last = -math.inf
+
+    def callbacks(self, method: str) -> dict:
+        return {"on_log": lambda record: self.add(method, record),
+                "on_eval": lambda record: self.add(method, record, force=True)}
+
+    def add(self, method: str, record: dict, *, force: bool = False) -> None:
+        self.records.setdefault(method, []).append(record)
+        if force or time.monotonic() - self._last >= self.interval:
+            self.redraw()
+
+    def figure(self) -> Figure:
+        histories = {m: pd.DataFrame.from_records(r) for m, r in self.records.items()}
+        return training_curves(histories, metric=self.metric,
+                               title=f"Training {self.metric} (live)")
+
+    def redraw(self) -> None:
+        from IPython.display import display
+
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        self._last = time.monotonic()

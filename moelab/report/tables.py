@@ -1,0 +1,239 @@
+"""Tables of the workbench as DataFrames, exported to CSV, Markdown and LaTeX.
+
+Markdown and LaTeX are written here (a few lines each) rather than by pandas, whose
+`to_markdown` needs `tabulate` and whose `to_latex` needs `jinja2`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moelab.evaluate import ORACLE_NOTE, EvalResult
+from moelab.train import TrainResult, read_history
+
+
+@dataclass
+class MethodRun:
+    """One method's results: its evaluations and (optionally) its training log.
+
+    `history` is a `read_history` DataFrame; `MethodRun.of(name, train_result_or_save_dir, ...)`
+    reads it for you. Training speed and time come from the log.
+    """
+
+    name: str
+    valid: EvalResult
+    test: EvalResult | None = None
+    history: pd.DataFrame | None = None
+
+    @classmethod
+    def of(cls, name: str, run: TrainResult | str | Path | None, valid: EvalResult,
+           test: EvalResult | None = None) -> MethodRun:
+        if isinstance(run, TrainResult):
+            history = run.history if run.history is not None else read_history(run.save_dir)
+        elif run is not None:
+            history = read_history(run)
+        else:
+            history = None
+        return cls(name=name, valid=valid, test=test, history=history)
+
+
+def _training_speed(history: pd.DataFrame | None) -> tuple[float, float]:
+    """(mean tokens/s over the train log lines, seconds of training) from a training log."""
+    if history is None or "kind" not in history:
+        return math.nan, math.nan
+    train = history[history["kind"] == "train"]
+    speed = float(train["tokens_per_s"].mean()) if "tokens_per_s" in train and len(train) else (
+        math.nan)
+    seconds = float(history["wall"].max()) if "wall" in history else math.nan
+    return speed, seconds
+
+
+def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
+    """One row per method: perplexities, usage, cluster agreement, speed.
+
+    Columns: mixture and oracle perplexity on valid and test; the mixture perplexity of each
+    domain, usage (experts used of K, usage entropy) and cluster agreement (NMI, ARI) on the test
+    split (valid when a run has no test evaluation); training tokens/s and time. The oracle is a
+    bound, not a density: `df.attrs["notes"]` says so and the exports print it under the table.
+    """
+    rows = {}
+    domain_split = {}
+    for run in runs:
+        row: dict = {}
+        for split, result in (("valid", run.valid), ("test", run.test)):
+            overall = result.perplexity.loc["overall"] if result is not None else None
+            row[f"{split} ppl"] = math.nan if overall is None else float(overall["mixture"])
+            row[f"{split} oracle ppl"] = math.nan if overall is None else float(overall["oracle"])
+        main, split = (run.test, "test") if run.test is not None else (run.valid, "valid")
+        domain_split[run.name] = split
+        for domain, values in main.perplexity.drop(index="overall").iterrows():
+            row[f"{domain} ppl"] = float(values["mixture"])
+        s = main.summary
+        row["experts used"] = int(s["experts_used"])
+        row["K"] = int(s["num_experts"])
+        row["usage entropy"] = float(s["usage_entropy"])
+        row["NMI"] = float(main.clusters["nmi"])
+        row["ARI"] = float(main.clusters["ari"])
+        row["tokens/s"], row["train time (s)"] = _training_speed(run.history)
+        rows[run.name] = row
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "method"
+    splits = sorted(set(domain_split.values()))
+    df.attrs["notes"] = [
+        "ppl: mixture perplexity, the model's density. " + ORACLE_NOTE + ".",
+        f"Per-domain perplexity, experts used (winning >= 1/(4K) of documents), usage entropy "
+        f"(nats) and NMI/ARI (argmax posterior vs domain) on the {' / '.join(splits)} split.",
+        "tokens/s: training throughput (mean over log intervals); train time includes "
+        "validation.",
+    ]
+    return df
+
+
+def cluster_table(results: Mapping[str, EvalResult]) -> pd.DataFrame:
+    """One row per method: how experts split the documents and how that matches the domains.
+
+    Columns: K, experts used, usage entropy (nats), purity, NMI, ARI, then the share of
+    documents each expert wins (`expert k`; empty where a method has fewer experts).
+    """
+    rows = {}
+    for name, result in results.items():
+        s, c = result.summary, result.clusters
+        row = {"K": int(s["num_experts"]), "experts used": int(s["experts_used"]),
+               "usage entropy": float(s["usage_entropy"]), "purity": float(c["purity"]),
+               "NMI": float(c["nmi"]), "ARI": float(c["ari"])}
+        for expert, share in result.usage["share"].items():
+            row[str(expert).replace("_", " ")] = float(share)
+        rows[name] = row
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "method"
+    df.attrs["notes"] = [
+        "expert k: share of documents whose posterior p(expert | document) peaks at expert k. "
+        "Experts used: experts winning >= 1/(4K) of documents. Purity, NMI and ARI compare the "
+        "argmax posterior with the domain labels."]
+    return df
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def format_value(value, decimals: int | None = None) -> str:
+    """A number as a reader wants it: thousands separated, `decimals` places (default: by size)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if decimals is None:
+            decimals = _decimals(abs(v))
+        text = f"{v:,.{decimals}f}"
+        return text[1:] if text.startswith("-") and float(text[1:].replace(",", "")) == 0 else (
+            text)  # no "-0.000"
+    return str(value)
+
+
+def _decimals(magnitude: float) -> int:
+    return 3 if magnitude < 10 else 2 if magnitude < 1000 else 0
+
+
+def _column_decimals(column: pd.Series) -> int | None:
+    """One number of decimals per column (by its largest value), so digits line up."""
+    values = pd.to_numeric(column, errors="coerce").to_numpy(float)
+    values = values[np.isfinite(values)]
+    if not pd.api.types.is_float_dtype(column) or not len(values):
+        return None
+    return _decimals(float(np.abs(values).max()))
+
+
+def _cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Header, formatted rows and which columns are numeric (right-aligned); index first."""
+    header = [str(df.index.name or "")] + [str(c) for c in df.columns]
+    numeric = [False] + [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+    decimals = [_column_decimals(df[c]) for c in df.columns]
+    rows = [[str(index)] + [format_value(v, d) for v, d in zip(values, decimals, strict=True)]
+            for index, values in zip(df.index, df.itertuples(index=False), strict=True)]
+    return header, rows, numeric
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (numbers right-aligned), then the table's notes."""
+    header, rows, numeric = _cells(df)
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    widths = [max(len(escape(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    widths = [max(w, 3) for w in widths]
+
+    def line(cells: list[str]) -> str:
+        parts = [escape(c).rjust(w) if num else escape(c).ljust(w)
+                 for c, w, num in zip(cells, widths, numeric, strict=True)]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if num else "-" * w
+                             for w, num in zip(widths, numeric, strict=True)) + " |"
+    out = [line(header), rule, *(line(r) for r in rows)]
+    notes = df.attrs.get("notes", [])
+    if notes:
+        out += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(out) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}", "–": "--"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(df: pd.DataFrame, *, caption: str | None = None, label: str | None = None) -> str:
+    """A booktabs `table` environment (needs \\usepackage{booktabs}); notes go in the caption."""
+    header, rows, numeric = _cells(df)
+    spec = "".join("r" if num else "l" for num in numeric)
+    notes = " ".join(df.attrs.get("notes", []))
+    caption_text = " ".join(t for t in (caption, notes) if t)
+    out = ["\\begin{table}[ht]", "\\centering", "\\small", f"\\begin{{tabular}}{{{spec}}}",
+           "\\toprule", " & ".join(latex_escape(h) for h in header) + " \\\\", "\\midrule"]
+    out += [" & ".join(latex_escape(c) for c in r) + " \\\\" for r in rows]
+    out += ["\\bottomrule", "\\end{tabular}"]
+    if caption_text:
+        out.append(f"\\caption{{{latex_escape(caption_text)}}}")
+    if label:
+        out.append(f"\\label{{{label}}}")
+    out.append("\\end{table}")
+    return "\n".join(out) + "\n"
+
+
+def export_table(df: pd.DataFrame, path_stem: str | Path,
+                 formats: Sequence[str] = ("csv", "md", "tex"), *,
+                 caption: str | None = None) -> list[Path]:
+    """Write path_stem.csv (full precision), .md and .tex (rounded for reading); -> files."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        fmt = fmt.lower().lstrip(".")
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        if fmt == "csv":
+            df.to_csv(path)
+        elif fmt == "md":
+            path.write_text(to_markdown(df), encoding="utf-8")
+        elif fmt == "tex":
+            path.write_text(to_latex(df, caption=caption), encoding="utf-8")
+        else:
+            raise ValueError(f"unknown table format {fmt!r}; choose csv, md or tex")
+        written.append(path)
+    return written

@@ -1,0 +1,287 @@
+"""What the notebooks share: one data-bin, a `runs/` folder of trained methods, a results folder.
+
+Every notebook starts from the same parameters and builds a `Workbench`; missing pieces are made
+on demand, so each notebook also runs alone:
+
+- the data-bin is preprocessed from the bundled corpus when its folder has no meta.json;
+- `wb.run("hMoEup")` trains that method into runs_dir/hMoEup unless a checkpoint is already there
+  (notebook 01 trains them all; 02-04 reuse them);
+- figures and tables are exported into results_dir.
+
+Training sizes come from a preset: `gpu` (picked by `auto` when CUDA is available), `cpu` (a few
+minutes per method on a laptop) and `smoke` (seconds; for CI).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moelab.data import PreprocessConfig, Tokenizer, bundled_corpus, preprocess, read_meta
+from moelab.data.dataset import BinarizedDataset
+from moelab.evaluate import EvalResult, evaluate, summarize
+from moelab.model import MixtureLM
+from moelab.train import RunConfig, load_checkpoint, read_history, train
+from moelab.train.objectives import METHODS
+
+# `moelab train` options per preset (flag names with underscores).
+TRAIN_PRESETS: dict[str, dict] = {
+    # The seed's transformer_lm (6 layers, 512 wide) at the seed's lr, a few minutes on one GPU.
+    "gpu": dict(arch="transformer_lm", tokens_per_sample=512, max_tokens=16384, lr=7e-4,
+                warmup_updates=300, max_update=3000, dropout=0.1, log_interval=20,
+                validate_interval_updates=1000),
+    # Sized so that `moelab demo` trains and evaluates all five methods in about 15 minutes on 2
+    # cores: soft EM scores and backpropagates all K experts every update, which is what bounds
+    # the budget. Dropout 0: a few hundred updates underfit, so dropout would only slow learning.
+    "cpu": dict(arch="tiny", decoder_embed_dim=96, decoder_ffn_embed_dim=384,
+                decoder_attention_heads=4, mean_pool_gating_network_encoder_dim=96,
+                tokens_per_sample=128, max_tokens=1024, lr=3e-3, warmup_updates=50,
+                max_update=200, dropout=0.0, log_interval=10, validate_interval_updates=200),
+    "smoke": dict(arch="tiny", decoder_layers=1, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                  decoder_attention_heads=2, mean_pool_gating_network_encoder_dim=32,
+                  tokens_per_sample=32, max_tokens=256, lr=3e-3, warmup_updates=2, max_update=6,
+                  dropout=0.0, log_interval=1, validate_interval_updates=3),
+}
+# How each preset preprocesses the bundled corpus: a small vocabulary keeps the CPU model's
+# output layer cheap; small held-out shares keep the CPU evaluation within budget.
+DATA_PRESETS: dict[str, dict] = {
+    "gpu": dict(vocab_size=8000, valid_fraction=0.05, test_fraction=0.05),
+    "cpu": dict(vocab_size=2000, valid_fraction=0.02, test_fraction=0.04),
+    "smoke": dict(vocab_size=400, valid_fraction=0.2, test_fraction=0.2, documents_per_domain=8),
+}
+# Each preset's default K; the bundled corpus has 7 domains, the seed used 10.
+EXPERT_PRESETS: dict[str, int] = {"gpu": 10, "cpu": 7, "smoke": 2}
+CHECKPOINT = "checkpoint_best.pt"
+DONE_FILE = "done.json"  # written when a run has reached its max_update with these options
+
+
+def resolve_preset(preset: str) -> str:
+    """`auto` -> `gpu` when CUDA is available, else `cpu`; other names are checked."""
+    if preset == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose auto, {', '.join(TRAIN_PRESETS)}")
+    return preset
+
+
+def ensure_data_bin(data_bin: str | Path, *, documents_per_domain: int | None = None,
+                    vocab_size: int = 8000, valid_fraction: float = 0.05,
+                    test_fraction: float = 0.05) -> Path:
+    """`data_bin` if it holds a data-bin; else preprocess the bundled corpus into it.
+
+    documents_per_domain keeps only the first N documents of each bundled domain (quick runs).
+    """
+    data_bin = Path(data_bin)
+    if (data_bin / "meta.json").is_file():
+        return data_bin
+    config = dict(destdir=str(data_bin), vocab_size=vocab_size, force=True,
+                  valid_fraction=valid_fraction, test_fraction=test_fraction)
+    if documents_per_domain is None:
+        preprocess(PreprocessConfig(bundled=True, **config))
+        return data_bin
+    with tempfile.TemporaryDirectory(prefix="moelab-corpus-") as tmp:
+        subset = Path(tmp) / "bundled-subset.jsonl"
+        with subset.open("w", encoding="utf-8") as f:
+            for doc in bundled_corpus(max_documents=documents_per_domain):
+                f.write(json.dumps({"text": doc.text, "domain": doc.domain}) + "\n")
+        preprocess(PreprocessConfig(data=str(subset), **config))
+    return data_bin
+
+
+def _newer(path: Path, than: Path) -> bool:
+    return path.is_file() and than.is_file() and path.stat().st_mtime >= than.stat().st_mtime
+
+
+def save_scores(result: EvalResult, dataset: BinarizedDataset, path: Path) -> None:
+    """The per-document scores behind an EvalResult, as plain arrays (no pickle)."""
+    experts = [c for c in result.documents.columns if c.startswith("expert_")]
+    window = [int(result.summary["tokens_per_sample"]), int(result.summary["context_window"])]
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, ll=result.documents[experts].to_numpy(), log_prior=result.log_prior,
+             tokens=result.documents["tokens"].to_numpy(),
+             domain_ids=np.asarray(dataset.domain_ids, dtype=np.int64), window=np.asarray(window))
+    tmp.replace(path)
+
+
+def load_scores(path: Path, dataset: BinarizedDataset) -> EvalResult:
+    """The EvalResult of save_scores' arrays: every table is recomputed from them."""
+    with np.load(path, allow_pickle=False) as z:
+        return summarize(z["ll"], z["log_prior"], z["tokens"], z["domain_ids"], dataset.domains,
+                         tokens_per_sample=int(z["window"][0]),
+                         context_window=int(z["window"][1]))
+
+
+@dataclass
+class Run:
+    """A trained method loaded from its save dir: model, tokenizer and training log."""
+
+    method: str
+    save_dir: Path
+    model: MixtureLM
+    tokenizer: Tokenizer
+    config: RunConfig
+    history: pd.DataFrame
+
+    @property
+    def num_experts(self) -> int:
+        return self.model.num_experts
+
+
+def load_run(save_dir: str | Path, *, data_bin: str | Path | None = None,
+             device: str = "cpu") -> Run:
+    """The best checkpoint of a `moelab train` save dir, with the tokenizer of its data-bin."""
+    save_dir = Path(save_dir)
+    model, _, config = load_checkpoint(save_dir / CHECKPOINT, map_location=device)
+    data = Path(data_bin) if data_bin is not None else Path(config.data.data)
+    tokenizer = Tokenizer.load(data / read_meta(data)["tokenizer"])
+    return Run(method=config.model.method, save_dir=save_dir, model=model, tokenizer=tokenizer,
+               config=config, history=read_history(save_dir))
+
+
+@dataclass
+class Workbench:
+    """The notebooks' shared state: where data, runs and results live, and how big to train."""
+
+    data_bin: str | Path = "data-bin/mix"
+    runs_dir: str | Path = "runs"
+    results_dir: str | Path = "results"
+    preset: str = "auto"  # gpu | cpu | smoke | auto (gpu when CUDA is available)
+    num_experts: int | None = None  # K of every mixture method (dense has 1); None: the preset's
+    corpus_documents: int | None = None  # per bundled domain when building data_bin; None: all
+    vocab_size: int | None = None  # SentencePiece vocabulary of a new data_bin; None: preset's
+    train_options: dict = field(default_factory=dict)  # override preset options, e.g. max_update
+    device: str = "auto"  # where models train and evaluate
+    _runs: dict = field(default_factory=dict, init=False, repr=False)
+    _evals: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.data_bin, self.runs_dir = Path(self.data_bin), Path(self.runs_dir)
+        self.results_dir = Path(self.results_dir)
+        self.preset = resolve_preset(self.preset)
+        if self.num_experts is None:
+            self.num_experts = EXPERT_PRESETS[self.preset]
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ------------------------------------------------------------------ training
+    def save_dir(self, method: str) -> Path:
+        return self.runs_dir / method
+
+    def train_options_for(self, method: str) -> dict:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        options = {**TRAIN_PRESETS[self.preset], **self.train_options, "method": method,
+                   "save_dir": str(self.save_dir(method)), "device": self.device}
+        if method != "dense":
+            options["num_experts"] = self.num_experts
+        return options
+
+    def train(self, methods: Sequence[str] | str, *, live=None, retrain: bool = False
+              ) -> dict[str, Path]:
+        """Train each method whose save dir has no checkpoint yet; -> {method: save dir}.
+
+        `live` (e.g. moelab.report.LiveCurves) receives every log line to plot as it comes.
+        """
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        data_bin = self.ensure_data_bin()
+        done = {}
+        for method in methods:
+            save_dir = self.save_dir(method)
+            options = self.train_options_for(method)
+            if self.is_trained(method) and not retrain:
+                print(f"{method}: using the trained run in {save_dir} (delete it to retrain)")
+            else:
+                if retrain:
+                    for name in ("checkpoint_last.pt", CHECKPOINT, "train_log.jsonl", DONE_FILE):
+                        (save_dir / name).unlink(missing_ok=True)
+                elif (save_dir / "checkpoint_last.pt").is_file():
+                    print(f"{method}: resuming the unfinished run in {save_dir}")
+                callbacks = live.callbacks(method) if live is not None else {}
+                result = train(str(data_bin), **options, **callbacks)
+                (save_dir / DONE_FILE).write_text(json.dumps(
+                    {"num_updates": result.num_updates, "options": options}) + "\n")
+                self._runs.pop(method, None)
+                self._evals = {k: v for k, v in self._evals.items() if k[0] != method}
+            done[method] = save_dir
+        return done
+
+    def ensure_data_bin(self) -> Path:
+        data = {"documents_per_domain": None, **DATA_PRESETS[self.preset]}
+        if self.vocab_size is not None:
+            data["vocab_size"] = self.vocab_size
+        if self.corpus_documents is not None:
+            data["documents_per_domain"] = self.corpus_documents
+        return ensure_data_bin(self.data_bin, **data)
+
+    def is_trained(self, method: str) -> bool:
+        """Finished with the current options (an interrupted or re-sized run is not)."""
+        save_dir = self.save_dir(method)
+        if not (save_dir / DONE_FILE).is_file() or not (save_dir / CHECKPOINT).is_file():
+            return False
+        done = json.loads((save_dir / DONE_FILE).read_text())
+        return done.get("options") == json.loads(json.dumps(self.train_options_for(method)))
+
+    def run(self, method: str) -> Run:
+        """The trained run of `method` (trained first when missing), loaded once."""
+        if method not in self._runs:
+            if not self.is_trained(method):
+                self.train([method])
+            self._runs[method] = load_run(self.save_dir(method), device=self.device)
+        return self._runs[method]
+
+    def histories(self, methods: Sequence[str]) -> dict[str, pd.DataFrame]:
+        return {m: self.run(m).history for m in methods}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, method: str, split: str = "valid", *, context_window: int = 0
+                 ) -> EvalResult:
+        """Perplexities, responsibilities and clusters of one method on one split (cached)."""
+        key = (method, split, context_window)
+        if key not in self._evals:
+            run = self.run(method)
+            dataset = BinarizedDataset(run.config.data.data, split)
+            cache = self.save_dir(method) / f"eval_{split}_c{context_window}.npz"
+            self._evals[key] = (load_scores(cache, dataset)
+                                if _newer(cache, self.save_dir(method) / CHECKPOINT) else None)
+            if self._evals[key] is None:
+                self._evals[key] = evaluate(run.model, dataset, context_window=context_window,
+                                            max_sentences=32)
+                save_scores(self._evals[key], dataset, cache)
+        return self._evals[key]
+
+    def method_runs(self, methods: Sequence[str], *, context_window: int = 0) -> list:
+        """One moelab.report.MethodRun per method: valid and test evaluation plus the log."""
+        from moelab.report import MethodRun
+
+        return [MethodRun(name=m, valid=self.evaluate(m, "valid", context_window=context_window),
+                          test=self.evaluate(m, "test", context_window=context_window),
+                          history=self.run(m).history) for m in methods]
+
+    # ------------------------------------------------------------------ exports
+    def save_figure(self, fig, name: str, formats: Sequence[str] = ("png", "svg", "pdf")
+                    ) -> list[Path]:
+        from moelab.report import save_figure
+
+        return save_figure(fig, self.results_dir / name, formats)
+
+    def export_table(self, df: pd.DataFrame, name: str,
+                     formats: Sequence[str] = ("csv", "md", "tex")) -> list[Path]:
+        from moelab.report import export_table
+
+        return export_table(df, self.results_dir / name, formats)
+
+    def sampler(self, method: str, **kwargs):
+        """The ipywidgets sampler (moelab.widgets.Sampler) for one trained method."""
+        from moelab.widgets import Sampler
+
+        run = self.run(method)
+        return Sampler(run.model, run.tokenizer, title=f"{method} (K={run.num_experts})",
+                       **kwargs)
+
