@@ -77,11 +77,11 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=f"could not write checkpoint {target}: No space"):
         save_checkpoint(target, {"format": "moelab-checkpoint", "value": torch.zeros(3)})
     assert target.read_bytes() == before  # the previous checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]  # no temp file
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError):
         save_checkpoint(tmp_path / "checkpoint_best.pt", {"x": torch.zeros(1)})
     assert not (tmp_path / "checkpoint_best.pt").exists()
 

@@ -53,6 +53,26 @@ def _decode_text(raw: bytes, path: Path) -> str | None:
         return None
 
 
+def _why_not_text(raw: bytes) -> str:
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        return f"a NUL byte at column {nul + 1}: binary data"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8"
+    return "undecodable"
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates (JSON allows "\\ud800"; UTF-8 cannot store it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_whole_file(path: Path) -> str:
     raw = path.read_bytes()
     text = _decode_text(raw, path)
@@ -130,7 +150,8 @@ def jsonl_corpus(path: Path) -> Corpus:
                 line = _decode_text(raw, path)
                 if line is None:
                     raise MoelabError(
-                        f"{path} line {number} is not UTF-8 text; fix or remove that line."
+                        f"{path} line {number} is not UTF-8 text ({_why_not_text(raw)}); fix or "
+                        "remove that line."
                     )
                 if not line.strip():
                     continue
@@ -138,6 +159,10 @@ def jsonl_corpus(path: Path) -> Corpus:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise MoelabError(f"{path} line {number} is not valid JSON: {e.msg}.") from None
+                except RecursionError:
+                    raise MoelabError(
+                        f"{path} line {number} is nested too deeply to be a document record."
+                    ) from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise MoelabError(
                         f'{path} line {number} needs a "text" string field '
@@ -147,6 +172,11 @@ def jsonl_corpus(path: Path) -> Corpus:
                     continue
                 domain = str(record.get("domain") or UNKNOWN_DOMAIN)
                 key = str(record.get("id", f"line:{number}"))
+                if not _is_unicode(record["text"] + domain + key):
+                    raise MoelabError(
+                        f"{path} line {number} holds an escape such as \\ud800 that is not a "
+                        "Unicode character (a lone surrogate); fix or remove that line."
+                    )
                 yield Document(f"{domain}/{key}", domain, record["text"])
 
     return Corpus(f"jsonl {path}", documents)
@@ -164,8 +194,8 @@ def txt_corpus(path: Path) -> Corpus:
                 line = _decode_text(raw, path)
                 if line is None:
                     raise MoelabError(
-                        f"{path} line {number} is not UTF-8 text; convert the file to UTF-8 "
-                        "(e.g. `iconv -t utf-8`)."
+                        f"{path} line {number} is not UTF-8 text ({_why_not_text(raw)}); convert "
+                        "the file to UTF-8 (e.g. `iconv -t utf-8`) or remove the offending bytes."
                     )
                 if line.strip():
                     buffer.append(line)

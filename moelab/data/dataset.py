@@ -31,9 +31,44 @@ def read_meta(data_dir: str | Path) -> dict:
             "`moelab preprocess --bundled --destdir DIR` or `moelab preprocess --data PATH ...`."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise MoelabError(f"{path} is damaged ({e}); run `moelab preprocess` again.") from None
+    _check_meta(meta, path)
+    return meta
+
+
+_META_KEYS = ("domains", "vocab_size", "tokenizer", "special_ids", "dtype", "splits")
+_DTYPES = ("uint16", "uint32")  # what preprocess writes; anything else is not our file
+
+
+def _check_meta(meta, path: Path) -> None:
+    """The fields a dataset reads, with the types it expects: a damaged file is named, not a
+    KeyError deep inside."""
+    if not isinstance(meta, dict):
+        raise MoelabError(f"{path} is damaged (not a JSON object); run `moelab preprocess` again.")
+    missing = [k for k in _META_KEYS if k not in meta]
+    problems = [f"lacks {', '.join(missing)}"] if missing else []
+    if not missing:
+        special = meta["special_ids"]
+        splits = meta["splits"]
+        if meta["dtype"] not in _DTYPES:
+            problems.append(f"has token dtype {meta['dtype']!r} (expected one of {_DTYPES})")
+        if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] < 1:
+            problems.append(f"has vocab_size {meta['vocab_size']!r}")
+        if not isinstance(meta["domains"], list) or not isinstance(meta["tokenizer"], str):
+            problems.append("has a malformed domains list or tokenizer name")
+        if not isinstance(special, dict) or not all(
+                isinstance(special.get(k), int) for k in ("unk", "bos", "eos", "pad")):
+            problems.append("has malformed special_ids")
+        if not isinstance(splits, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("tokens"), int) and v["tokens"] >= 0
+                and isinstance(v.get("documents"), int) and v["documents"] >= 0
+                for v in splits.values()):
+            problems.append("has malformed split counts")
+    if problems:
+        raise MoelabError(f"{path} {'; '.join(problems)}: it is damaged or not written by "
+                          "`moelab preprocess`; run `moelab preprocess` again.")
 
 
 class BinarizedDataset:
@@ -54,18 +89,44 @@ class BinarizedDataset:
         special = self.meta["special_ids"]
         self.unk_id, self.bos_id = int(special["unk"]), int(special["bos"])
         self.eos_id, self.pad_id = int(special["eos"]), int(special["pad"])
-        self.offsets = self._load_npy(f"{split}.offsets.npy")
-        self.domain_ids = self._load_npy(f"{split}.domains.npy")
+        documents = int(self.meta["splits"][split]["documents"])
+        self.offsets = self._load_npy(f"{split}.offsets.npy", documents + 1)
+        self.domain_ids = self._load_npy(f"{split}.domains.npy", documents)
         self.tokens = self._load_tokens()
+        self._check_arrays()
 
-    def _load_npy(self, name: str) -> np.ndarray:
+    def _load_npy(self, name: str, expected: int) -> np.ndarray:
+        """An int64 vector of `expected` entries (never unpickled: allow_pickle stays False)."""
         path = self.data_dir / name
         try:
-            return np.load(path)
-        except (OSError, ValueError) as e:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
             raise MoelabError(
                 f"{path} is missing or damaged ({e}); run `moelab preprocess` again."
             ) from None
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise MoelabError(f"{path} is missing or damaged (a {array.dtype} array of shape "
+                              f"{array.shape}, not a vector of integers); run `moelab "
+                              "preprocess` again.")
+        if len(array) != expected:
+            fewer = expected - len(array)
+            count = f"{fewer} fewer" if fewer > 0 else f"{-fewer} more"
+            raise MoelabError(
+                f"{path} has {count} entries than {META_FILE} says ({len(array)} vs {expected}): "
+                "the data-bin is incomplete or damaged; run `moelab preprocess` again.")
+        return array
+
+    def _check_arrays(self) -> None:
+        """Offsets must rise from 0 and domain ids index the domain list, or reads go astray."""
+        offsets = self.offsets
+        bad_offsets = len(offsets) == 0 or offsets[0] != 0 or bool(np.any(np.diff(offsets) < 0))
+        bad_domains = len(self.domain_ids) and (
+            int(self.domain_ids.min()) < 0 or int(self.domain_ids.max()) >= len(self.domains))
+        if bad_offsets or bad_domains:
+            name = "offsets" if bad_offsets else "domains"
+            raise MoelabError(
+                f"{self.data_dir / f'{self.split}.{name}.npy'} is damaged (its values are out of "
+                "order or range); run `moelab preprocess` again.")
 
     def _load_tokens(self) -> np.ndarray:
         path = self.data_dir / f"{self.split}.tokens.bin"

@@ -25,6 +25,9 @@ TRAIN_PIECE_CHARS = 4096
 # SentencePiece keeps at most this many training lines (a uniform sample): this is what bounds
 # memory on a large corpus.
 MAX_TRAIN_LINES = 500_000
+# No vocabulary is smaller: 4 special ids, 256 byte pieces, the space and "\n" (a corpus needs
+# one more piece per other distinct character).
+MIN_VOCAB = 4 + 256 + 2
 
 
 def training_lines(texts: Iterable[str]) -> Iterator[str]:
@@ -46,7 +49,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, threads: int = 1) 
             sentence_iterator=training_lines(texts),
             model_writer=model,
             model_type="bpe",
-            vocab_size=vocab_size,
+            # below the floor SentencePiece fails with an internal error (vocab < 4) or a
+            # count of the pieces this corpus needs (the one we want to report): ask for that
+            vocab_size=max(vocab_size, MIN_VOCAB - 1),
             byte_fallback=True,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
@@ -54,6 +59,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, threads: int = 1) 
             allow_whitespace_only_pieces=True,
             split_digits=True,
             user_defined_symbols=["\n"],
+            # The space is always a piece: otherwise a train split without one (a tiny corpus)
+            # byte-falls-back the "▁" SentencePiece writes for it, which decodes as "▁".
+            required_chars="\u2581",
             character_coverage=0.9999,
             max_sentence_length=TRAIN_PIECE_CHARS * 4,  # bytes; a piece is at most 4 bytes a char
             input_sentence_size=MAX_TRAIN_LINES,
@@ -80,7 +88,7 @@ def _vocab_error(message: str, vocab_size: int) -> Exception:
         )
     too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
     if too_low:
-        smallest = int(too_low.group(1)) + 1
+        smallest = int(too_low.group(1))  # "V vs N": N pieces are needed, N works
         return MoelabError(
             f"--nwordssrc {vocab_size} is too small: the corpus needs at least {smallest} "
             "pieces (special tokens, 256 byte pieces and its characters). Use a larger value."
@@ -120,12 +128,29 @@ class Tokenizer:
         return hashlib.sha256(self.model_proto).hexdigest()
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        try:
+            return self.sp.encode(text)
+        except RuntimeError:  # SentencePiece cannot take a str that is not valid Unicode
+            return self.sp.encode(_valid_unicode(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        try:
+            return self.sp.encode(texts)
+        except (RuntimeError, TypeError):  # a list with an invalid str raises TypeError
+            return self.sp.encode([_valid_unicode(t) for t in texts])
 
     def decode(self, ids: Iterable[int]) -> str:
         # Special ids (eos, pad, expert tokens beyond the vocabulary) are not text.
         special, size = (UNK_ID, BOS_ID, EOS_ID, PAD_ID), self.vocab_size
-        return self.sp.decode([i for i in ids if i not in special and i < size])
+        return self.sp.decode([i for i in ids if i not in special and 0 <= i < size])
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    """Lone surrogates (a JSON "\\ud800" escape, undecodable bytes of a command-line argument)
+    cannot be UTF-8 encoded: they become U+FFFD, as a UTF-8 decoder would show them."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _SURROGATE.sub("\ufffd", text)

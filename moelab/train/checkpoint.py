@@ -1,16 +1,32 @@
-"""Checkpoints: one plain dict of tensors and primitives, written atomically, read weights-only.
+"""Checkpoints: one plain dict of tensors and primitives, written crash-safely, read weights-only.
 
 Everything a run needs to continue exactly lives in the dict: model, optimizer and schedule
-state, RNG states, the data position, the configs as plain dicts and the tokenizer identity. Only
-tensors and primitive types go in, so `torch.load(..., weights_only=True)` can read it without
-unpickling arbitrary objects.
+state, RNG states, the data position, the log meter, the configs as plain dicts and the
+tokenizer identity. Only tensors and primitive types go in, so `torch.load(..., weights_only=True)`
+reads it without unpickling arbitrary objects: a file crafted to run code when unpickled is
+refused, never run.
+
+Writing is crash-safe at every instant (a SIGKILL, a full disk, a power cut):
+1. the new checkpoint goes to a temporary file in the same folder, is fsynced and read back
+   (every zip member's CRC checked) before anything else changes;
+2. with `keep_previous` (checkpoint_last.pt) the current file is kept as checkpoint_last.prev.pt
+   (a hard link: no copy, no extra space until the next step);
+3. os.replace puts the new file under the final name, atomically.
+So the final name always holds a complete checkpoint, and the one before it survives beside it:
+if checkpoint_last.pt is ever found damaged anyway (a disk fault, a copy cut short), resuming
+falls back to checkpoint_last.prev.pt with a message. A failed write raises CheckpointError
+naming the file and the reason (e.g. "No space left on device") and leaves both files as they
+were.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +34,16 @@ import torch
 
 from moelab.errors import MoelabError
 from moelab.model import MixtureLM, ModelConfig
+from moelab.train import faults
 from moelab.train.config import RunConfig
 
 FORMAT = "moelab-checkpoint"
 FORMAT_VERSION = 1
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+TMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never mistaken for a *.pt
+
+# What a resume reads besides the model (a file without them is not a training checkpoint).
+RESUME_KEYS = ("optimizer", "rng", "data_position", "num_updates", "best_valid_loss")
 
 # ModelConfig fields that make two models' weights interchangeable, with the flag to name.
 _SHAPE_FIELDS = {
@@ -40,29 +61,128 @@ _SHAPE_FIELDS = {
 
 
 class CheckpointError(MoelabError):
-    """A checkpoint that cannot be read or does not fit this run; the message says what to do."""
+    """A checkpoint that cannot be read, written or used for this run; the message says what
+    to do."""
 
 
-def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then os.replace.
+class UnreadableCheckpoint(CheckpointError):
+    """The file is missing, truncated, corrupt or not a moelab checkpoint (vs. one that does not
+    fit this run): the case where resuming may fall back to the previous checkpoint."""
 
-    A crash (or a full disk) mid-write leaves the previous checkpoint untouched and no partial
-    file under the final name.
+
+def previous_path(path: str | Path) -> Path:
+    """checkpoint_last.pt -> checkpoint_last.prev.pt: the checkpoint it replaced."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}") if path.name else path
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict, *, keep_previous: bool = False) -> None:
+    """Write `checkpoint` to `path` so that a crash at any instant leaves a readable file there.
+
+    With keep_previous, the file it replaces stays beside it as `previous_path(path)`. Any
+    OSError (full disk, permissions, a file-size limit) becomes a CheckpointError naming the file;
+    no temporary file is left behind and the existing files are untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            writer = _Writer(f)
+            try:
+                torch.save(checkpoint, writer)
+            except RuntimeError:
+                # torch reports a failed write as "unexpected pos ..."; the OSError behind it
+                # (ENOSPC, EFBIG, EIO) is what the user needs to see
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
+            if faults.armed("save"):  # testing hook: die with half the bytes on disk
+                f.truncate(f.tell() // 2)
+            faults.hit("save")
             os.fsync(f.fileno())
+        _verify(Path(tmp))
+        faults.hit("replace")
+        if keep_previous and path.exists():
+            _keep_as_previous(path)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise CheckpointError(_write_failure(path, e)) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+class _Writer:
+    """A file wrapper that remembers the OSError torch.save turns into a vague RuntimeError."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _verify(tmp: Path) -> None:
+    """Read the new file back (every zip member and its CRC) before it replaces anything."""
+    try:
+        with zipfile.ZipFile(tmp) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError) as e:
+        bad = str(e)
+    if bad is not None:
+        raise OSError(errno.EIO, f"its bytes do not match their checksums ({bad})")
+
+
+def _keep_as_previous(path: Path) -> None:
+    """path -> previous_path(path), leaving `path` in place (a hard link) where possible."""
+    prev = previous_path(path)
+    link = prev.with_name(f".{prev.name}{TMP_SUFFIX}")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links here (some network filesystems): move it instead; resuming
+        os.replace(path, prev)  # finds checkpoint_last.prev.pt if we die before the next rename
+        return
+    os.replace(link, prev)
+
+
+def _write_failure(path: Path, e: OSError) -> str:
+    reason = e.strerror or str(e)
+    code = f"{errno.errorcode[e.errno]}: " if e.errno in errno.errorcode else ""
+    advice = {
+        errno.ENOSPC: "free some space (or use another --save-dir)",
+        errno.EDQUOT: "free some space within your quota (or use another --save-dir)",
+        errno.EACCES: "make the folder writable (or use another --save-dir)",
+        errno.EPERM: "make the folder writable (or use another --save-dir)",
+        errno.EROFS: "use a --save-dir on a writable filesystem",
+        errno.EFBIG: "raise the file-size limit (ulimit -f) or use another --save-dir",
+    }.get(e.errno, "fix the cause (or use another --save-dir)")
+    return (f"could not write checkpoint {path}: {code}{reason}; the checkpoints already there "
+            f"are intact: {advice}, then rerun the same command to resume from the last one")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a killed process left behind."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".checkpoint*" + TMP_SUFFIX) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -80,27 +200,55 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint dict; a missing, truncated or foreign file raises CheckpointError."""
+    """The checkpoint dict; a missing, truncated, hostile or foreign file raises
+    UnreadableCheckpoint naming it. Nothing in the file is ever run (weights-only unpickling)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise UnreadableCheckpoint(f"checkpoint {path} does not exist")
+    prev = previous_path(path)
+    other = (f"; the checkpoint before it is kept as {prev}: pass --restore-file {prev}"
+             if prev.is_file() else "; pass --restore-file with another checkpoint")
     try:
+        _verify(path)  # torch.load does not check the CRCs: a damaged block would load silently
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e).lower() or "weights only" in str(e).lower():
+            raise UnreadableCheckpoint(
+                f"checkpoint {path} holds Python objects other than tensors and plain values "
+                f"(a file crafted to run code, or not written by moelab); moelab never unpickles "
+                f"such objects and did not run anything from it. Use a checkpoint written by "
+                f"`moelab train`{other}") from None
+        raise _corrupt(path, e, other) from None
     except Exception as e:  # zip/pickle/EOF errors all mean the same thing to a user
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-            f"{e}); delete it to start over, or pass --restore-file with another checkpoint"
-        ) from None
+        raise _corrupt(path, e, other) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a moelab checkpoint (no '{FORMAT}' format tag); "
-                              "fairseq checkpoints cannot be loaded, train with `moelab train`")
+        raise UnreadableCheckpoint(
+            f"{path} is not a moelab checkpoint (no '{FORMAT}' format tag); fairseq checkpoints "
+            "cannot be loaded, train with `moelab train`")
+    missing = [k for k in ("model", "model_config", "config") if k not in checkpoint]
+    if missing or not isinstance(checkpoint["model_config"], dict):
+        raise UnreadableCheckpoint(
+            f"checkpoint {path} is incomplete (no {', '.join(missing) or 'model_config'}); it was "
+            f"not written by this moelab or was altered{other}")
     return checkpoint
+
+
+def _corrupt(path: Path, e: Exception, other: str) -> UnreadableCheckpoint:
+    detail = str(e).splitlines()[0][:200] if str(e) else ""
+    return UnreadableCheckpoint(
+        f"checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
+        f"{detail}); delete it to start over{other}")
 
 
 def check_compatible(checkpoint: dict, model_config: ModelConfig, tokenizer_sha256: str | None,
                      path: str | Path) -> None:
     """Refuse a checkpoint whose K, vocabulary or architecture differ from this run's."""
     saved = checkpoint["model_config"]
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be resumed from: it lacks "
+                                   f"{', '.join(missing)} (altered, or not written by `moelab "
+                                   "train`); use another --save-dir or --restore-file")
     for name, flag in _SHAPE_FIELDS.items():
         if name == "gating_dim" and not model_config.gating:
             continue  # no gating network is built: its width does not matter
@@ -111,7 +259,8 @@ def check_compatible(checkpoint: dict, model_config: ModelConfig, tokenizer_sha2
                 f"{ours}; use another --save-dir (or --restore-file) for a different model, or "
                 "rerun with the checkpoint's settings"
             )
-    theirs = checkpoint.get("tokenizer", {}).get("sha256")
+    tokenizer = checkpoint.get("tokenizer")
+    theirs = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
     if tokenizer_sha256 and theirs and theirs != tokenizer_sha256:
         raise CheckpointError(
             f"checkpoint {path} was trained with tokenizer sha256 {theirs[:12]}... but this "
@@ -148,12 +297,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
+def build_model(checkpoint: dict, path: str | Path) -> tuple[MixtureLM, ModelConfig]:
+    """The checkpoint's model with its weights (training mode, on CPU); CheckpointError if the
+    stored config or weights are inconsistent (an altered or foreign file)."""
+    try:
+        model_config = ModelConfig(**checkpoint["model_config"])
+        model = MixtureLM(model_config)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise UnreadableCheckpoint(
+            f"checkpoint {path} is damaged: its model config and weights do not fit together "
+            f"({detail}); use a checkpoint written by `moelab train`") from None
+    return model, model_config
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                     ) -> tuple[MixtureLM, ModelConfig, RunConfig]:
     """A trained model (in eval mode) and its configs, for notebooks, evaluation and generation."""
     checkpoint = read_checkpoint(path, map_location)
-    model_config = ModelConfig(**checkpoint["model_config"])
-    model = MixtureLM(model_config)
-    model.load_state_dict(checkpoint["model"])
-    model.to(map_location).eval()
-    return model, model_config, RunConfig.from_dict(checkpoint["config"])
+    model, model_config = build_model(checkpoint, path)
+    try:
+        config = RunConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UnreadableCheckpoint(f"checkpoint {path} holds an invalid training config "
+                                   f"({e}); use a checkpoint written by `moelab train`") from None
+    return model.to(map_location).eval(), model_config, config

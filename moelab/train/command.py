@@ -132,7 +132,10 @@ def train(config: RunConfig | str | Path, *, on_log: Callback | None = None,
             config = RunConfig.from_kwargs(**{**flat, **options})
     else:
         config = RunConfig.from_kwargs(str(config), **options)
-    dist = setup_distributed(config.train.device)
+    try:
+        dist = setup_distributed(config.train.device)
+    except ValueError as e:  # a device this machine does not have
+        raise MoelabError(str(e)) from None
     try:
         return fit(config, dist, on_log=on_log, on_eval=on_eval)
     finally:
