@@ -71,6 +71,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
 def _commands() -> dict[str, tuple[str, Callable, Callable]]:
     """name -> (help, add_arguments, run). Imported lazily so `--help` stays fast."""
+    from moelab.bench import add_bench_arguments, run_bench
+    from moelab.demo import add_demo_arguments, run_demo
     from moelab.evaluate import add_eval_lm_arguments, run_eval_lm
     from moelab.generate import add_interactive_arguments, run_interactive
     from moelab.train.command import add_train_arguments, run_train
@@ -84,6 +86,10 @@ def _commands() -> dict[str, tuple[str, Callable, Callable]]:
                         add_interactive_arguments, run_interactive),
         "eval-lm": ("perplexity (mixture, oracle, per expert), responsibilities, clusters",
                     add_eval_lm_arguments, run_eval_lm),
+        "bench": ("training/eval-lm/sampling speed vs a fairseq-style reference (one JSON line)",
+                  add_bench_arguments, run_bench),
+        "demo": ("the whole study on the bundled corpus: train dense and the four methods, "
+                 "evaluate, compare, sample, report", add_demo_arguments, run_demo),
     }
 
 

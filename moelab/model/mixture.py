@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from moelab.model.compile import CompiledOrEager
 from moelab.model.gating import MeanPoolGating
+from moelab.model.loss import KERNELS, target_log_probs
 from moelab.model.transformer import KVCache, ModelConfig, Transformer
 
 
@@ -30,6 +32,27 @@ class MixtureLM(nn.Module):
                            config.gating_dropout)
             if config.gating else None
         )
+        # (body, loss kernels) that scoring calls instead of the eager ones: set by
+        # `compile_for_speed` (benchmarks also swap in variants to time them)
+        self._scoring: tuple[Callable, tuple[Callable, ...]] | None = None
+
+    def compile_for_speed(self, **compile_kwargs) -> bool:
+        """torch.compile the Transformer body and the chunked loss kernels, in place.
+
+        Parameters and state_dict are unchanged. A failure to compile (now or at the first
+        call) warns once and runs eagerly. Returns False if compiling failed right away.
+        """
+        body = CompiledOrEager(self.transformer.hidden, **compile_kwargs)
+        kernels = tuple(CompiledOrEager(k, **compile_kwargs) for k in KERNELS)
+        self._scoring = body, kernels
+        return body.active
+
+    @property
+    def dropout_free(self) -> bool:
+        """True when no dropout is configured, so training and eval mode compute the same."""
+        c = self.config
+        return c.dropout == 0 and c.attention_dropout == 0 and (
+            not c.gating or c.gating_dropout == 0)
 
     @property
     def num_experts(self) -> int:
@@ -57,13 +80,15 @@ class MixtureLM(nn.Module):
         B, T = tokens.shape
         expert_ids = self.config.vocab_size + experts.to(tokens.device)  # (B,)
         input_ids = torch.cat([expert_ids[:, None], tokens[:, :-1]], dim=1)  # (B, T)
-        logits = self(input_ids)  # (B, T, V+K)
-        # cross_entropy on fp32 logits: log_softmax over a large vocabulary loses precision in
-        # bf16; reduction="none" keeps only (B, T) floats beyond the logits themselves.
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(),
-                              reduction="none").view(B, T)  # (B, T)
+        body, kernels = self._scoring or (self.transformer.hidden, KERNELS)
+        hidden = body(input_ids)  # (B, T, C)
         mask = torch.arange(T, device=tokens.device) < lengths.to(tokens.device)[:, None]
-        return -nll.masked_fill(~mask, 0.0)  # (B, T)
+        # Only real targets are projected onto the vocabulary (the projection and its float32
+        # log-softmax are most of the cost), a chunk of rows at a time: no (B, T, V+K) logits.
+        logp = target_log_probs(hidden[mask], self.transformer.lm_head.weight, tokens[mask],
+                                kernels=kernels)  # (N,)
+        return torch.zeros(B, T, dtype=logp.dtype, device=logp.device).masked_scatter(
+            mask, logp)  # (B, T)
 
     def log_likelihood(self, tokens: torch.Tensor, lengths: torch.Tensor,
                        experts: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,14 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits for input_ids (B, T). With a cache, input_ids continue the cached positions."""
+        return self.lm_head(self.hidden(input_ids, cache))  # (B, T, V + K)
+
+    def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C), before the output projection.
+
+        Scoring projects only the positions it needs, a chunk at a time
+        (moelab.model.loss.target_log_probs), instead of materializing (B, T, V + K) logits.
+        """
         T = input_ids.shape[1]
         start = len(cache) if cache is not None else 0
         if self.config.max_seq_len < start + T:
@@ -219,4 +227,4 @@ class Transformer(nn.Module):
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)  # (B, T, C)
-        return self.lm_head(self.ln_f(x))  # (B, T, V + K)
+        return self.ln_f(x)  # (B, T, C)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
+
+import torch
 
 from moelab.model import PRESETS, ModelConfig
 from moelab.train.objectives import METHODS, method_flags
@@ -19,6 +22,14 @@ from moelab.train.objectives import METHODS, method_flags
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
+
+
+def _check_finite(obj, *names: str) -> None:
+    """nan and inf parse as floats; as a learning rate or dropout they would silently ruin a run."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 @dataclass
@@ -36,6 +47,8 @@ class DataConfig:
         self.data = str(self.data)
         if self.tokens_per_sample < 1:
             raise ValueError(f"--tokens-per-sample must be >= 1, got {self.tokens_per_sample}")
+        if self.max_sentences is not None and self.max_sentences < 1:
+            raise ValueError(f"--max-sentences must be >= 1, got {self.max_sentences}")
         if self.max_tokens is None and self.max_sentences is None:
             raise ValueError("set --max-tokens or --max-sentences so batches have a size")
         if self.max_tokens is not None and self.max_tokens < self.tokens_per_sample:
@@ -91,11 +104,32 @@ class ModelArgs:
             self.num_experts = 3  # fairseq translation_moe's default
         if self.num_experts < 1:
             raise ValueError(f"--num-experts must be >= 1, got {self.num_experts}")
+        self._check_shape()
         if not uniform_prior:
             if self.mean_pool_gating_network is False:
                 raise ValueError(f"--method {self.method} learns the prior p(z|c) and needs the "
                                  "gating network; set mean_pool_gating_network=True (or None)")
             self.mean_pool_gating_network = True
+
+    def _check_shape(self) -> None:
+        """The checks ModelConfig makes, worded with the flags (the preset fills what is None)."""
+        preset = PRESETS[self.arch]
+        for name in ("decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim",
+                     "decoder_attention_heads", "mean_pool_gating_network_encoder_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        _check_finite(self, "dropout", "attention_dropout", "mean_pool_gating_network_dropout")
+        for name in ("dropout", "attention_dropout", "mean_pool_gating_network_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got "
+                                 f"{getattr(self, name)}")
+        width = self.decoder_embed_dim or preset["n_embd"]
+        heads = self.decoder_attention_heads or preset["n_head"]
+        if width % heads:
+            raise ValueError(f"--decoder-embed-dim {width} must be divisible by "
+                             f"--decoder-attention-heads {heads} (--arch {self.arch} gives the "
+                             "one not set); change either")
 
     @property
     def uses_gating(self) -> bool:
@@ -151,6 +185,12 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.adam_betas = parse_betas(self.adam_betas)
+        _check_finite(self, "lr", "adam_eps", "weight_decay", "clip_norm", "warmup_init_lr",
+                      "min_lr")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"--adam-betas must both be in [0, 1), got {self.adam_betas}")
+        if self.adam_eps < 0 or self.weight_decay < 0 or self.min_lr < 0:
+            raise ValueError("--adam-eps, --weight-decay and --min-lr must be >= 0")
         if self.optimizer != "adam":
             raise ValueError(f"--optimizer {self.optimizer} is not supported: moelab trains with "
                              "adam (drop the flag or pass --optimizer adam)")
@@ -184,19 +224,39 @@ class TrainConfig:
     save_dir: str = field(default="checkpoints", metadata=_help("where checkpoints and logs go"))
     restore_file: str = field(default="checkpoint_last.pt", metadata=_help(
         "checkpoint to resume from (relative paths are looked up in --save-dir)"))
+    max_bad_updates: int = field(default=10, metadata=_help(
+        "stop after N updates in a row with a non-finite loss or gradient (each is skipped: no "
+        "optimizer step, counted as skipped_updates in the log)"))
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda[:N]"))
     progress_bar: bool = field(default=True, metadata=_help(
         "disable the tqdm progress bar", flag="--no-progress-bar"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the model body and loss (warns and runs eagerly if compiling fails)"))
+    estep_tokens: int | None = field(default=None, metadata=_help(
+        "E-step responsibilities from the first N tokens of each chunk (M-step unchanged)"))
 
     def __post_init__(self) -> None:
         self.save_dir = str(self.save_dir)
         self.restore_file = str(self.restore_file)
+        if self.estep_tokens is not None and self.estep_tokens < 1:
+            raise ValueError(f"--estep-tokens must be >= 1 (omit it for the whole chunk), got "
+                             f"{self.estep_tokens}")
         if self.criterion != "cross_entropy":
             raise ValueError(f"--criterion {self.criterion} is not supported: moelab's EM "
                              "objective is cross_entropy (drop the flag)")
         if self.max_update <= 0 and self.max_epoch <= 0:
             raise ValueError("training has no end: set --max-update N (or --max-epoch N)")
-        for name in ("update_freq", "log_interval"):
+        if not self.restore_file.strip() or not self.save_dir.strip():
+            raise ValueError("--restore-file and --save-dir must not be empty")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"--device {self.device!r} is not a device; use auto, cpu, "
+                                 "cuda or cuda:N") from None
+        for name in ("update_freq", "log_interval", "max_bad_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                                  f"{getattr(self, name)}")

@@ -52,27 +52,53 @@ class PosteriorLogSumExp(torch.autograd.Function):
         return -posterior * grad_out[:, None], None  # (B, K); no gradient for r
 
 
-def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool) -> EMOutput:
-    """One online-EM step's loss on a Batch (DESIGN.md section 2); the caller calls backward."""
+def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
+            estep_tokens: int | None = None, reuse_estep: bool | None = None) -> EMOutput:
+    """One online-EM step's loss on a Batch (DESIGN.md section 2); the caller calls backward.
+
+    estep_tokens M: responsibilities from the first M targets of each chunk only (a cheaper,
+    approximate E-step); the M-step still scores the whole chunk.
+    reuse_estep: score the experts ONCE, with autograd, and take r from those scores detached.
+    Exact only when the model has no dropout (then E-step and M-step forwards are the same
+    function), so it is refused otherwise. None (default): on for soft EM where exact (saves K
+    forwards of B rows), off for hard EM (backward would then run over all B*K rows, which costs
+    more than the one forward of B rows it saves; `moelab bench` measures both).
+    """
     B, K = batch.tokens.shape[0], model.num_experts
     if not uniform_prior and model.gating is None:
         raise ValueError("a learned prior (hMoElp/sMoElp) needs ModelConfig(gating=True)")
+    if estep_tokens is not None and estep_tokens < 1:
+        raise ValueError(f"estep_tokens must be >= 1 (or None for the whole chunk), got "
+                         f"{estep_tokens}")
+    exact_reuse = K > 1 and estep_tokens is None and (model.dropout_free or not model.training)
+    if reuse_estep is None:
+        reuse_estep = exact_reuse and not hard
+    elif reuse_estep and not exact_reuse:
+        raise ValueError("reuse_estep needs K > 1, no estep_tokens and a model without dropout "
+                         "(dropout, attention_dropout and gating_dropout all 0): otherwise the "
+                         "M-step's forward differs from the E-step's")
 
     def log_prior() -> torch.Tensor:  # (B, K); -log K is part of the loss, not dropped
         if uniform_prior:
             return torch.full((B, K), -math.log(K), device=batch.tokens.device)
         return model.log_prior(batch.context, batch.context_lengths)
 
-    # E-step: dropout off and no autograd, so r is a fixed target for the M-step.
-    if K == 1:
+    if reuse_estep:  # one forward serves both steps; r is read off it without gradient
+        prior, ll = log_prior(), model.expert_log_likelihoods(batch.tokens, batch.lengths)
+        scores = prior + ll  # (B, K), with grad
+        r = scores.detach().softmax(dim=-1)  # (B, K)
+    elif K == 1:
         r = torch.ones(B, 1, device=batch.tokens.device)  # one expert: posterior is 1
     else:
+        # E-step: dropout off and no autograd, so r is a fixed target for the M-step.
+        tokens, lengths = batch.tokens, batch.lengths
+        if estep_tokens is not None:
+            tokens, lengths = tokens[:, :estep_tokens], lengths.clamp(max=estep_tokens)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                scores = log_prior() + model.expert_log_likelihoods(batch.tokens, batch.lengths)
-                r = scores.softmax(dim=-1)  # (B, K)
+                r = (log_prior() + model.expert_log_likelihoods(tokens, lengths)).softmax(-1)
         finally:
             model.train(was_training)
     assert not r.requires_grad, "responsibilities must not carry gradient"
@@ -80,12 +106,17 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool) -> EMOu
     # M-step in the model's own mode (dropout on while training).
     if hard:
         z = r.argmax(dim=-1)  # (B,)
-        ll = model.log_likelihood(batch.tokens, batch.lengths, z)  # (B,): only the chosen expert
-        prior = log_prior().gather(1, z[:, None]).squeeze(1)  # (B,)
+        if reuse_estep:
+            ll = ll.gather(1, z[:, None]).squeeze(1)  # (B,)
+            prior = prior.gather(1, z[:, None]).squeeze(1)  # (B,)
+        else:
+            ll = model.log_likelihood(batch.tokens, batch.lengths, z)  # (B,): the chosen expert
+            prior = log_prior().gather(1, z[:, None]).squeeze(1)  # (B,)
         loss = -(prior + ll).sum()
         nll = -ll.detach().sum()
     else:
-        scores = log_prior() + model.expert_log_likelihoods(batch.tokens, batch.lengths)  # (B, K)
-        loss = PosteriorLogSumExp.apply(scores, r).sum()
+        if not reuse_estep:
+            scores = log_prior() + model.expert_log_likelihoods(batch.tokens, batch.lengths)
+        loss = PosteriorLogSumExp.apply(scores, r).sum()  # scores (B, K) -> scalar
         nll = loss.detach()
     return EMOutput(loss=loss, responsibilities=r, num_tokens=batch.num_tokens, nll=nll)

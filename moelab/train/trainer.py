@@ -4,6 +4,12 @@
 then repeats: take `update_freq` batches, one EM update, log, validate, save. It knows nothing
 about notebooks or the command line: callers pass `on_log` / `on_eval` callbacks and get a
 TrainResult back. Only rank 0 writes logs and checkpoints.
+
+Faults (a run killed at any instant, a full disk, a NaN) never cost more than the updates since
+the last checkpoint, and never leave a misleading file: checkpoints are written crash-safely
+(checkpoint.py) and hold everything needed to continue bit-exactly, log meter included; the log is
+cut back to the checkpoint on resume; an update whose loss or gradient is not finite is skipped
+(no optimizer step) and counted, and too many in a row stop the run before NaN reaches the weights.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -26,8 +33,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from moelab.data import Batch, BinarizedDataset, TrainBatches, collate
+from moelab.errors import MoelabError
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import checkpoint as ckpt
+from moelab.train import faults
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import append_record, read_history, truncate_history
@@ -46,6 +55,8 @@ class TrainState:
     batch_in_epoch: int = 0  # index of the next batch within that epoch
     best_valid_loss: float = math.inf
     wall_time: float = 0.0  # seconds spent training, summed over resumed runs
+    skipped_updates: int = 0  # updates dropped for a non-finite loss or gradient, in all
+    bad_in_row: int = 0  # ... since the last good update (0 in every checkpoint)
 
 
 @dataclass
@@ -84,62 +95,122 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
             "the uniform prior p(z) = 1/K needs no gating network, so none is built")
     train_ds = BinarizedDataset(config.data.data, "train")
     valid_set = valid_batches(BinarizedDataset(config.data.data, "valid"), config)
-    mconf = model_config(config.model, vocab_size=train_ds.vocab_size, pad_id=train_ds.pad_id,
-                         tokens_per_sample=config.data.tokens_per_sample)
+    try:
+        mconf = model_config(config.model, vocab_size=train_ds.vocab_size, pad_id=train_ds.pad_id,
+                             tokens_per_sample=config.data.tokens_per_sample)
+    except ValueError as e:
+        raise MoelabError(f"cannot build the model: {e}") from None
     model = MixtureLM(mconf).to(dist.device)
     optimizer = build_optimizer(model, config, dist.device)
+    meter = Meter(mconf.num_experts, dist.device)
     state = TrainState()
     save_dir = Path(config.train.save_dir)
-    restore = find_restore_file(config)
+    if dist.is_main:
+        prepare_save_dir(save_dir, say)
+    restore = find_restore_file(config, say)
     if restore is not None:
-        state = restore_checkpoint(restore, model, optimizer, mconf, train_ds, dist)
+        state, restore = restore_with_fallback(restore, model, optimizer, meter, mconf, train_ds,
+                                               dist, say)
         say(f"resumed from {restore} at update {state.num_updates} (epoch {state.epoch})")
     if dist.is_main:
-        truncate_history(save_dir, state.num_updates)
+        _log_io(save_dir, truncate_history, state.num_updates)
 
-    step_module = wrap_for_training(model, dist, hard=hard, uniform_prior=uniform_prior)
+    if config.train.compile:
+        model.compile_for_speed()  # warns and stays eager if compiling fails
+    step_module = wrap_for_training(model, dist, hard=hard, uniform_prior=uniform_prior,
+                                    estep_tokens=config.train.estep_tokens)
     batches = train_batches(train_ds, config, dist)
     autocast = autocast_context(dist.device)
-    meter = Meter(mconf.num_experts, dist.device)
     progress = tqdm(total=config.train.max_update or None, initial=state.num_updates,
                     unit="update", disable=not (dist.is_main and config.train.progress_bar),
                     dynamic_ncols=True)
     updates_at_start = state.num_updates
 
-    while not finished(state, config):
-        micro_batches = next_batches(batches, state, config)
-        if not micro_batches:
-            break
-        lr = set_learning_rate(optimizer, config, state.num_updates)
-        stats = train_step(step_module, micro_batches, optimizer, dist=dist,
-                           clip_norm=config.optim.clip_norm, autocast=autocast)
-        state.num_updates += 1
-        meter.add(stats)
-        progress.update(1)
-        if state.num_updates % config.train.log_interval == 0:
-            record = log_train(meter, state, lr, dist, save_dir, started)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-            if on_log is not None and dist.is_main:
-                on_log(record)
-        if finished(state, config):
-            break  # the final validation and save follow the loop
-        if _due(state, config.train.validate_interval_updates):
-            evaluate_and_save(model, optimizer, state, config, mconf, valid_set, train_ds, dist,
-                              hard=hard, on_eval=on_eval, started=started)
-        elif _due(state, config.train.save_interval_updates):
-            save(model, optimizer, state, config, mconf, train_ds, dist, started, ckpt.LAST)
-    progress.close()
+    with out_of_memory_is_an_error(state, config):
+        while not finished(state, config):
+            micro_batches = next_batches(batches, state, config)
+            if not micro_batches:
+                break
+            lr = set_learning_rate(optimizer, config, state.num_updates)
+            stats = train_step(step_module, micro_batches, optimizer, dist=dist,
+                               clip_norm=config.optim.clip_norm, autocast=autocast)
+            if stats.skipped:
+                skip_update(stats, state, config, say)
+                continue
+            state.bad_in_row = 0
+            state.num_updates += 1
+            meter.add(stats)
+            progress.update(1)
+            if state.num_updates % config.train.log_interval == 0:
+                record = log_train(meter, state, lr, dist, save_dir, started)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                if on_log is not None and dist.is_main:
+                    on_log(record)
+            if finished(state, config):
+                break  # the final validation and save follow the loop
+            if _due(state, config.train.validate_interval_updates):
+                evaluate_and_save(model, optimizer, meter, state, config, mconf, valid_set,
+                                  train_ds, dist, hard=hard, on_eval=on_eval, started=started)
+            elif _due(state, config.train.save_interval_updates):
+                save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
+                     ckpt.LAST)
+        progress.close()
 
-    if state.num_updates > updates_at_start or restore is None:
-        result = evaluate_and_save(model, optimizer, state, config, mconf, valid_set, train_ds,
-                                   dist, hard=hard, on_eval=on_eval, started=started)
-    else:  # the checkpoint was already finished: report, but write nothing new
-        result = validate(model, valid_set, dist, hard=hard)
+        if state.num_updates > updates_at_start or restore is None:
+            result = evaluate_and_save(model, optimizer, meter, state, config, mconf, valid_set,
+                                       train_ds, dist, hard=hard, on_eval=on_eval,
+                                       started=started)
+        else:  # the checkpoint was already finished: report, but write nothing new
+            result = validate(model, valid_set, dist, hard=hard)
     model.eval()
     history = read_history(save_dir) if dist.is_main else None
     return TrainResult(model=model, model_config=mconf, config=config,
                        num_updates=state.num_updates, valid=result, save_dir=save_dir,
                        history=history)
+
+
+class TrainingDiverged(MoelabError):
+    """Too many updates in a row had a non-finite loss or gradient (--max-bad-updates)."""
+
+
+def skip_update(stats: StepStats, state: TrainState, config: RunConfig,
+                say: Callable[[str], None]) -> None:
+    """Count an update dropped for a NaN/inf loss or gradient; stop after too many in a row.
+
+    The data it used is consumed (a resumed run skips it identically) but it is not counted as
+    an update: the schedule and the log go on from the last good one, as fairseq does on overflow.
+    """
+    state.skipped_updates += 1
+    state.bad_in_row += 1
+    update = state.num_updates + 1
+    limit = config.train.max_bad_updates
+    what = f"loss {float(stats.loss):.4g}, gradient norm {float(stats.grad_norm):.4g}"
+    if state.bad_in_row >= limit:
+        raise TrainingDiverged(
+            f"stopped at update {update}: its loss or gradient was not finite ({what}) on "
+            f"{state.bad_in_row} batches in a row (--max-bad-updates {limit}); none of them "
+            f"changed the weights, and the last checkpoint in {config.train.save_dir} holds "
+            "finite weights. Lower --lr, raise --warmup-updates or set --clip-norm, then rerun "
+            "to resume from it")
+    say(f"update {update} skipped, not finite ({what}): no optimizer step taken "
+        f"({state.bad_in_row} in a row, {state.skipped_updates} in all)")
+
+
+@contextlib.contextmanager
+def out_of_memory_is_an_error(state: TrainState, config: RunConfig):
+    """Running out of memory becomes a message with what to change, not a traceback."""
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        if not (isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        d = config.data
+        raise MoelabError(
+            f"out of memory at update {state.num_updates + 1} (batches of up to --max-tokens "
+            f"{d.max_tokens} tokens, --tokens-per-sample {d.tokens_per_sample}): lower "
+            "--max-tokens (raise --update-freq to keep the same batch size) or use a smaller "
+            f"model; the checkpoints in {config.train.save_dir} are intact, rerun to resume"
+        ) from None
 
 
 def _due(state: TrainState, interval: int) -> bool:
@@ -204,20 +275,23 @@ class EMStep(nn.Module):
     backward as usual. Returns a tuple so DDP finds the output tensors.
     """
 
-    def __init__(self, model: MixtureLM, *, hard: bool, uniform_prior: bool):
+    def __init__(self, model: MixtureLM, *, hard: bool, uniform_prior: bool,
+                 estep_tokens: int | None = None):
         super().__init__()
         self.model = model
         self.hard, self.uniform_prior = hard, uniform_prior
+        self.estep_tokens = estep_tokens
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior)
+        out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior,
+                      estep_tokens=self.estep_tokens)
         return out.loss, out.responsibilities, out.nll
 
 
 def wrap_for_training(model: MixtureLM, dist: DistInfo, *, hard: bool,
-                      uniform_prior: bool) -> nn.Module:
+                      uniform_prior: bool, estep_tokens: int | None = None) -> nn.Module:
     model.train()
-    step = EMStep(model, hard=hard, uniform_prior=uniform_prior)
+    step = EMStep(model, hard=hard, uniform_prior=uniform_prior, estep_tokens=estep_tokens)
     if not dist.distributed:
         return step
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -226,14 +300,41 @@ def wrap_for_training(model: MixtureLM, dist: DistInfo, *, hard: bool,
     return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=False)
 
 
-def find_restore_file(config: RunConfig) -> Path | None:
-    """fairseq's rule: --restore-file (default checkpoint_last.pt) is looked up in --save-dir."""
+def prepare_save_dir(save_dir: Path, say: Callable[[str], None]) -> None:
+    """Create --save-dir (a clear error if we cannot) and clear what a killed run left there."""
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe = save_dir / f".moelab-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MoelabError(f"cannot write to --save-dir {save_dir}: {e.strerror or e}; choose "
+                          "another --save-dir or fix its permissions") from None
+    stale = ckpt.remove_stale_temporaries(save_dir)
+    if stale:
+        say(f"removed {len(stale)} unfinished checkpoint file(s) left by a run that was "
+            f"killed while saving (the finished checkpoints are untouched)")
+
+
+def find_restore_file(config: RunConfig, say: Callable[[str], None] | None = None
+                      ) -> Path | None:
+    """fairseq's rule: --restore-file (default checkpoint_last.pt) is looked up in --save-dir.
+
+    When checkpoint_last.pt is missing but checkpoint_last.prev.pt exists (a run killed between
+    the two renames of a save on a filesystem without hard links), the latter is used.
+    """
     t = config.train
     given = Path(t.restore_file)
     candidates = [given] if given.is_absolute() else [Path(t.save_dir) / given, given]
     for path in candidates:
         if path.is_file():
             return path
+    for path in candidates:
+        if ckpt.previous_path(path).is_file():
+            if say is not None:
+                say(f"note: {path} is missing but {ckpt.previous_path(path)} (the checkpoint "
+                    "before it) is there: resuming from it")
+            return ckpt.previous_path(path)
     if t.restore_file != "checkpoint_last.pt":
         raise ckpt.CheckpointError(f"--restore-file {t.restore_file} not found (looked in "
                                    f"{', '.join(str(c) for c in candidates)})")
@@ -273,6 +374,7 @@ class StepStats:
     argmax_counts: torch.Tensor  # (K,)
     num_chunks: int
     grad_norm: torch.Tensor  # before clipping
+    skipped: bool = False  # the loss or gradient was not finite: no optimizer step was taken
 
 
 def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
@@ -282,6 +384,10 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     Each micro-batch backpropagates its SUMMED loss scaled by 1 / (targets in the whole update,
     over all ranks), so the gradient is that of the mean per-token loss of the update, however it
     is split into micro-batches or ranks. DDP averages over ranks, hence the world_size factor.
+
+    A non-finite loss or gradient norm (on any rank) skips the optimizer step and drops the
+    gradients, so NaN never reaches the weights or Adam's moments. Deciding that costs one
+    device sync per update, before the optimizer step.
     """
     device = dist.device
     tokens = [b.num_tokens for b in micro_batches]  # counted on CPU: no device sync
@@ -310,10 +416,17 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     params = [p for p in optimizer.param_groups[0]["params"] if p.grad is not None]
     max_norm = clip_norm if clip_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
+    bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float().reshape(1)
+    skipped = bool(all_reduce_sum(bad, dist).item() > 0)  # the same decision on every rank
+    faults.hit("step")
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
     return StepStats(loss=loss_sum, nll=nll_sum, num_tokens=sum(tokens),
                      global_tokens=global_tokens, responsibility_sum=r_sum,
-                     argmax_counts=counts, num_chunks=chunks, grad_norm=grad_norm.detach())
+                     argmax_counts=counts, num_chunks=chunks, grad_norm=grad_norm.detach(),
+                     skipped=skipped)
 
 
 # --------------------------------------------------------------------------- logging
@@ -346,6 +459,15 @@ class Meter:
         self.updates += 1
         self.global_tokens += s.global_tokens
 
+    def state_dict(self) -> dict:
+        """The current interval's sums: a resumed run logs the same line as an unbroken one."""
+        return {"sums": self.sums.cpu(), "updates": self.updates,
+                "global_tokens": self.global_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.copy_(state["sums"])
+        self.updates, self.global_tokens = int(state["updates"]), int(state["global_tokens"])
+
 
 def log_train(meter: Meter, state: TrainState, lr: float, dist: DistInfo, save_dir: Path,
               started: float) -> dict:
@@ -353,10 +475,7 @@ def log_train(meter: Meter, state: TrainState, lr: float, dist: DistInfo, save_d
     K = meter.num_experts
     sums = all_reduce_sum(meter.sums.clone(), dist).cpu()
     grad_norm_sum = float(meter.sums[4])  # identical on every rank after the all-reduce of grads
-    loss = float(sums[0] / sums[2])
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss} at update {state.num_updates}; lower "
-                                 "--lr, raise --warmup-updates or set --clip-norm")
+    loss = float(sums[0] / sums[2])  # finite: skipped updates never reach the meter
     elapsed = time.perf_counter() - meter.since
     usage = sums[5 + K :] / sums[5 + K :].sum()
     record = {
@@ -366,12 +485,23 @@ def log_train(meter: Meter, state: TrainState, lr: float, dist: DistInfo, save_d
         "tokens_per_s": meter.global_tokens / max(elapsed, 1e-9),
         "posterior_mass": (sums[5 : 5 + K] / sums[3]).tolist(),
         "usage_entropy": _entropy(usage),
+        "skipped_updates": state.skipped_updates,
         "wall": state.wall_time + time.perf_counter() - started,
     }
     if dist.is_main:
-        append_record(save_dir, record)
+        _log_io(save_dir, append_record, record)
     meter.reset()
     return record
+
+
+def _log_io(save_dir: Path, write: Callable, *args) -> None:
+    """Write to train_log.jsonl; a full disk or lost permission is a message, not a traceback."""
+    try:
+        write(save_dir, *args)
+    except OSError as e:
+        raise MoelabError(f"could not write the training log {Path(save_dir) / 'train_log.jsonl'}"
+                          f": {e.strerror or e}; fix that (free space, permissions) and rerun the "
+                          "same command to resume from the last checkpoint") from None
 
 
 def _ppl(loss: float) -> float:
@@ -409,7 +539,9 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
     doc_prior = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # log p(z | empty)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, tokens
     autocast = autocast_context(device)
-    for index in batches.order(1)[dist.rank :: dist.world_size]:
+    for n, index in enumerate(batches.order(1)[dist.rank :: dist.world_size]):
+        if n == 1:
+            faults.hit("valid")  # testing hook: a kill in the middle of validation
         chunks = [batches.chunks[i] for i in batches.batches[index]]
         batch = collate(ds, chunks, batches.max_context).to(device)
         with autocast():
@@ -456,7 +588,7 @@ def normalized_mutual_info(labels: np.ndarray, clusters: np.ndarray) -> float:
     return max(mi, 0.0) / ((ha + hb) / 2) if ha + hb > 0 else 0.0
 
 
-def evaluate_and_save(model, optimizer, state, config, mconf, valid, train_ds, dist, *,
+def evaluate_and_save(model, optimizer, meter, state, config, mconf, valid, train_ds, dist, *,
                       hard: bool, on_eval: Callback | None, started: float) -> ValidResult:
     """Validate, log a `valid` line, save checkpoint_last (and checkpoint_best if improved)."""
     result = validate(model, valid, dist, hard=hard)
@@ -468,18 +600,21 @@ def evaluate_and_save(model, optimizer, state, config, mconf, valid, train_ds, d
         "posterior_mass": result.posterior.mean(0).tolist(),
         "usage_entropy": _entropy(torch.from_numpy(counts / counts.sum())),
         "nmi": result.nmi,
+        "skipped_updates": state.skipped_updates,
         "wall": state.wall_time + time.perf_counter() - started,
     }
     improved = result.loss < state.best_valid_loss
     if improved:
         state.best_valid_loss = result.loss
     if dist.is_main:
-        append_record(config.train.save_dir, record)
+        _log_io(Path(config.train.save_dir), append_record, record)
         nmi = "" if result.nmi is None else f" | nmi {result.nmi:.3f}"
         _printer(dist)(f"valid | update {state.num_updates} | loss {result.loss:.4f} | "
                        f"ppl {result.ppl:.2f}{nmi}")
-    save(model, optimizer, state, config, mconf, train_ds, dist, started,
-         ckpt.LAST, ckpt.BEST if improved else None)
+    # best before last: checkpoint_last is the commit point of a resume, so a kill between the
+    # two rewrites checkpoint_best identically on the rerun instead of losing it
+    save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
+         ckpt.BEST if improved else None, ckpt.LAST)
     if on_eval is not None and dist.is_main:
         on_eval(record)
     return result
@@ -488,12 +623,24 @@ def evaluate_and_save(model, optimizer, state, config, mconf, valid, train_ds, d
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save(model, optimizer, state: TrainState, config: RunConfig, mconf: ModelConfig,
-         train_ds: BinarizedDataset, dist: DistInfo, started: float, *names: str | None) -> None:
-    """Every rank contributes its RNG state (a collective); rank 0 writes the files."""
-    rng = gather_objects(ckpt.rng_state(), dist)
+def save(model, optimizer, meter: Meter, state: TrainState, config: RunConfig,
+         mconf: ModelConfig, train_ds: BinarizedDataset, dist: DistInfo, started: float,
+         *names: str | None) -> None:
+    """Every rank contributes its RNG state and meter (a collective); rank 0 writes the files.
+
+    checkpoint_last keeps its predecessor as checkpoint_last.prev.pt. Weights that are not
+    finite are never written: the run stops instead, leaving the last good checkpoint.
+    """
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    if not bool(finite):
+        raise TrainingDiverged(
+            f"the weights at update {state.num_updates} are not finite (nan/inf), so no "
+            f"checkpoint was written; the last one in {config.train.save_dir} is good. Lower "
+            "--lr, raise --warmup-updates or set --clip-norm, then rerun to resume from it")
+    per_rank = gather_objects((ckpt.rng_state(), meter.state_dict()), dist)
     if not dist.is_main:
         return
+    rng, meters = [r for r, _ in per_rank], [m for _, m in per_rank]
     checkpoint = {
         "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
         "model": model.state_dict(),
@@ -503,6 +650,8 @@ def save(model, optimizer, state: TrainState, config: RunConfig, mconf: ModelCon
         "data_position": {"epoch": state.epoch, "batch": state.batch_in_epoch,
                           "world_size": dist.world_size},
         "num_updates": state.num_updates,
+        "skipped_updates": state.skipped_updates,
+        "meter": meters,  # one entry per rank: the sums of the log interval in progress
         "best_valid_loss": state.best_valid_loss,
         "wall_time": state.wall_time + time.perf_counter() - started,
         "config": config.to_dict(),
@@ -512,27 +661,65 @@ def save(model, optimizer, state: TrainState, config: RunConfig, mconf: ModelCon
     }
     for name in names:
         if name is not None:
-            ckpt.save_checkpoint(Path(config.train.save_dir) / name, checkpoint)
+            ckpt.save_checkpoint(Path(config.train.save_dir) / name, checkpoint,
+                                 keep_previous=name == ckpt.LAST)
+
+
+def restore_with_fallback(path: Path, model: MixtureLM, optimizer: torch.optim.Optimizer,
+                          meter: Meter, mconf: ModelConfig, train_ds: BinarizedDataset,
+                          dist: DistInfo, say: Callable[[str], None]) -> tuple[TrainState, Path]:
+    """restore_checkpoint, falling back to the previous checkpoint if this one is damaged.
+
+    Only an unreadable file falls back; one that does not fit this run (another K, vocabulary
+    or architecture) is an error, since its predecessor would not fit either.
+    """
+    try:
+        return restore_checkpoint(path, model, optimizer, meter, mconf, train_ds, dist), path
+    except ckpt.UnreadableCheckpoint as e:
+        prev = ckpt.previous_path(path)
+        if not prev.is_file() or prev == path:
+            raise
+        state = restore_checkpoint(prev, model, optimizer, meter, mconf, train_ds, dist)
+        # set the damaged file aside, or the next save would keep it as the "previous" one
+        aside = path.with_name(path.name + ".damaged")
+        if dist.is_main and path.is_file():
+            os.replace(path, aside)
+        say(f"warning: {e}")
+        say(f"warning: resuming from the previous checkpoint {prev} instead (the damaged file is "
+            f"now {aside.name}); the updates after it are trained again")
+        return state, prev
 
 
 def restore_checkpoint(path: Path, model: MixtureLM, optimizer: torch.optim.Optimizer,
-                       mconf: ModelConfig, train_ds: BinarizedDataset, dist: DistInfo
-                       ) -> TrainState:
-    """Load weights, optimizer, RNG and data position so the run continues exactly."""
+                       meter: Meter, mconf: ModelConfig, train_ds: BinarizedDataset,
+                       dist: DistInfo) -> TrainState:
+    """Load weights, optimizer, RNG, meter and data position so the run continues exactly."""
     checkpoint = ckpt.read_checkpoint(path, map_location=dist.device)
     ckpt.check_compatible(checkpoint, mconf, train_ds.meta.get("tokenizer_sha256"), path)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    rng = checkpoint["rng"]
-    position = checkpoint["data_position"]
-    if position.get("world_size", 1) != dist.world_size:
-        _printer(dist)(f"note: {path} was written by {position.get('world_size')} process(es) "
-                       f"and this run has {dist.world_size}: the data order changes from here")
-        state = TrainState(epoch=position["epoch"] + (position["batch"] > 0))
-    else:
-        state = TrainState(epoch=position["epoch"], batch_in_epoch=position["batch"])
-    ckpt.set_rng_state(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
-    state.num_updates = checkpoint["num_updates"]
-    state.best_valid_loss = checkpoint["best_valid_loss"]
-    state.wall_time = checkpoint.get("wall_time", 0.0)
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng = checkpoint["rng"]
+        position = checkpoint["data_position"]
+        same_world = position.get("world_size", 1) == dist.world_size
+        if not same_world:
+            _printer(dist)(f"note: {path} was written by {position.get('world_size')} "
+                           f"process(es) and this run has {dist.world_size}: the data order "
+                           "changes from here")
+            state = TrainState(epoch=position["epoch"] + (position["batch"] > 0))
+        else:
+            state = TrainState(epoch=position["epoch"], batch_in_epoch=position["batch"])
+        ckpt.set_rng_state(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
+        meters = checkpoint.get("meter")
+        if same_world and meters and len(meters) == dist.world_size:
+            meter.load_state_dict(meters[dist.rank])
+        state.num_updates = int(checkpoint["num_updates"])
+        state.skipped_updates = int(checkpoint.get("skipped_updates", 0))
+        state.best_valid_loss = float(checkpoint["best_valid_loss"])
+        state.wall_time = float(checkpoint.get("wall_time", 0.0))
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise ckpt.UnreadableCheckpoint(
+            f"checkpoint {path} is damaged: its training state cannot be restored ({detail}); "
+            "use another --save-dir or --restore-file") from None
     return state

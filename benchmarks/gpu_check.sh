@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU check of `moelab bench` on the seed preset (hMoEup, K=10, transformer_lm, T=512,
+# max-tokens 3584), for a machine with one CUDA GPU. Runs in under 5 minutes; each figure is a
+# JSON line written under $OUT (default: ./bench-out), plus the nvidia-smi and torch versions.
+#
+#     OUT=/tmp/out bash benchmarks/gpu_check.sh
+#
+# Needs torch with CUDA and moelab's dependencies; moelab itself is used from this checkout.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench-out}"
+PY="${PYTHON:-python}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  "$PY" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())"
+} > "$OUT/env.txt" 2>&1
+
+run() {  # name, time limit (s), bench flags...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: moelab bench $*" | tee -a "$OUT/log.txt"
+  timeout "$limit" "$PY" -m moelab bench --device cuda --preset seed --json "$OUT/$name.json" \
+    "$@" >> "$OUT/log.txt" 2>&1
+  echo "   exit $?" | tee -a "$OUT/log.txt"
+}
+
+# 1. the headline: eager (bf16 autocast, SDPA, chunked loss, fused Adam) vs the reference, with
+#    every technique's own ratio, eval-lm and sampling figures
+run seed_hMoEup 110 --method hMoEup --steps 8
+# 2. soft EM (K forwards in the M-step too), no per-technique figures
+run seed_sMoEup 45 --method sMoEup --steps 5 --no-techniques --no-eval-sample
+# 3. torch.compile (falls back to eager, reported in "compile", if it cannot compile)
+run seed_hMoEup_compile 100 --method hMoEup --steps 10 --compile --no-techniques --no-eval-sample
+# 4. the approximate E-step on the first 128 tokens of each chunk
+run seed_hMoEup_estep128 40 --method hMoEup --steps 5 --estep-tokens 128 --no-eval-sample
+cat "$OUT"/*.json 2>/dev/null

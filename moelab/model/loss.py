@@ -1,0 +1,149 @@
+"""log p(target) from hidden states, a chunk of rows at a time, exactly.
+
+Scoring K experts projects B*K*T hidden states onto the whole vocabulary. Materializing those
+logits in float32 is the largest tensor of a step (seed config: 70 x 512 x 50k x 4 bytes = 7 GB)
+and, on a CPU, writing and re-reading it costs more than the projection itself. Here each chunk's
+logits live only while that chunk is reduced to (log p(target), logsumexp); backward recomputes
+them from the saved hidden states (one extra projection per chunk, no (N, V) tensor kept).
+The result is the same function as `log_softmax(hidden @ weight.T)[target]` (tests check 1e-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Elements (rows x vocabulary) of one chunk's logits. CPU: ~16 MB of float32 stays in cache;
+# CUDA: 1 GiB of float32 is large enough that the matmuls stay efficient, small enough to fit.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+# With autograd, the float32 softmax of all rows is kept for backward (as plain autograd keeps
+# log_softmax) when it takes at most this many elements; above, backward recomputes each chunk's
+# logits instead (one more projection, no (N, V) tensor). Seed config: the hard M-step's
+# 7 x 512 x 50k (0.7 GB) is kept, the soft M-step's 70 x 512 x 50k (7 GB) is recomputed.
+SAVE_ELEMENTS = {"cpu": 1 << 28, "cuda": 1 << 29}
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    return max(1, CHUNK_ELEMENTS.get(device.type, 1 << 26) // vocab)
+
+
+def chunk_log_probs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: (n, C) hidden, (V, C) weight, (n,) targets -> log p(target), logsumexp, (n,)."""
+    # float32 log-softmax: over a large vocabulary bf16 loses the small probabilities
+    logits = _at_least_float32(h @ w.t())  # (n, V)
+    # cross_entropy's fused log-softmax is faster on CPU than logsumexp; lse = nll + target logit
+    nll = F.cross_entropy(logits, targets, reduction="none")  # (n,)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    return -nll, nll + target_logit
+
+
+def chunk_log_probs_and_softmax(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: log p(target) (n,) and the whole softmax (n, V), kept for backward."""
+    logp = torch.log_softmax(_at_least_float32(h @ w.t()), dim=-1)  # (n, V)
+    return logp.gather(1, targets[:, None]).squeeze(1), logp.exp_()
+
+
+def chunk_logit_grad(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                     grad: torch.Tensor) -> torch.Tensor:
+    """d(sum_i grad_i * log p(target_i)) / d logits for one chunk: grad * (onehot - softmax)."""
+    logits = _at_least_float32(h @ w.t())  # (n, V), recomputed: nothing of size V was kept
+    return _softmax_grad(torch.exp(logits - lse[:, None]), targets, grad).to(h.dtype)
+
+
+def _softmax_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor
+                  ) -> torch.Tensor:
+    dlogits = probs * -grad[:, None]  # (n, V)
+    return dlogits.scatter_add_(1, targets[:, None], grad[:, None])
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick for this device (bf16 on CUDA), else t's own."""
+    kind = t.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
+
+
+class TargetLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[targets] (N,), >= float32, chunked forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                rows: int, kernels: tuple[Callable, Callable, Callable], keep: bool
+                ) -> torch.Tensor:
+        dtype = _compute_dtype(hidden)
+        N = hidden.shape[0]
+        # autocast is off inside: the casts below are explicit, and backward repeats them
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            out = torch.empty(N, dtype=torch.promote_types(dtype, torch.float32),
+                              device=h.device)  # (N,)
+            lse = torch.empty_like(out) if not keep else out.new_empty(0)  # (N,)
+            probs = []  # per chunk (n, V) when kept
+            for s in range(0, N, rows):
+                if keep:
+                    out[s : s + rows], p = kernels[2](h[s : s + rows], w, targets[s : s + rows])
+                    probs.append(p)
+                else:
+                    out[s : s + rows], lse[s : s + rows] = kernels[0](h[s : s + rows], w,
+                                                                      targets[s : s + rows])
+        ctx.save_for_backward(h, w, targets, lse, *probs)
+        ctx.rows, ctx.kernels, ctx.keep = rows, kernels, keep
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, w, targets, lse, *probs = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if need_h else None  # (N, C)
+        grad_w = (torch.zeros(w.shape, dtype=grad_out.dtype, device=w.device)  # >= float32
+                  if need_w else None)
+        with torch.autocast(h.device.type, enabled=False):
+            for i, s in enumerate(range(0, h.shape[0], ctx.rows)):
+                hs, g = h[s : s + ctx.rows], grad_out[s : s + ctx.rows]
+                if ctx.keep:
+                    dlogits = _softmax_grad(probs[i], targets[s : s + ctx.rows], g).to(h.dtype)
+                else:
+                    dlogits = ctx.kernels[1](hs, w, targets[s : s + ctx.rows],
+                                             lse[s : s + ctx.rows], g)  # (n, V)
+                if need_h:
+                    grad_h[s : s + ctx.rows] = dlogits @ w  # (n, C)
+                if need_w:
+                    grad_w += dlogits.t() @ hs  # (V, C), accumulated in float32
+        return (grad_h.to(ctx.dtypes[0]) if need_h else None,
+                grad_w.to(ctx.dtypes[1]) if need_w else None, None, None, None, None)
+
+
+KERNELS = (chunk_log_probs, chunk_logit_grad, chunk_log_probs_and_softmax)
+
+
+def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                     rows: int | None = None,
+                     kernels: tuple[Callable, Callable, Callable] = KERNELS) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) under the output projection `weight`, float32 (N,).
+
+    hidden (N, C), weight (V, C), targets (N,). `rows` per chunk (default: CHUNK_ELEMENTS / V);
+    `kernels` may be torch.compile'd versions of KERNELS.
+    """
+    rows = rows or chunk_rows(weight.shape[0], hidden.device)
+    # no graph (the E-step, evaluation): nothing is kept for a backward that never comes
+    graph = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    keep = graph and hidden.shape[0] * weight.shape[0] <= SAVE_ELEMENTS.get(
+        hidden.device.type, 1 << 28)
+    return TargetLogProbs.apply(hidden, weight, targets, rows, kernels, keep)
+
+
+def plain_target_log_probs(hidden: torch.Tensor, weight: torch.Tensor,
+                           targets: torch.Tensor) -> torch.Tensor:
+    """The unchunked reference: all (N, V) float32 logits at once (benchmarks and tests)."""
+    logits = _at_least_float32(hidden @ weight.to(hidden.dtype).t())  # (N, V)
+    return -F.cross_entropy(logits, targets, reduction="none")  # (N,)

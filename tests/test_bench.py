@@ -1,0 +1,195 @@
+"""Speed work: `moelab bench` output, and every optimization exact where it claims to be."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_em import V, make_batch, make_model
+
+import moelab.bench as bench
+from moelab import cli
+from moelab.model import MixtureLM, ModelConfig, loss
+from moelab.train.objectives import em_loss
+
+
+def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
+    # a smaller tiny preset keeps the test fast; the figures' meaning does not change
+    monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
+        "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
+        dropout=0.1))
+    assert cli.main(["bench", "--preset", "tiny", "--steps", "3", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    for key in ("tokens_per_s", "reference_tokens_per_s", "ratio", "peak_memory_bytes",
+                "eval_tokens_per_s", "sample_tokens_per_s_cache", "sample_tokens_per_s_no_cache",
+                "kv_cache_speedup", "flops_per_token"):
+        assert isinstance(out[key], (int, float)) and out[key] > 0, key
+    assert out["mfu"] is None  # CPU: no meaningful peak to compare with
+    assert out["num_experts"] == 3 and out["method"] == "hMoEup"
+    assert {"batched_estep", "chunked_loss_estep", "chunked_loss_mstep",
+            "sdpa_attention_estep", "reuse_estep_dropout0_hard"} <= set(out["techniques"])
+
+
+def test_step_flops_follow_the_documented_formula():
+    model = make_model(K=4)
+    N = bench.matmul_params(model)
+    c = model.config
+    attention = 4 * c.n_layer * 16 * c.n_embd
+    hard = bench.step_flops_per_token(model, 16, hard=True, reuse=False)
+    assert hard == (2 * 4 + 6) * N + (4 + 3) * attention
+    soft = bench.step_flops_per_token(model, 16, hard=False, reuse=False)
+    assert soft == 4 * 4 * (2 * N + attention)
+    assert bench.step_flops_per_token(model, 16, hard=False, reuse=True) == 3 / 4 * soft
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("keep", [True, False])  # softmax kept for backward, or recomputed
+def test_chunked_log_likelihood_equals_plain(monkeypatch, keep):
+    if not keep:
+        monkeypatch.setitem(loss.SAVE_ELEMENTS, "cpu", 0)
+    torch.manual_seed(0)
+    hidden = torch.randn(53, 16, requires_grad=True)
+    weight = torch.randn(70, 16, requires_grad=True)
+    targets = torch.randint(0, 70, (53,))
+    grad = torch.randn(53)
+    chunked = loss.target_log_probs(hidden, weight, targets, rows=8)  # 53 = 6 x 8 + 5
+    chunked.backward(grad)
+    got = chunked.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = -F.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    plain.backward(grad)
+    torch.testing.assert_close(got[0], plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_log_likelihood_gradcheck():
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (9,))
+    assert torch.autograd.gradcheck(
+        lambda h, w: loss.target_log_probs(h, w, targets, rows=4), (hidden, weight))
+
+
+def test_model_scores_equal_the_full_logits_formula():
+    model = make_model(K=3).eval()
+    batch = make_batch()
+    experts = torch.tensor([0, 2, 1, 0])
+    inputs = torch.cat([(V + experts)[:, None], batch.tokens[:, :-1]], dim=1)
+    nll = F.cross_entropy(model(inputs).flatten(0, 1), batch.tokens.flatten(), reduction="none")
+    mask = torch.arange(10) < batch.lengths[:, None]
+    expected = -(nll.view(4, 10) * mask)
+    got = model.token_log_probs(batch.tokens, batch.lengths, experts)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # the fairseq-style reference (manual attention, full log-softmax) is the same function
+    ref = bench.reference_log_likelihood(model, batch.tokens, batch.lengths, experts)
+    torch.testing.assert_close(ref, expected.sum(1), atol=1e-5, rtol=1e-5)
+
+
+def _loss_and_grads(model: MixtureLM, batch, **options):
+    model.zero_grad(set_to_none=True)
+    out = em_loss(model, batch, **options)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("uniform_prior", [True, False])
+def test_reused_estep_gives_the_same_loss_and_gradients(hard, uniform_prior):
+    model = make_model(K=3).train()  # dropout 0: E-step and M-step forwards are one function
+    batch = make_batch()
+    flags = dict(hard=hard, uniform_prior=uniform_prior)
+    fused, g_fused = _loss_and_grads(model, batch, reuse_estep=True, **flags)
+    plain, g_plain = _loss_and_grads(model, batch, reuse_estep=False, **flags)
+    torch.testing.assert_close(fused.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.nll, plain.nll, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.responsibilities, plain.responsibilities, atol=1e-6,
+                               rtol=1e-5)
+    assert not fused.responsibilities.requires_grad
+    assert g_fused.keys() == g_plain.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_reused_estep_is_refused_with_dropout():
+    model = make_model(K=3, dropout=0.1).train()
+    with pytest.raises(ValueError, match="dropout"):
+        em_loss(model, make_batch(), hard=False, uniform_prior=True, reuse_estep=True)
+    # by default it is simply not used: the M-step keeps its own dropout pass
+    a = em_loss(model, make_batch(), hard=False, uniform_prior=True)
+    b = em_loss(model, make_batch(), hard=False, uniform_prior=True)
+    assert a.loss.item() != b.loss.item()
+
+
+def test_estep_tokens_scores_the_responsibilities_on_a_prefix():
+    model = make_model(K=3).train()
+    batch = make_batch()
+    out = em_loss(model, batch, hard=True, uniform_prior=True, estep_tokens=4)
+    with torch.no_grad():
+        ll = model.expert_log_likelihoods(batch.tokens[:, :4], batch.lengths.clamp(max=4))
+    torch.testing.assert_close(out.responsibilities, ll.softmax(-1))
+    # the M-step still scores whole chunks
+    z = out.responsibilities.argmax(-1)
+    full = model.log_likelihood(batch.tokens, batch.lengths, z)
+    torch.testing.assert_close(out.nll, -full.detach().sum(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="estep_tokens"):
+        em_loss(model, batch, hard=True, uniform_prior=True, estep_tokens=0)
+
+
+# ----------------------------------------------------------------------------- compile fallback
+
+
+def test_compile_falls_back_cleanly_when_torch_compile_raises(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = make_model(K=3).eval()
+    batch = make_batch()
+    expected = model.expert_log_likelihoods(batch.tokens, batch.lengths)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert model.compile_for_speed() is False
+    torch.testing.assert_close(model.expert_log_likelihoods(batch.tokens, batch.lengths),
+                               expected)
+
+
+def test_compile_falls_back_when_the_compiled_call_raises(monkeypatch):
+    calls = []
+
+    def lazy_failure(fn, **kwargs):  # torch.compile fails on the first call, as inductor does
+        def compiled(*args, **kw):
+            calls.append(fn)
+            raise RuntimeError("inductor failed")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", lazy_failure)
+    model = make_model(K=3).train()
+    batch = make_batch()
+    reference = make_model(K=3).train()
+    assert model.compile_for_speed() is True  # nothing known to be wrong yet
+    with pytest.warns(RuntimeWarning, match="inductor failed"):
+        out = em_loss(model, batch, hard=False, uniform_prior=True)
+    expected = em_loss(reference, batch, hard=False, uniform_prior=True)
+    torch.testing.assert_close(out.loss, expected.loss)
+    n = len(calls)
+    em_loss(model, batch, hard=False, uniform_prior=True)  # eager from now on: no retry
+    assert len(calls) == n and n >= 1
+
+
+def test_model_without_dropout_reports_dropout_free():
+    base = dict(vocab_size=V, num_experts=2, n_layer=1, n_embd=8, n_head=2, ffn_dim=8,
+                max_seq_len=8)
+    assert MixtureLM(ModelConfig(**base, dropout=0.0)).dropout_free
+    assert not MixtureLM(ModelConfig(**base, dropout=0.1)).dropout_free
+    assert not MixtureLM(ModelConfig(**base, dropout=0.0, gating=True,
+                                     gating_dropout=0.2)).dropout_free
+    assert math.isfinite(bench.PEAK_FLOPS)

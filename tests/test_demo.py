@@ -1,0 +1,68 @@
+"""`moelab demo`: the whole study end to end at smoke size, and its resume."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from moelab.cli import main
+from moelab.demo import DemoConfig, reading
+from moelab.errors import MoelabError
+
+
+@pytest.mark.slow
+def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--preset", "smoke", "--out", str(out), "--methods", "dense,hMoEup,sMoElp"]
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    for method in ("dense", "hMoEup", "sMoElp"):
+        assert f"| {method}" in report
+    assert "## Reading" in report and "## Samples" in report
+    for stem in ("tables/methods", "tables/clusters"):
+        for suffix in ("csv", "md", "tex"):
+            assert (out / f"{stem}.{suffix}").stat().st_size > 0
+    for stem in ("perplexity_by_domain", "training_curves", "responsibilities", "expert_usage"):
+        for suffix in ("png", "svg", "pdf"):
+            assert (out / "figures" / f"{stem}.{suffix}").stat().st_size > 0
+    table = pd.read_csv(out / "tables/methods.csv", index_col=0)
+    assert list(table.index) == ["dense", "hMoEup", "sMoElp"]
+    assert (table["test oracle ppl"] <= table["test ppl"] + 1e-6).all()
+    checkpoint = out / "runs" / "hMoEup" / "checkpoint_best.pt"
+    mtime = checkpoint.stat().st_mtime
+    capsys.readouterr()
+
+    assert main(argv) == 0  # a second run reuses the runs and their evaluations
+    assert checkpoint.stat().st_mtime == mtime
+    assert "using the trained run" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_resumes_an_unfinished_run(tmp_path):
+    from moelab.train import read_history
+
+    out = tmp_path / "demo"
+    main(["demo", "--preset", "smoke", "--out", str(out), "--methods", "hMoEup"])
+    save_dir = out / "runs" / "hMoEup"
+    (save_dir / "done.json").unlink()  # as if the run had been killed after its last checkpoint
+    before = read_history(save_dir)
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--methods", "hMoEup"]) == 0
+    assert (save_dir / "done.json").is_file()
+    assert read_history(save_dir)["update"].max() == before["update"].max()
+
+
+def test_bad_methods_and_experts_are_refused():
+    with pytest.raises(MoelabError, match="choose from"):
+        DemoConfig(methods=["hMoE"])
+    with pytest.raises(MoelabError, match="--num-experts must be >= 2"):
+        DemoConfig(num_experts=1)
+
+
+def test_reading_says_plainly_when_the_mixture_does_not_beat_dense():
+    table = pd.DataFrame({"test ppl": [100.0, 120.0], "NMI": [0.0, 0.9], "ARI": [0.0, 0.8],
+                          "experts used": [1, 7], "K": [1, 7], "usage entropy": [0.0, 1.9]},
+                         index=["dense", "hMoEup"])
+    text = "\n".join(reading(table, max_update=200))
+    assert "does not beat" in text and "line up with the domains" in text
+    table.loc["hMoEup", "test ppl"] = 90.0
+    assert "it beats" in "\n".join(reading(table, max_update=200))
