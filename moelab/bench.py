@@ -87,7 +87,7 @@ class BenchConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     compile: bool = False  # torch.compile moelab's model (falls back to eager if it fails)
     estep_tokens: int | None = None  # E-step on the first M targets of each chunk
-    threads: int | None = None  # torch CPU threads (default: torch's)
+    threads: int | None = None  # torch CPU threads; None: 1 on CPU (see run_benchmark)
     techniques: bool = True  # also time each technique on its own
     eval_sample: bool = True  # also time eval-lm scoring and sampling
 
@@ -353,7 +353,7 @@ def _manual_attention_expert_log_likelihoods(model: MixtureLM, tokens: torch.Ten
 
 
 def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
-                       device: torch.device) -> dict[str, float]:
+                       device: torch.device, *, all_threads: int = 1) -> dict[str, float]:
     """Each technique's speed-up, (time without) / (time with), on the benchmark's batch."""
     hard, uniform_prior = method_flags(config.method)
     model = _model(config, preset, device, dropout=preset.dropout)
@@ -422,16 +422,18 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
     optimizer = _adam(model, device)
     step = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
                     autocast=autocast, estep_tokens=config.estep_tokens)
-    if device.type == "cpu" and torch.get_num_threads() > 1:
-        threads = torch.get_num_threads()
-
-        def one_thread() -> None:
-            torch.set_num_threads(1)
-            try:
-                step()
-            finally:
-                torch.set_num_threads(threads)
-        ratio(f"threads_{threads}_vs_1", one_thread, step)
+    threads = torch.get_num_threads()
+    many = max(threads, all_threads)
+    if device.type == "cpu" and many > 1:
+        def with_threads(n: int) -> Callable[[], None]:
+            def run() -> None:
+                torch.set_num_threads(n)
+                try:
+                    step()
+                finally:
+                    torch.set_num_threads(threads)
+            return run
+        ratio(f"threads_{many}_vs_1", with_threads(1), with_threads(many))
     if device.type == "cpu":  # measured for information: moelab trains in float32 on CPUs
         ratio("bf16_autocast_cpu_unused", step, _em_step(
             model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
@@ -467,7 +469,8 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
     return out
 
 
-def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.device) -> dict:
+def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.device, *,
+                     all_threads: int = 1) -> dict:
     hard, uniform_prior = method_flags(config.method)
     batch = synthetic_batch(rows=max(1, preset.max_tokens // preset.tokens_per_sample),
                             seq_len=preset.tokens_per_sample, vocab_size=preset.vocab_size,
@@ -524,7 +527,8 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
         "compile": compile_info,
     }
     if config.techniques:
-        result["techniques"] = measure_techniques(config, preset, on_device, device)
+        result["techniques"] = measure_techniques(config, preset, on_device, device,
+                                                  all_threads=all_threads)
     return result
 
 
@@ -581,8 +585,11 @@ def measure_eval_and_sample(config: BenchConfig, preset: BenchPreset, device: to
 def run_benchmark(config: BenchConfig) -> dict:
     """All figures of one `moelab bench` run as a dict (the JSON line)."""
     device = torch.device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    all_threads = torch.get_num_threads()
+    # One thread by default: the tiny preset's small ops gain little from more, and on a shared
+    # machine a thread that waits for a busy core stalls every op (measured: 60x slower at 2
+    # threads under load). The `threads_N_vs_1` technique shows what N threads give here.
+    torch.set_num_threads(config.threads or (1 if device.type == "cpu" else all_threads))
     preset = BENCH_PRESETS[config.preset]
     result: dict = {
         "benchmark": "moelab bench", "preset": config.preset, "method": config.method,
@@ -595,7 +602,7 @@ def run_benchmark(config: BenchConfig) -> dict:
         "estep_tokens": config.estep_tokens, "steps": config.steps,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
-    result.update(measure_training(config, preset, device))
+    result.update(measure_training(config, preset, device, all_threads=all_threads))
     if config.eval_sample:
         result.update(measure_eval_and_sample(config, preset, device))
     return result
@@ -621,7 +628,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estep-tokens", type=int, default=None, metavar="M",
                         help="E-step responsibilities from the first M tokens of each chunk")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's)")
+                        help="torch CPU threads (default: 1 on CPU, see threads_N_vs_1)")
     parser.add_argument("--no-techniques", action="store_false", dest="techniques",
                         help="skip timing each technique on its own")
     parser.add_argument("--no-eval-sample", action="store_false", dest="eval_sample",
