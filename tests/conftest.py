@@ -55,3 +55,28 @@ def tiny_bin(tiny_corpus, tmp_path_factory) -> Path:
     preprocess(PreprocessConfig(destdir=str(destdir), data=str(tiny_corpus), vocab_size=512,
                                 valid_fraction=0.15, test_fraction=0.15))
     return destdir
+
+
+TINY_T = 64  # tokens-per-sample (max_seq_len) of the tiny trained checkpoint
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_bin, tmp_path_factory) -> Path:
+    """A tiny hMoEup model (K=3) trained for a few updates, once per session."""
+    from moelab.train import train
+
+    save_dir = tmp_path_factory.getbasetemp() / "moelab-trained-tiny"
+    path = save_dir / "checkpoint_best.pt"
+    if not path.exists():
+        train(str(tiny_bin), arch="tiny", method="hMoEup", num_experts=3, max_update=20,
+              tokens_per_sample=TINY_T, max_tokens=512, warmup_updates=10, lr=3e-3,
+              decoder_embed_dim=64, decoder_ffn_embed_dim=128, dropout=0.0,
+              save_dir=str(save_dir), device="cpu", progress_bar=False, log_interval=100)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(ckpt):
+    from moelab.train import load_checkpoint
+
+    return load_checkpoint(ckpt)[0]

@@ -18,31 +18,8 @@ from moelab.cli import main
 from moelab.data import BinarizedDataset, PreprocessConfig, collate, preprocess
 from moelab.evaluate import evaluate, start_log_prior, summarize, windows
 from moelab.model import MixtureLM, ModelConfig
-from moelab.train import load_checkpoint, train
 
 T = 64  # the tiny checkpoint's tokens-per-sample (its max_seq_len)
-
-
-def trained_checkpoint(tiny_bin: Path, tmp_path_factory) -> Path:
-    """A tiny hMoEup model (K=3) trained for a few updates; cached for the whole session."""
-    save_dir = tmp_path_factory.getbasetemp() / "moelab-trained-tiny"
-    path = save_dir / "checkpoint_best.pt"
-    if not path.exists():
-        train(str(tiny_bin), arch="tiny", method="hMoEup", num_experts=3, max_update=20,
-              tokens_per_sample=T, max_tokens=512, warmup_updates=10, lr=3e-3,
-              decoder_embed_dim=64, decoder_ffn_embed_dim=128, dropout=0.0,
-              save_dir=str(save_dir), device="cpu", progress_bar=False, log_interval=100)
-    return path
-
-
-@pytest.fixture(scope="session")
-def ckpt(tiny_bin, tmp_path_factory) -> Path:
-    return trained_checkpoint(tiny_bin, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def model(ckpt) -> MixtureLM:
-    return load_checkpoint(ckpt)[0]
 
 
 @pytest.fixture(scope="session")

@@ -26,31 +26,8 @@ from moelab.generate import (
     stream,
 )
 from moelab.model import MixtureLM, ModelConfig
-from moelab.train import load_checkpoint, train
 
 T = 64
-
-
-def trained_checkpoint(tiny_bin: Path, tmp_path_factory) -> Path:
-    """The same cached tiny hMoEup checkpoint as tests/test_eval.py (trained once per session)."""
-    save_dir = tmp_path_factory.getbasetemp() / "moelab-trained-tiny"
-    path = save_dir / "checkpoint_best.pt"
-    if not path.exists():
-        train(str(tiny_bin), arch="tiny", method="hMoEup", num_experts=3, max_update=20,
-              tokens_per_sample=T, max_tokens=512, warmup_updates=10, lr=3e-3,
-              decoder_embed_dim=64, decoder_ffn_embed_dim=128, dropout=0.0,
-              save_dir=str(save_dir), device="cpu", progress_bar=False, log_interval=100)
-    return path
-
-
-@pytest.fixture(scope="session")
-def ckpt(tiny_bin, tmp_path_factory) -> Path:
-    return trained_checkpoint(tiny_bin, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def model(ckpt) -> MixtureLM:
-    return load_checkpoint(ckpt)[0]
 
 
 @pytest.fixture(scope="session")
