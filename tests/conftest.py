@@ -80,3 +80,14 @@ def model(ckpt):
     from moelab.train import load_checkpoint
 
     return load_checkpoint(ckpt)[0]
+
+
+@pytest.fixture
+def one_thread():
+    """Two torch threads on two shared cores run several times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

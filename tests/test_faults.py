@@ -37,13 +37,7 @@ TINY = dict(arch="tiny", decoder_layers=2, decoder_embed_dim=64, decoder_ffn_emb
             progress_bar=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on two shared cores run several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoints_all_readable(save_dir: Path) -> list[str]:
