@@ -70,6 +70,29 @@ def test_chunked_log_likelihood_equals_plain(monkeypatch, keep):
     torch.testing.assert_close(got[2], weight.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_log_likelihood_without_autograd_equals_plain():
+    """The E-step's path: one logits buffer reused by every chunk, the last one partial."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(53, 16), torch.randn(70, 16)
+    targets = torch.randint(0, 70, (53,))
+    with torch.no_grad():
+        chunked = loss.target_log_probs(hidden, weight, targets, rows=8)
+    plain = -F.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_softmax_survives_a_retained_backward():
+    """Backward writes its gradient beside the kept softmax, not over it."""
+    torch.manual_seed(0)
+    hidden = torch.randn(21, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    out = loss.target_log_probs(hidden, weight, torch.randint(0, 30, (21,)), rows=8)
+    first = torch.autograd.grad(out.sum(), (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(out.sum(), (hidden, weight))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_chunked_log_likelihood_gradcheck():
     torch.manual_seed(0)
     hidden = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)

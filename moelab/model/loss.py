@@ -29,34 +29,52 @@ def chunk_rows(vocab: int, device: torch.device) -> int:
     return max(1, CHUNK_ELEMENTS.get(device.type, 1 << 26) // vocab)
 
 
-def chunk_log_probs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk: (n, C) hidden, (V, C) weight, (n,) targets -> log p(target), logsumexp, (n,)."""
-    # float32 log-softmax: over a large vocabulary bf16 loses the small probabilities
-    logits = _at_least_float32(h @ w.t())  # (n, V)
-    # cross_entropy's fused log-softmax is faster on CPU than logsumexp; lse = nll + target logit
-    nll = F.cross_entropy(logits, targets, reduction="none")  # (n,)
+def chunk_log_probs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                    scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: (n, C) hidden, (V, C) weight, (n,) targets -> log p(target), logsumexp, (n,).
+
+    `scratch`, an (n, V) tensor of h's dtype (float32) that the caller lends, receives the
+    logits and is overwritten in place: on a CPU, a fresh (n, V) tensor per chunk (page faults
+    every time) plus a log-softmax written beside it cost about as much as the projection.
+    """
+    if scratch is not None and scratch.dtype == h.dtype:
+        logits = torch.mm(h, w.t(), out=scratch)  # (n, V)
+    else:
+        logits = _at_least_float32(h @ w.t())  # (n, V)
+    # float32 logsumexp: over a large vocabulary bf16 loses the small probabilities
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-    return -nll, nll + target_logit
+    top = logits.amax(dim=1, keepdim=True)  # (n, 1)
+    lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))  # (n,)
+    return target_logit - lse, lse
 
 
 def chunk_log_probs_and_softmax(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk: log p(target) (n,) and the whole softmax (n, V), kept for backward."""
-    logp = torch.log_softmax(_at_least_float32(h @ w.t()), dim=-1)  # (n, V)
-    return logp.gather(1, targets[:, None]).squeeze(1), logp.exp_()
+    """One chunk: log p(target) (n,) and the whole softmax (n, V), kept for backward.
+
+    The softmax is made in the logits' own storage (no log-softmax tensor beside it).
+    """
+    logits = _at_least_float32(h @ w.t())  # (n, V)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    top = logits.amax(dim=1, keepdim=True)  # (n, 1)
+    probs = logits.sub_(top).exp_()  # (n, V), unnormalized
+    total = probs.sum(dim=1, keepdim=True)  # (n, 1)
+    logp = target_logit - (total.log() + top).squeeze(1)  # (n,)
+    return logp, probs.div_(total)
 
 
 def chunk_logit_grad(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                      grad: torch.Tensor) -> torch.Tensor:
     """d(sum_i grad_i * log p(target_i)) / d logits for one chunk: grad * (onehot - softmax)."""
     logits = _at_least_float32(h @ w.t())  # (n, V), recomputed: nothing of size V was kept
-    return _softmax_grad(torch.exp(logits - lse[:, None]), targets, grad).to(h.dtype)
+    probs = logits.sub_(lse[:, None]).exp_()  # (n, V)
+    return _softmax_grad(probs, targets, grad, out=probs).to(h.dtype)
 
 
-def _softmax_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor
-                  ) -> torch.Tensor:
-    dlogits = probs * -grad[:, None]  # (n, V)
+def _softmax_grad(probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, *,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad * (onehot(targets) - probs), written into `out` (may be `probs` itself)."""
+    dlogits = torch.mul(probs, -grad[:, None], out=out)  # (n, V)
     return dlogits.scatter_add_(1, targets[:, None], grad[:, None])
 
 
@@ -88,13 +106,19 @@ class TargetLogProbs(torch.autograd.Function):
                               device=h.device)  # (N,)
             lse = torch.empty_like(out) if not keep else out.new_empty(0)  # (N,)
             probs = []  # per chunk (n, V) when kept
+            eager_fp32 = kernels[0] is chunk_log_probs and dtype == out.dtype
+            scratch = (torch.empty(min(rows, N), w.shape[0], dtype=dtype, device=h.device)
+                       if not keep and eager_fp32 else None)
             for s in range(0, N, rows):
                 if keep:
                     out[s : s + rows], p = kernels[2](h[s : s + rows], w, targets[s : s + rows])
                     probs.append(p)
                 else:
-                    out[s : s + rows], lse[s : s + rows] = kernels[0](h[s : s + rows], w,
-                                                                      targets[s : s + rows])
+                    n = min(rows, N - s)
+                    args = (h[s : s + n], w, targets[s : s + n])
+                    if scratch is not None:  # the eager kernel: one logits buffer for all chunks
+                        args += (scratch[:n],)
+                    out[s : s + n], lse[s : s + n] = kernels[0](*args)
         ctx.save_for_backward(h, w, targets, lse, *probs)
         ctx.rows, ctx.kernels, ctx.keep = rows, kernels, keep
         ctx.dtypes = hidden.dtype, weight.dtype
@@ -107,11 +131,16 @@ class TargetLogProbs(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None  # (N, C)
         grad_w = (torch.zeros(w.shape, dtype=grad_out.dtype, device=w.device)  # >= float32
                   if need_w else None)
+        scratch = None
         with torch.autocast(h.device.type, enabled=False):
             for i, s in enumerate(range(0, h.shape[0], ctx.rows)):
                 hs, g = h[s : s + ctx.rows], grad_out[s : s + ctx.rows]
-                if ctx.keep:
-                    dlogits = _softmax_grad(probs[i], targets[s : s + ctx.rows], g).to(h.dtype)
+                if ctx.keep:  # the kept softmax stays intact (a retained graph reuses it)
+                    n = probs[i].shape[0]
+                    if scratch is None:
+                        scratch = torch.empty_like(probs[i])  # one buffer for every chunk
+                    dlogits = _softmax_grad(probs[i], targets[s : s + n], g,
+                                            out=scratch[:n]).to(h.dtype)
                 else:
                     dlogits = ctx.kernels[1](hs, w, targets[s : s + ctx.rows],
                                              lse[s : s + ctx.rows], g)  # (n, V)
