@@ -127,6 +127,11 @@ class TrainBatches:
         mine = indices[self.rank :: self.world_size][: self.batches_per_epoch]
         return [int(i) for i in mine]
 
+    def batch(self, epoch: int, position: int) -> Batch:
+        """The batch at ``position`` of this rank's order in ``epoch``."""
+        index = self.order(epoch)[position]
+        return collate(self.ds, [self.chunks[i] for i in self.batches[index]], self.max_context)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         for index in self.order(epoch)[start:]:
             yield collate(self.ds, [self.chunks[i] for i in self.batches[index]], self.max_context)

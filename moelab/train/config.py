@@ -234,6 +234,9 @@ class TrainConfig:
         "torch.compile the model body and loss (warns and runs eagerly if compiling fails)"))
     estep_tokens: int | None = field(default=None, metadata=_help(
         "E-step responsibilities from the first N tokens of each chunk (M-step unchanged)"))
+    prefetch: bool = field(default=True, metadata=_help(
+        "load each update's batches in place instead of on a thread during the previous "
+        "update (the batches are the same)", flag="--no-prefetch"))
 
     def __post_init__(self) -> None:
         self.save_dir = str(self.save_dir)

@@ -41,6 +41,7 @@ from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import append_record, read_history, truncate_history
 from moelab.train.objectives import em_loss, method_flags
+from moelab.train.prefetch import BatchPrefetcher
 from moelab.train.schedule import learning_rate
 
 Callback = Callable[[dict], None]
@@ -126,9 +127,13 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
                     dynamic_ncols=True)
     updates_at_start = state.num_updates
 
-    with out_of_memory_is_an_error(state, config):
+    prefetcher = BatchPrefetcher(batches, update_freq=config.train.update_freq,
+                                 max_epoch=config.train.max_epoch,
+                                 pin_memory=dist.device.type == "cuda",
+                                 enabled=config.train.prefetch)
+    with out_of_memory_is_an_error(state, config), prefetcher:
         while not finished(state, config):
-            micro_batches = next_batches(batches, state, config)
+            micro_batches = prefetcher.take(state)
             if not micro_batches:
                 break
             lr = set_learning_rate(optimizer, config, state.num_updates)
@@ -342,18 +347,6 @@ def find_restore_file(config: RunConfig, say: Callable[[str], None] | None = Non
 
 
 # --------------------------------------------------------------------------- one update
-
-
-def next_batches(batches: TrainBatches, state: TrainState, config: RunConfig) -> list[Batch]:
-    """The next `update_freq` batches, advancing the data position (across epoch ends)."""
-    out = []
-    max_epoch = config.train.max_epoch
-    while len(out) < config.train.update_freq and not (max_epoch and state.epoch > max_epoch):
-        out.append(next(batches.epoch(state.epoch, start=state.batch_in_epoch)))
-        state.batch_in_epoch += 1
-        if state.batch_in_epoch >= batches.batches_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    return out
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, config: RunConfig,
