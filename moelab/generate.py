@@ -126,13 +126,13 @@ class _Rows:
         try:
             if not self.use_cache:
                 inputs = torch.cat([self.expert_ids, self.tokens[:, self.start :]], dim=1)
-                return self.model(inputs)[:, -1].float()
+                return self.model.next_token_logits(inputs).float()  # (B, V+K)
             if self.cache is None:
                 self.cache, self.fed = self.model.new_cache(), 0
                 inputs = torch.cat([self.expert_ids, self.tokens[:, self.start :]], dim=1)
             else:
                 inputs = self.tokens[:, self.start + self.fed :]  # only what the cache lacks
-            logits = self.model(inputs, self.cache)[:, -1].float()  # (B, V+K)
+            logits = self.model.next_token_logits(inputs, self.cache).float()  # (B, V+K)
             self.fed = n - self.start
             return logits
         finally:

@@ -61,6 +61,18 @@ def test_logits_with_kv_cache_equal_full_forward(steps):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_next_token_logits_are_the_last_position_of_the_full_forward():
+    model = small_model(vocab_size=50)
+    inputs = torch.cat([torch.tensor([[51]]), torch.randint(4, 50, (1, 7))], dim=1)
+    with torch.no_grad():
+        full = model(inputs)[:, -1]
+        cache = model.new_cache()
+        model.next_token_logits(inputs[:, :5], cache)
+        cached = model.next_token_logits(inputs[:, 5:], cache)
+        torch.testing.assert_close(model.next_token_logits(inputs), full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_refuses_to_grow_past_the_context():
     model = small_model(vocab_size=50)
     cache = model.new_cache()
@@ -226,8 +238,8 @@ def test_stops_at_eos_and_never_emits_special_or_expert_tokens(model, tokenizer)
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids, cache=None):
-            return logits.expand(input_ids.shape[0], input_ids.shape[1], -1)
+        def next_token_logits(self, input_ids, cache=None):
+            return logits.expand(input_ids.shape[0], -1)
 
         def new_cache(self):
             return model.new_cache()

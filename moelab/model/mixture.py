@@ -70,6 +70,15 @@ class MixtureLM(nn.Module):
         """
         return self.transformer(input_ids, cache)
 
+    def next_token_logits(self, input_ids: torch.Tensor, cache: KVCache | None = None
+                          ) -> torch.Tensor:
+        """Logits of the LAST position only (B, vocab_size+K): what generation samples from.
+
+        Projecting every position onto the vocabulary and keeping one would cost T times the
+        output projection (most of a small model's work) for each new token without a cache.
+        """
+        return self.transformer.lm_head(self.transformer.hidden(input_ids, cache)[:, -1])
+
     def new_cache(self) -> KVCache:
         """An empty KV cache for incremental decoding (moelab.generate)."""
         return self.transformer.new_cache()
