@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from tqdm.auto import tqdm
 
 from moelab.data import BinarizedDataset, Chunk, Tokenizer, read_meta
@@ -271,6 +270,9 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
     notes = []
     known = domains != ["unknown"] and len(present) > 1
     if known:
+        # sklearn takes 1.4 s to import: only where the metrics are computed
+        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
         clusters = pd.Series({"purity": purity(domain_ids, winner),
                               "nmi": float(normalized_mutual_info_score(domain_ids, winner)),
                               "ari": float(adjusted_rand_score(domain_ids, winner))},

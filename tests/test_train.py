@@ -20,7 +20,6 @@ from moelab.train.trainer import (
     EMStep,
     autocast_context,
     build_optimizer,
-    normalized_mutual_info,
     train_step,
 )
 
@@ -257,16 +256,6 @@ def test_the_seed_train_command_runs(tiny_bin, tmp_path, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------- cluster recovery
-
-
-def test_nmi_helper_matches_sklearn():
-    from sklearn.metrics import normalized_mutual_info_score
-
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        a, b = rng.integers(0, 3, 50), rng.integers(0, 4, 50)
-        assert normalized_mutual_info(a, b) == pytest.approx(normalized_mutual_info_score(a, b))
-    assert normalized_mutual_info(np.array([0, 0, 1, 1]), np.array([5, 5, 2, 2])) == 1.0
 
 
 @pytest.mark.slow
