@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of `moelab bench` on the seed preset (hMoEup, K=10, transformer_lm, T=512,
-# max-tokens 3584), for a machine with one CUDA GPU. Runs in under 5 minutes; each figure is a
+# max-tokens 3584), for a machine with one CUDA GPU. Runs in under 6 minutes; each figure is a
 # JSON line written under $OUT (default: ./bench-out), plus the nvidia-smi and torch versions.
 #
 #     OUT=/tmp/out bash benchmarks/gpu_check.sh
@@ -33,4 +33,7 @@ run seed_sMoEup 45 --method sMoEup --steps 5 --no-techniques --no-eval-sample
 run seed_hMoEup_compile 100 --method hMoEup --steps 10 --compile --no-techniques --no-eval-sample
 # 4. the approximate E-step on the first 128 tokens of each chunk
 run seed_hMoEup_estep128 40 --method hMoEup --steps 5 --estep-tokens 128 --no-eval-sample
+# 5. memory: the seed batch with K = 32 (peak_memory_bytes), moelab's step only
+run seed_hMoEup_K32_memory 60 --method hMoEup --num-experts 32 --steps 3 --no-reference \
+  --no-techniques --no-eval-sample
 cat "$OUT"/*.json 2>/dev/null

@@ -88,6 +88,7 @@ class BenchConfig:
     compile: bool = False  # torch.compile moelab's model (falls back to eager if it fails)
     estep_tokens: int | None = None  # E-step on the first M targets of each chunk
     threads: int | None = None  # torch CPU threads; None: 1 on CPU (see run_benchmark)
+    reference: bool = True  # also time the fairseq-style reference (off: moelab's step only)
     techniques: bool = True  # also time each technique on its own
     eval_sample: bool = True  # also time eval-lm scoring and sampling
 
@@ -487,8 +488,9 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
     step_module = EMStep(model, hard=hard, uniform_prior=uniform_prior,
                          estep_tokens=config.estep_tokens)
     autocast = autocast_context(device)
-    ref_model = _model(config, preset, device, dropout=preset.dropout)
-    ref_optimizer = torch.optim.Adam(ref_model.parameters(), lr=1e-4)
+    if config.reference:
+        ref_model = _model(config, preset, device, dropout=preset.dropout)
+        ref_optimizer = torch.optim.Adam(ref_model.parameters(), lr=1e-4)
 
     def ours() -> None:
         train_step(step_module, [batch], optimizer, dist=dist, clip_norm=0.0, autocast=autocast)
@@ -501,10 +503,14 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
     _reset_peak_memory(device)
     ours()
     peak = peak_memory_bytes(device)
-    _reset_peak_memory(device)
-    reference()
-    ref_peak = peak_memory_bytes(device)
-    t_ours, t_ref = timed([ours, reference], config.steps, device)
+    t_ref = ref_peak = None
+    if config.reference:
+        _reset_peak_memory(device)
+        reference()
+        ref_peak = peak_memory_bytes(device)
+        t_ours, t_ref = timed([ours, reference], config.steps, device)
+    else:
+        (t_ours,) = timed([ours], config.steps, device, warmup=0)  # warmed up above
     tokens = batch.num_tokens
     reuse = (not hard and model.dropout_free and config.estep_tokens is None
              and model.num_experts > 1)
@@ -518,9 +524,9 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
     result = {
         "batch_rows": int(batch.tokens.shape[0]), "batch_tokens": tokens,
         "tokens_per_s": round(tokens / t_ours, 1),
-        "reference_tokens_per_s": round(tokens / t_ref, 1),
-        "ratio": round(t_ref / t_ours, 3),
-        "step_s": round(t_ours, 4), "reference_step_s": round(t_ref, 4),
+        "reference_tokens_per_s": round(tokens / t_ref, 1) if t_ref else None,
+        "ratio": round(t_ref / t_ours, 3) if t_ref else None,
+        "step_s": round(t_ours, 4), "reference_step_s": round(t_ref, 4) if t_ref else None,
         "flops_per_token": flops,
         "mfu": round(flops * tokens / t_ours / PEAK_FLOPS, 4) if device.type == "cuda" else None,
         "peak_memory_bytes": peak, "reference_peak_memory_bytes": ref_peak,
@@ -629,6 +635,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="E-step responsibilities from the first M tokens of each chunk")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on CPU, see threads_N_vs_1)")
+    parser.add_argument("--no-reference", action="store_false", dest="reference",
+                        help="time moelab's step only (ratio null): e.g. peak memory at large K")
     parser.add_argument("--no-techniques", action="store_false", dest="techniques",
                         help="skip timing each technique on its own")
     parser.add_argument("--no-eval-sample", action="store_false", dest="eval_sample",
@@ -640,7 +648,8 @@ def run_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(preset=args.preset, method=args.method, num_experts=args.num_experts,
                          steps=args.steps, device=args.device, compile=args.compile,
                          estep_tokens=args.estep_tokens, threads=args.threads,
-                         techniques=args.techniques, eval_sample=args.eval_sample)
+                         reference=args.reference, techniques=args.techniques,
+                         eval_sample=args.eval_sample)
     result = run_benchmark(config)
     line = json.dumps(result)
     print(line, flush=True)

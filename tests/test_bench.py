@@ -35,6 +35,19 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
             "sdpa_attention_estep", "reuse_estep_dropout0_hard"} <= set(out["techniques"])
 
 
+def test_bench_without_the_reference_times_moelab_only(monkeypatch, capsys):
+    monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
+        "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
+        dropout=0.1))
+    assert cli.main(["bench", "--preset", "tiny", "--steps", "2", "--device", "cpu",
+                     "--num-experts", "5", "--no-reference", "--no-techniques",
+                     "--no-eval-sample"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_experts"] == 5 and out["tokens_per_s"] > 0 and out["peak_memory_bytes"] > 0
+    assert out["ratio"] is None and out["reference_tokens_per_s"] is None
+    assert "techniques" not in out and "eval_tokens_per_s" not in out
+
+
 def test_step_flops_follow_the_documented_formula():
     model = make_model(K=4)
     N = bench.matmul_params(model)
