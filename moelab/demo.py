@@ -169,13 +169,18 @@ def reading(table: pd.DataFrame, max_update: int) -> list[str]:
     for method in ("hMoElp", "sMoElp"):
         if method in table.index:
             row = table.loc[method]
-            collapsed = row["experts used"] < row["K"]
+            used, K = int(row["experts used"]), int(row["K"])
+            if used <= K // 2:  # most experts idle: the failure learned priors are known for
+                verdict = (f" The mixture has collapsed onto {used} expert{'s' * (used > 1)}, "
+                           "as learned priors tend to.")
+            elif used < K:
+                verdict = f" {K - used} expert{'s' * (K - used > 1)} left unused; no collapse."
+            else:
+                verdict = " No collapse in this run."
             lines.append(
-                f"- **Learned prior ({method}).** {int(row['experts used'])} of {int(row['K'])} "
-                f"experts used, usage entropy {_fmt(abs(row['usage entropy']))} nats (uniform: "
-                f"{_fmt(math.log(row['K']))})." + (
-                    " The mixture has collapsed onto fewer experts, as learned priors tend to."
-                    if collapsed else " No collapse in this run."))
+                f"- **Learned prior ({method}).** {used} of {K} experts used, usage entropy "
+                f"{_fmt(abs(row['usage entropy']))} nats (uniform: {_fmt(math.log(K))})."
+                + verdict)
     soft = [m for m in ("sMoEup", "sMoElp") if m in table.index]
     if soft:
         best = min(soft, key=lambda m: ppl[m])

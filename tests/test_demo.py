@@ -66,3 +66,14 @@ def test_reading_says_plainly_when_the_mixture_does_not_beat_dense():
     assert "does not beat" in text and "line up with the domains" in text
     table.loc["hMoEup", "test ppl"] = 90.0
     assert "it beats" in "\n".join(reading(table, max_update=200))
+
+
+@pytest.mark.parametrize(("used", "says"), [(1, "collapsed onto 1 expert,"),
+                                            (3, "collapsed onto 3 experts"),
+                                            (5, "2 experts left unused; no collapse"),
+                                            (7, "No collapse")])
+def test_reading_calls_a_learned_prior_collapsed_only_when_most_experts_are_idle(used, says):
+    table = pd.DataFrame({"test ppl": [100.0], "experts used": [used], "K": [7],
+                          "usage entropy": [1.0]}, index=["hMoElp"])
+    text = "\n".join(reading(table, max_update=200))
+    assert says in text
