@@ -52,7 +52,13 @@ from moelab.model import MixtureLM, Transformer
 from moelab.model.loss import KERNELS, TargetLogProbs, chunk_rows, plain_target_log_probs
 from moelab.train.config import ModelArgs, model_config
 from moelab.train.distributed import DistInfo
-from moelab.train.objectives import METHODS, PosteriorLogSumExp, em_loss, method_flags
+from moelab.train.objectives import (
+    ESTEP_DTYPES,
+    METHODS,
+    PosteriorLogSumExp,
+    em_loss,
+    method_flags,
+)
 from moelab.train.trainer import EMStep, autocast_context, train_step
 
 PEAK_FLOPS = 790e12  # the MFU denominator: H200, dense bf16
@@ -87,6 +93,7 @@ class BenchConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     compile: bool = False  # torch.compile moelab's model (falls back to eager if it fails)
     estep_tokens: int | None = None  # E-step on the first M targets of each chunk
+    estep_dtype: str | None = None  # E-step under autocast to bfloat16/float16
     threads: int | None = None  # torch CPU threads; None: 1 on CPU (see run_benchmark)
     reference: bool = True  # also time the fairseq-style reference (off: moelab's step only)
     techniques: bool = True  # also time each technique on its own
@@ -105,6 +112,8 @@ class BenchConfig:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.estep_tokens is not None and self.estep_tokens < 1:
             raise ValueError(f"--estep-tokens must be >= 1, got {self.estep_tokens}")
+        if self.estep_dtype not in (None, *ESTEP_DTYPES):
+            raise ValueError(f"--estep-dtype must be one of {', '.join(ESTEP_DTYPES)}")
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -309,6 +318,12 @@ def _adam(model: MixtureLM, device: torch.device, *, fused: bool | None = None
     return torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
 
 
+def _estep_options(config: BenchConfig) -> dict:
+    """The E-step options of moelab's timed step, as em_loss / EMStep take them."""
+    return {"estep_tokens": config.estep_tokens,
+            "estep_dtype": ESTEP_DTYPES[config.estep_dtype] if config.estep_dtype else None}
+
+
 def _em_step(model: MixtureLM, batch: Batch, optimizer, *, hard: bool, uniform_prior: bool,
              autocast=contextlib.nullcontext, **em_options) -> Callable[[], None]:
     """A bare EM update (em_loss, backward, Adam) for the per-technique comparisons."""
@@ -422,7 +437,7 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
 
     optimizer = _adam(model, device)
     step = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
-                    autocast=autocast, estep_tokens=config.estep_tokens)
+                    autocast=autocast, **_estep_options(config))
     threads = torch.get_num_threads()
     many = max(threads, all_threads)
     if device.type == "cpu" and many > 1:
@@ -439,10 +454,10 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
         ratio("bf16_autocast_cpu_unused", step, _em_step(
             model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
             autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-            estep_tokens=config.estep_tokens))
+            **_estep_options(config)))
     if device.type == "cuda":
         fp32 = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
-                        estep_tokens=config.estep_tokens)
+                        **_estep_options(config))
         ratio("bf16_autocast", fp32, step)
         foreach, fused = _adam(model, device, fused=False), _adam(model, device, fused=True)
         model.zero_grad(set_to_none=True)
@@ -456,6 +471,10 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
                        autocast=autocast, reuse_estep=False),
               _em_step(free, batch, free_opt, hard=hard, uniform_prior=uniform_prior,
                        autocast=autocast, reuse_estep=True))
+    if config.estep_dtype is not None and K > 1:
+        fp = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
+                      autocast=autocast, estep_tokens=config.estep_tokens)
+        ratio(f"estep_dtype_{config.estep_dtype}", fp, step)
     if config.estep_tokens is not None and K > 1:
         full = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
                         autocast=autocast)
@@ -466,7 +485,7 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
             c_opt = _adam(compiled, device)
             ratio("compile", step, _em_step(compiled, batch, c_opt, hard=hard,
                                             uniform_prior=uniform_prior, autocast=autocast,
-                                            estep_tokens=config.estep_tokens))
+                                            **_estep_options(config)))
     return out
 
 
@@ -486,7 +505,7 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
         compile_info = {"requested": True, "active": active}
     optimizer = _adam(model, device)
     step_module = EMStep(model, hard=hard, uniform_prior=uniform_prior,
-                         estep_tokens=config.estep_tokens)
+                         **_estep_options(config))
     autocast = autocast_context(device)
     if config.reference:
         ref_model = _model(config, preset, device, dropout=preset.dropout)
@@ -513,6 +532,7 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
         (t_ours,) = timed([ours], config.steps, device, warmup=0)  # warmed up above
     tokens = batch.num_tokens
     reuse = (not hard and model.dropout_free and config.estep_tokens is None
+             and config.estep_dtype is None
              and model.num_experts > 1)
     estep_fraction = (1.0 if config.estep_tokens is None
                       else min(1.0, config.estep_tokens / preset.tokens_per_sample))
@@ -605,7 +625,8 @@ def run_benchmark(config: BenchConfig) -> dict:
         else config.num_experts or preset.num_experts,
         "tokens_per_sample": preset.tokens_per_sample, "max_tokens": preset.max_tokens,
         "vocab_size": preset.vocab_size, "dropout": preset.dropout,
-        "estep_tokens": config.estep_tokens, "steps": config.steps,
+        "estep_tokens": config.estep_tokens, "estep_dtype": config.estep_dtype,
+        "steps": config.steps,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     result.update(measure_training(config, preset, device, all_threads=all_threads))
@@ -633,6 +654,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile moelab's model (falls back to eager if it fails)")
     parser.add_argument("--estep-tokens", type=int, default=None, metavar="M",
                         help="E-step responsibilities from the first M tokens of each chunk")
+    parser.add_argument("--estep-dtype", choices=tuple(ESTEP_DTYPES), default=None,
+                        help="E-step under autocast to this dtype (training stays as it is)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on CPU, see threads_N_vs_1)")
     parser.add_argument("--no-reference", action="store_false", dest="reference",
@@ -647,8 +670,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(preset=args.preset, method=args.method, num_experts=args.num_experts,
                          steps=args.steps, device=args.device, compile=args.compile,
-                         estep_tokens=args.estep_tokens, threads=args.threads,
-                         reference=args.reference, techniques=args.techniques,
+                         estep_tokens=args.estep_tokens, estep_dtype=args.estep_dtype,
+                         threads=args.threads, reference=args.reference, techniques=args.techniques,
                          eval_sample=args.eval_sample)
     result = run_benchmark(config)
     line = json.dumps(result)

@@ -181,6 +181,39 @@ def test_estep_tokens_scores_the_responsibilities_on_a_prefix():
         em_loss(model, batch, hard=True, uniform_prior=True, estep_tokens=0)
 
 
+def test_estep_dtype_casts_only_the_estep():
+    model = make_model(K=3).eval()
+    batch = make_batch()
+    out = em_loss(model, batch, hard=True, uniform_prior=True, estep_dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.expert_log_likelihoods(batch.tokens, batch.lengths)
+    torch.testing.assert_close(out.responsibilities, low.float().softmax(-1))
+    with torch.no_grad():
+        exact = model.expert_log_likelihoods(batch.tokens, batch.lengths).softmax(-1)
+    torch.testing.assert_close(out.responsibilities, exact, atol=0.05, rtol=0)
+    # the M-step scores the chosen experts in float32
+    z = out.responsibilities.argmax(-1)
+    full = model.log_likelihood(batch.tokens, batch.lengths, z)
+    torch.testing.assert_close(out.nll, -full.detach().sum(), atol=1e-4, rtol=1e-5)
+    assert out.loss.dtype == torch.float32 and out.loss.requires_grad
+    with pytest.raises(ValueError, match="estep_dtype"):
+        em_loss(model, batch, hard=True, uniform_prior=True, estep_dtype=torch.float64)
+    with pytest.raises(ValueError, match="reuse_estep needs"):
+        em_loss(model, batch, hard=False, uniform_prior=True, estep_dtype=torch.bfloat16,
+                reuse_estep=True)
+
+
+def test_estep_dtype_flag_is_checked_and_reaches_training(tiny_bin, tmp_path):
+    from moelab.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="--estep-dtype must be bfloat16 or float16"):
+        TrainConfig(max_update=1, estep_dtype="int8")
+    result = train(str(tiny_bin), method="hMoEup", num_experts=2, arch="tiny", max_update=2,
+                   tokens_per_sample=32, max_tokens=256, estep_dtype="bfloat16",
+                   save_dir=str(tmp_path), device="cpu", progress_bar=False)
+    assert result.num_updates == 2 and result.config.train.estep_torch_dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------- compile fallback
 
 

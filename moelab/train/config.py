@@ -234,9 +234,17 @@ class TrainConfig:
         "torch.compile the model body and loss (warns and runs eagerly if compiling fails)"))
     estep_tokens: int | None = field(default=None, metadata=_help(
         "E-step responsibilities from the first N tokens of each chunk (M-step unchanged)"))
+    estep_dtype: str | None = field(default=None, metadata=_help(
+        "run the E-step (responsibilities only) in bfloat16 or float16 while training stays "
+        "float32: faster on CPUs with AMX/AVX-512 BF16; the winning expert may change on a "
+        "few chunks"))
     prefetch: bool = field(default=True, metadata=_help(
         "load each update's batches in place instead of on a thread during the previous "
         "update (the batches are the same)", flag="--no-prefetch"))
+
+    @property
+    def estep_torch_dtype(self) -> torch.dtype | None:
+        return None if self.estep_dtype is None else getattr(torch, self.estep_dtype)
 
     def __post_init__(self) -> None:
         self.save_dir = str(self.save_dir)
@@ -244,6 +252,9 @@ class TrainConfig:
         if self.estep_tokens is not None and self.estep_tokens < 1:
             raise ValueError(f"--estep-tokens must be >= 1 (omit it for the whole chunk), got "
                              f"{self.estep_tokens}")
+        if self.estep_dtype is not None and self.estep_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"--estep-dtype must be bfloat16 or float16 (omit it for the "
+                             f"training dtype), got {self.estep_dtype!r}")
         if self.criterion != "cross_entropy":
             raise ValueError(f"--criterion {self.criterion} is not supported: moelab's EM "
                              "objective is cross_entropy (drop the flag)")

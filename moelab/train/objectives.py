@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -52,8 +53,12 @@ class PosteriorLogSumExp(torch.autograd.Function):
         return -posterior * grad_out[:, None], None  # (B, K); no gradient for r
 
 
+ESTEP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
-            estep_tokens: int | None = None, reuse_estep: bool | None = None) -> EMOutput:
+            estep_tokens: int | None = None, reuse_estep: bool | None = None,
+            estep_dtype: torch.dtype | None = None) -> EMOutput:
     """One online-EM step's loss on a Batch (DESIGN.md section 2); the caller calls backward.
 
     estep_tokens M: responsibilities from the first M targets of each chunk only (a cheaper,
@@ -63,6 +68,9 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
     function), so it is refused otherwise. None (default): on for soft EM where exact (saves K
     forwards of B rows), off for hard EM (backward would then run over all B*K rows, which costs
     more than the one forward of B rows it saves; `moelab bench` measures both).
+    estep_dtype: run the E-step (responsibilities only) under autocast to this dtype, e.g.
+    bf16 on a CPU with AMX where training stays float32; the winning expert may then change on
+    a few chunks (benchmarks/estep_precision.py measures how many). Never reused by the M-step.
     """
     B, K = batch.tokens.shape[0], model.num_experts
     if not uniform_prior and model.gating is None:
@@ -70,11 +78,16 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
     if estep_tokens is not None and estep_tokens < 1:
         raise ValueError(f"estep_tokens must be >= 1 (or None for the whole chunk), got "
                          f"{estep_tokens}")
-    exact_reuse = K > 1 and estep_tokens is None and (model.dropout_free or not model.training)
+    if estep_dtype is not None and estep_dtype not in ESTEP_DTYPES.values():
+        raise ValueError(f"estep_dtype must be one of {', '.join(ESTEP_DTYPES)}, got "
+                         f"{estep_dtype}")
+    exact_reuse = (K > 1 and estep_tokens is None and estep_dtype is None
+                   and (model.dropout_free or not model.training))
     if reuse_estep is None:
         reuse_estep = exact_reuse and not hard
     elif reuse_estep and not exact_reuse:
-        raise ValueError("reuse_estep needs K > 1, no estep_tokens and a model without dropout "
+        raise ValueError("reuse_estep needs K > 1, no estep_tokens or estep_dtype and a model "
+                         "without dropout "
                          "(dropout, attention_dropout and gating_dropout all 0): otherwise the "
                          "M-step's forward differs from the E-step's")
 
@@ -97,8 +110,11 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                r = (log_prior() + model.expert_log_likelihoods(tokens, lengths)).softmax(-1)
+            cast = (torch.autocast(batch.tokens.device.type, dtype=estep_dtype)
+                    if estep_dtype is not None else contextlib.nullcontext())
+            with torch.no_grad(), cast:
+                scores = log_prior() + model.expert_log_likelihoods(tokens, lengths)
+            r = scores.float().softmax(-1)
         finally:
             model.train(was_training)
     assert not r.requires_grad, "responsibilities must not carry gradient"

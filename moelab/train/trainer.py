@@ -119,7 +119,8 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
     if config.train.compile:
         model.compile_for_speed()  # warns and stays eager if compiling fails
     step_module = wrap_for_training(model, dist, hard=hard, uniform_prior=uniform_prior,
-                                    estep_tokens=config.train.estep_tokens)
+                                    estep_tokens=config.train.estep_tokens,
+                                    estep_dtype=config.train.estep_torch_dtype)
     batches = train_batches(train_ds, config, dist)
     autocast = autocast_context(dist.device)
     progress = tqdm(total=config.train.max_update or None, initial=state.num_updates,
@@ -281,22 +282,24 @@ class EMStep(nn.Module):
     """
 
     def __init__(self, model: MixtureLM, *, hard: bool, uniform_prior: bool,
-                 estep_tokens: int | None = None):
+                 estep_tokens: int | None = None, estep_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.hard, self.uniform_prior = hard, uniform_prior
-        self.estep_tokens = estep_tokens
+        self.estep_tokens, self.estep_dtype = estep_tokens, estep_dtype
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior,
-                      estep_tokens=self.estep_tokens)
+                      estep_tokens=self.estep_tokens, estep_dtype=self.estep_dtype)
         return out.loss, out.responsibilities, out.nll
 
 
 def wrap_for_training(model: MixtureLM, dist: DistInfo, *, hard: bool,
-                      uniform_prior: bool, estep_tokens: int | None = None) -> nn.Module:
+                      uniform_prior: bool, estep_tokens: int | None = None,
+                      estep_dtype: torch.dtype | None = None) -> nn.Module:
     model.train()
-    step = EMStep(model, hard=hard, uniform_prior=uniform_prior, estep_tokens=estep_tokens)
+    step = EMStep(model, hard=hard, uniform_prior=uniform_prior, estep_tokens=estep_tokens,
+                  estep_dtype=estep_dtype)
     if not dist.distributed:
         return step
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None

@@ -1,0 +1,88 @@
+"""How often a lower-precision E-step picks a different expert than the float32 one, and its speed.
+
+The E-step only needs responsibilities, so it could run in a cheaper number format (bf16 on
+CPUs with AMX or AVX-512 BF16, FP8 on Hopper). This scores every chunk of a split with a trained
+checkpoint, all K experts, once in float32 and once under autocast to each --dtype, and reports
+per dtype: the share of chunks whose winning expert changes (`flip_rate`), the mean absolute
+change of the responsibilities, and the E-step's time against float32's in the same run.
+
+    python benchmarks/estep_precision.py runs/hMoEup/checkpoint_best.pt data-bin --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+
+import torch
+
+from moelab.data import BinarizedDataset, TrainBatches
+from moelab.train import load_checkpoint
+
+
+def responsibilities(model, batch, autocast) -> torch.Tensor:
+    """r = p(z | x, c) (B, K) float32, as em_loss's E-step computes it."""
+    with torch.no_grad(), autocast():
+        scores = (model.log_prior(batch.context, batch.context_lengths)
+                  + model.expert_log_likelihoods(batch.tokens, batch.lengths))
+    return scores.float().softmax(dim=-1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("data_bin")
+    parser.add_argument("--split", default="valid")
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16"],
+                        help="autocast dtypes to compare with float32 (bfloat16, float16)")
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = load_checkpoint(args.checkpoint)[0].to(device).eval()
+    if model.num_experts < 2:
+        parser.error("the checkpoint has one expert: nothing to choose between")
+    T = model.config.max_seq_len
+    batches = TrainBatches(BinarizedDataset(args.data_bin, args.split), tokens_per_sample=T,
+                           max_tokens=args.max_tokens, shuffle=False)
+    formats = {"float32": contextlib.nullcontext}
+    for name in args.dtype:
+        dtype = getattr(torch, name)
+        formats[name] = lambda dtype=dtype: torch.autocast(device.type, dtype=dtype)
+    seconds = dict.fromkeys(formats, 0.0)
+    flips = dict.fromkeys(formats, 0)
+    r_change = dict.fromkeys(formats, 0.0)
+    chunks = 0
+    for batch in batches.epoch(0):
+        batch = batch.to(device)
+        base = None
+        for name, autocast in formats.items():  # float32 first: the others compare with it
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            r = responsibilities(model, batch, autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[name] += time.perf_counter() - start
+            if base is None:
+                base = r
+            flips[name] += int((r.argmax(-1) != base.argmax(-1)).sum())
+            r_change[name] += float((r - base).abs().sum(-1).sum())
+        chunks += batch.tokens.shape[0]
+    for name in args.dtype:
+        print(json.dumps({
+            "dtype": name, "device": str(device), "chunks": chunks, "K": model.num_experts,
+            "flip_rate": round(flips[name] / chunks, 5),
+            "mean_abs_r_change": round(r_change[name] / chunks, 6),
+            "estep_speedup_vs_float32": round(seconds["float32"] / seconds[name], 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
