@@ -69,6 +69,9 @@ def test_responsibility_heatmap_writes_values_in_cells_and_exports(results, tmp_
     assert image.get_clim() == (0.0, 1.0)  # a fixed scale: runs compare at a glance
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == DOMAINS
     check_exports(report.save_figure(fig, tmp_path / "sub" / "heat"), "heat")
+    with pytest.raises(ValueError, match="unknown figure format.*'bmpx'"):
+        report.save_figure(fig, tmp_path / "other" / "heat", ("png", "bmpx"))
+    assert not (tmp_path / "other").exists()  # nothing half-written
 
 
 def test_heatmap_of_several_methods_has_one_panel_each(results):
@@ -180,6 +183,9 @@ def test_export_table_to_csv_markdown_and_latex(table, tmp_path):
     assert tex.count("\\\\") == 1 + len(table)  # header + rows
     with pytest.raises(ValueError, match="csv, md or tex"):
         report.export_table(table, tmp_path / "x", formats=("xlsx",))
+    with pytest.raises(ValueError, match="'xlsx'"):  # checked before anything is written
+        report.export_table(table, tmp_path / "y" / "t", formats=("csv", "xlsx"))
+    assert not (tmp_path / "y").exists()
 
 
 def test_cluster_table(results):

@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from moelab.evaluate import EvalResult
+from moelab.report.export import output_paths
 
 # One colour per method, the same in every figure.
 METHOD_COLORS = {"dense": "#7f7f7f", "hMoEup": "#1f77b4", "hMoElp": "#ff7f0e",
@@ -50,12 +51,9 @@ def _expert_label(column: str) -> str:
 def save_figure(fig: Figure, path_without_suffix: str | Path,
                 formats: Sequence[str] = ("png", "svg", "pdf"), *, dpi: int = 150) -> list[Path]:
     """Write `fig` as path.png, path.svg, path.pdf (folders created); -> the files written."""
-    stem = Path(path_without_suffix)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt in formats:
-        fmt = fmt.lower().lstrip(".")
-        path = stem.with_name(f"{stem.name}.{fmt}")
+    for fmt, path in output_paths(path_without_suffix, formats, kind="figure",
+                                  allowed=fig.canvas.get_supported_filetypes()):
         # no creation date in svg/pdf: re-exporting an unchanged figure gives the same file
         metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
         fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)

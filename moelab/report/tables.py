@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from moelab.evaluate import ORACLE_NOTE, EvalResult
+from moelab.report.export import output_paths
 from moelab.train import TrainResult, read_history
 
 
@@ -221,19 +222,14 @@ def export_table(df: pd.DataFrame, path_stem: str | Path,
                  formats: Sequence[str] = ("csv", "md", "tex"), *,
                  caption: str | None = None) -> list[Path]:
     """Write path_stem.csv (full precision), .md and .tex (rounded for reading); -> files."""
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt in formats:
-        fmt = fmt.lower().lstrip(".")
-        path = stem.with_name(f"{stem.name}.{fmt}")
+    for fmt, path in output_paths(path_stem, formats, allowed=("csv", "md", "tex"),
+                                  kind="table"):
         if fmt == "csv":
             df.to_csv(path)
         elif fmt == "md":
             path.write_text(to_markdown(df), encoding="utf-8")
-        elif fmt == "tex":
-            path.write_text(to_latex(df, caption=caption), encoding="utf-8")
         else:
-            raise ValueError(f"unknown table format {fmt!r}; choose csv, md or tex")
+            path.write_text(to_latex(df, caption=caption), encoding="utf-8")
         written.append(path)
     return written
