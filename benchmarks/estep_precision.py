@@ -21,6 +21,7 @@ import torch
 
 from moelab.data import BinarizedDataset, TrainBatches
 from moelab.train import load_checkpoint
+from moelab.train.objectives import ESTEP_DTYPES
 
 
 def responsibilities(model, batch, autocast) -> torch.Tensor:
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("data_bin")
     parser.add_argument("--split", default="valid")
-    parser.add_argument("--dtype", nargs="+", default=["bfloat16"],
-                        help="autocast dtypes to compare with float32 (bfloat16, float16)")
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=tuple(ESTEP_DTYPES),
+                        help="autocast dtypes to compare with float32")
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -53,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_tokens=args.max_tokens, shuffle=False)
     formats = {"float32": contextlib.nullcontext}
     for name in args.dtype:
-        dtype = getattr(torch, name)
-        formats[name] = lambda dtype=dtype: torch.autocast(device.type, dtype=dtype)
+        formats[name] = lambda dtype=ESTEP_DTYPES[name]: torch.autocast(device.type, dtype=dtype)
     seconds = dict.fromkeys(formats, 0.0)
     flips = dict.fromkeys(formats, 0)
     r_change = dict.fromkeys(formats, 0.0)

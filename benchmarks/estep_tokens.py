@@ -26,6 +26,7 @@ import torch
 from moelab.data import BinarizedDataset
 from moelab.evaluate import evaluate
 from moelab.train import load_checkpoint, read_history, train
+from moelab.train.objectives import ESTEP_DTYPES
 from moelab.workbench import DATA_PRESETS, EXPERT_PRESETS, TRAIN_PRESETS, ensure_data_bin
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="estep-tokens-runs", help="data-bin and runs go here")
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 32, 16],
                         help="the M values to compare with the full E-step")
-    parser.add_argument("--estep-dtype", nargs="*", default=[], choices=["bfloat16", "float16"],
+    parser.add_argument("--estep-dtype", nargs="*", default=[], choices=tuple(ESTEP_DTYPES),
                         help="also train with the whole chunk's E-step in these dtypes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

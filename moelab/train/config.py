@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from moelab.model import PRESETS, ModelConfig
-from moelab.train.objectives import METHODS, method_flags
+from moelab.train.objectives import ESTEP_DTYPES, METHODS, method_flags
 
 
 def _help(text: str, **extra) -> dict:
@@ -244,7 +244,7 @@ class TrainConfig:
 
     @property
     def estep_torch_dtype(self) -> torch.dtype | None:
-        return None if self.estep_dtype is None else getattr(torch, self.estep_dtype)
+        return None if self.estep_dtype is None else ESTEP_DTYPES[self.estep_dtype]
 
     def __post_init__(self) -> None:
         self.save_dir = str(self.save_dir)
@@ -252,9 +252,9 @@ class TrainConfig:
         if self.estep_tokens is not None and self.estep_tokens < 1:
             raise ValueError(f"--estep-tokens must be >= 1 (omit it for the whole chunk), got "
                              f"{self.estep_tokens}")
-        if self.estep_dtype is not None and self.estep_dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"--estep-dtype must be bfloat16 or float16 (omit it for the "
-                             f"training dtype), got {self.estep_dtype!r}")
+        if self.estep_dtype is not None and self.estep_dtype not in ESTEP_DTYPES:
+            raise ValueError(f"--estep-dtype must be {' or '.join(ESTEP_DTYPES)} (omit it for "
+                             f"the training dtype), got {self.estep_dtype!r}")
         if self.criterion != "cross_entropy":
             raise ValueError(f"--criterion {self.criterion} is not supported: moelab's EM "
                              "objective is cross_entropy (drop the flag)")
