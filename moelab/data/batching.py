@@ -111,6 +111,7 @@ class TrainBatches:
         lengths = np.asarray([c.end - c.start for c in self.chunks], dtype=np.int64)
         self.batches = batch_by_size(lengths, max_tokens, max_sentences)
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self._order: tuple[int, tuple[int, ...]] | None = None  # (epoch, order) of `order`
         # Every rank takes the same number of batches, so no rank waits on a missing all-reduce.
         self.batches_per_epoch = len(self.batches) // world_size
         if self.batches_per_epoch == 0:
@@ -119,13 +120,17 @@ class TrainBatches:
                 f"{world_size} rank(s); lower --max-tokens or use fewer processes."
             )
 
-    def order(self, epoch: int) -> list[int]:
-        """Batch indices this rank visits in ``epoch``."""
-        indices = np.arange(len(self.batches))
-        if self.shuffle:
-            indices = np.random.default_rng([self.seed, epoch]).permutation(indices)
-        mine = indices[self.rank :: self.world_size][: self.batches_per_epoch]
-        return [int(i) for i in mine]
+    def order(self, epoch: int) -> tuple[int, ...]:
+        """Batch indices this rank visits in ``epoch`` (the last epoch's is kept: every batch
+        of an update looks it up)."""
+        cached = self._order  # one read: the prefetching thread may replace it meanwhile
+        if cached is None or cached[0] != epoch:
+            indices = np.arange(len(self.batches))
+            if self.shuffle:
+                indices = np.random.default_rng([self.seed, epoch]).permutation(indices)
+            mine = indices[self.rank :: self.world_size][: self.batches_per_epoch]
+            cached = self._order = epoch, tuple(int(i) for i in mine)
+        return cached[1]
 
     def batch(self, epoch: int, position: int) -> Batch:
         """The batch at ``position`` of this rank's order in ``epoch``."""
@@ -133,8 +138,8 @@ class TrainBatches:
         return collate(self.ds, [self.chunks[i] for i in self.batches[index]], self.max_context)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        for index in self.order(epoch)[start:]:
-            yield collate(self.ds, [self.chunks[i] for i in self.batches[index]], self.max_context)
+        for position in range(start, self.batches_per_epoch):
+            yield self.batch(epoch, position)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
