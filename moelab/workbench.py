@@ -29,6 +29,7 @@ from moelab.data.dataset import BinarizedDataset
 from moelab.evaluate import EvalResult, evaluate, summarize
 from moelab.model import MixtureLM
 from moelab.train import RunConfig, load_checkpoint, read_history, train
+from moelab.train import checkpoint as ckpt
 from moelab.train.objectives import METHODS
 
 # `moelab train` options per preset (flag names with underscores).
@@ -58,7 +59,7 @@ DATA_PRESETS: dict[str, dict] = {
 }
 # Each preset's default K; the bundled corpus has 7 domains, the seed used 10.
 EXPERT_PRESETS: dict[str, int] = {"gpu": 10, "cpu": 7, "smoke": 2}
-CHECKPOINT = "checkpoint_best.pt"
+CHECKPOINT = ckpt.BEST
 DONE_FILE = "done.json"  # written when a run has reached its max_update with these options
 
 
@@ -198,10 +199,11 @@ class Workbench:
             if self.is_trained(method) and not retrain:
                 print(f"{method}: using the trained run in {save_dir} (delete it to retrain)")
             else:
-                if retrain:
-                    for name in ("checkpoint_last.pt", CHECKPOINT, "train_log.jsonl", DONE_FILE):
+                if retrain:  # the .prev fallback too, or training would resume from it
+                    for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST), CHECKPOINT,
+                                 "train_log.jsonl", DONE_FILE):
                         (save_dir / name).unlink(missing_ok=True)
-                elif (save_dir / "checkpoint_last.pt").is_file():
+                elif (save_dir / ckpt.LAST).is_file():
                     print(f"{method}: resuming the unfinished run in {save_dir}")
                 callbacks = live.callbacks(method) if live is not None else {}
                 result = train(str(data_bin), **options, **callbacks)

@@ -91,3 +91,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def smoke_workbench(tiny_bin, tmp_path_factory):
+    """Workbench(**overrides) on the tiny data-bin, smoke preset, K=3; runs shared per session."""
+    from moelab.workbench import Workbench
+
+    def make(**overrides):
+        options = dict(data_bin=tiny_bin, runs_dir=tmp_path_factory.getbasetemp() / "wb-runs",
+                       preset="smoke", num_experts=3)
+        return Workbench(**{**options, **overrides})
+    return make

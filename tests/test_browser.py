@@ -22,8 +22,6 @@ import nbformat
 import pytest
 from test_notebooks import NOTEBOOKS, inject_parameters, write_kernelspec
 
-from moelab.workbench import Workbench
-
 pytestmark = pytest.mark.slow
 TOKEN = "moelab-browser-test"
 PROMPT = "the of"
@@ -69,10 +67,9 @@ def wait_for_server(url: str, server: subprocess.Popen, log: Path, timeout: floa
 
 
 @pytest.fixture
-def lab(chromium, tiny_bin, tmp_path_factory, tmp_path):
+def lab(chromium, tiny_bin, smoke_workbench, tmp_path):
     """A JupyterLab server whose root holds 04_sample.ipynb set up for a tiny trained run."""
-    wb = Workbench(data_bin=tiny_bin, runs_dir=tmp_path_factory.getbasetemp() / "wb-runs",
-                   preset="smoke", num_experts=3)
+    wb = smoke_workbench()
     wb.train(["hMoEup"])
     root = tmp_path / "lab"
     root.mkdir()

@@ -12,7 +12,6 @@ import pytest
 from moelab import report
 from moelab.evaluate import summarize
 from moelab.report.tables import format_value, latex_escape
-from moelab.workbench import Workbench
 
 matplotlib.use("Agg")
 
@@ -102,9 +101,8 @@ def test_training_curves_and_usage_from_history_frames(tmp_path):
         report.expert_usage({"dense": fake_history(1)})
 
 
-def test_figures_from_a_real_training_run(tiny_bin, tmp_path_factory, tmp_path):
-    wb = Workbench(data_bin=tiny_bin, runs_dir=tmp_path_factory.getbasetemp() / "wb-runs",
-                   results_dir=tmp_path, preset="smoke", num_experts=3)
+def test_figures_from_a_real_training_run(smoke_workbench, tmp_path):
+    wb = smoke_workbench(results_dir=tmp_path)
     history = wb.run("hMoEup").history
     assert {"posterior_mass_0", "posterior_mass_2", "tokens_per_s"} <= set(history.columns)
     wb.save_figure(report.expert_usage({"hMoEup": history}), "usage")

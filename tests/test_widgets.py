@@ -10,14 +10,11 @@ import torch
 import moelab.widgets
 from moelab.generate import GenerationConfig, expert_posterior, generate
 from moelab.widgets import Sampler
-from moelab.workbench import Workbench
 
 
-@pytest.fixture(scope="module")
-def run(tiny_bin, tmp_path_factory):
-    wb = Workbench(data_bin=tiny_bin, runs_dir=tmp_path_factory.getbasetemp() / "wb-runs",
-                   preset="smoke", num_experts=3)
-    return wb.run("hMoEup")
+@pytest.fixture
+def run(smoke_workbench):
+    return smoke_workbench().run("hMoEup")
 
 
 @pytest.fixture
