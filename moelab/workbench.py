@@ -26,6 +26,8 @@ import torch
 
 from moelab.data import PreprocessConfig, Tokenizer, bundled_corpus, preprocess, read_meta
 from moelab.data.dataset import BinarizedDataset
+from moelab.data.preprocess import STAGING_PREFIX
+from moelab.errors import MoelabError
 from moelab.evaluate import EvalResult, evaluate, summarize
 from moelab.model import MixtureLM
 from moelab.train import RunConfig, load_checkpoint, read_history, train
@@ -60,6 +62,7 @@ DATA_PRESETS: dict[str, dict] = {
 # Each preset's default K; the bundled corpus has 7 domains, the seed used 10.
 EXPERT_PRESETS: dict[str, int] = {"gpu": 10, "cpu": 7, "smoke": 2}
 CHECKPOINT = ckpt.BEST
+SUBSET_FILE = "bundled-subset.jsonl"  # the bundled documents a quick preset keeps
 DONE_FILE = "done.json"  # written when a run has reached its max_update with these options
 
 
@@ -80,15 +83,31 @@ def ensure_data_bin(data_bin: str | Path, *, documents_per_domain: int | None = 
     documents_per_domain keeps only the first N documents of each bundled domain (quick runs).
     """
     data_bin = Path(data_bin)
+    wanted = dict(vocab_size=vocab_size, valid_fraction=valid_fraction,
+                  test_fraction=test_fraction)
     if (data_bin / "meta.json").is_file():
+        made = read_meta(data_bin).get("config", {})
+        # a bundled data-bin made with other settings (another preset) would be reused silently;
+        # a data-bin of the user's own corpus is theirs to size
+        if made.get("bundled") or Path(str(made.get("data"))).name == SUBSET_FILE:
+            differ = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
+            if differ:
+                shown = ", ".join(f"{k} {a} (wanted {b})" for k, (a, b) in differ.items())
+                raise MoelabError(
+                    f"{data_bin} holds the bundled corpus preprocessed with {shown}; use "
+                    "another folder (e.g. another --out) or delete that one to rebuild it.")
         return data_bin
-    config = dict(destdir=str(data_bin), vocab_size=vocab_size, force=True,
-                  valid_fraction=valid_fraction, test_fraction=test_fraction)
+    leftovers = list(data_bin.iterdir()) if data_bin.is_dir() else []
+    if any(not p.name.startswith(STAGING_PREFIX) for p in leftovers):
+        raise MoelabError(f"{data_bin} is not empty and holds no data-bin (no meta.json); point "
+                          "the data-bin at an empty or new folder, or at a moelab data-bin.")
+    # force: only a killed run's staging folder is there, which preprocess replaces
+    config = dict(destdir=str(data_bin), force=bool(leftovers), **wanted)
     if documents_per_domain is None:
         preprocess(PreprocessConfig(bundled=True, **config))
         return data_bin
     with tempfile.TemporaryDirectory(prefix="moelab-corpus-") as tmp:
-        subset = Path(tmp) / "bundled-subset.jsonl"
+        subset = Path(tmp) / SUBSET_FILE
         with subset.open("w", encoding="utf-8") as f:
             for doc in bundled_corpus(max_documents=documents_per_domain):
                 f.write(json.dumps({"text": doc.text, "domain": doc.domain}) + "\n")

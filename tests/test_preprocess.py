@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +75,17 @@ def test_failed_run_leaves_destdir_untouched(tmp_path):
         preprocess(PreprocessConfig(destdir=str(tmp_path / "bin"), data=str(tmp_path / "c"),
                                     vocab_size=50257))
     assert not (tmp_path / "bin").exists() or not any((tmp_path / "bin").iterdir())
+
+
+def test_meta_json_is_moved_into_place_last(tiny_corpus, tmp_path, monkeypatch):
+    """meta.json marks a data-bin complete: a kill between two renames must not leave it."""
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace",
+                        lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
+    preprocess(PreprocessConfig(destdir=str(tmp_path / "bin"), data=str(tiny_corpus),
+                                vocab_size=512))
+    assert len(moved) > 5 and moved[-1] == "meta.json"
 
 
 def test_nwordssrc_too_large_reports_a_value_that_works(tmp_path, tiny_corpus):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from moelab.train import checkpoint as ckpt
 from moelab.workbench import DONE_FILE
 
@@ -40,3 +42,26 @@ def test_evaluation_is_cached_on_disk_until_the_checkpoint_changes(smoke_workben
     wb.train("hMoEup", retrain=True)  # a new checkpoint: the cache is stale
     smoke_workbench(runs_dir=tmp_path, num_experts=2).evaluate("hMoEup", "valid")
     assert cache.stat().st_mtime_ns > written
+
+
+def test_a_bundled_data_bin_made_for_another_preset_is_refused(tmp_path):
+    from moelab.errors import MoelabError
+    from moelab.workbench import ensure_data_bin
+
+    data_bin = ensure_data_bin(tmp_path / "bin", documents_per_domain=4, vocab_size=500,
+                               valid_fraction=0.2, test_fraction=0.2)
+    again = dict(documents_per_domain=4, valid_fraction=0.2, test_fraction=0.2)
+    assert ensure_data_bin(data_bin, vocab_size=500, **again) == data_bin  # same settings: reused
+    with pytest.raises(MoelabError, match="vocab_size 500 \\(wanted 600\\).*another folder"):
+        ensure_data_bin(data_bin, vocab_size=600, **again)
+
+
+def test_a_folder_that_is_not_a_data_bin_is_never_written_into(tmp_path):
+    from moelab.errors import MoelabError
+    from moelab.workbench import ensure_data_bin
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "mine.txt").write_text("keep me")
+    with pytest.raises(MoelabError, match="not empty and holds no data-bin"):
+        ensure_data_bin(tmp_path / "corpus", documents_per_domain=4, vocab_size=500)
+    assert [p.name for p in (tmp_path / "corpus").iterdir()] == ["mine.txt"]

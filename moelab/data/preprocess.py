@@ -30,6 +30,7 @@ from moelab.errors import MoelabError
 
 TOKENIZER_FILE = "spm.model"
 META_FILE = "meta.json"
+STAGING_PREFIX = ".moelab-staging-"  # the folder inside destdir that output is written to first
 ENCODE_BATCH_DOCS = 64
 
 
@@ -187,7 +188,7 @@ def preprocess(config: PreprocessConfig) -> dict:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32)
 
     destdir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".moelab-staging-", dir=destdir))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=destdir))
     try:
         (staging / TOKENIZER_FILE).write_bytes(model_proto)
         splits_present = _present_splits(sources)
@@ -196,7 +197,9 @@ def preprocess(config: PreprocessConfig) -> dict:
         split_stats = {split: writer.close() for split, writer in writers.items()}
         meta = _meta(config, domains, tokenizer, dtype, split_stats, sources, started)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        for path in sorted(staging.iterdir()):
+        # meta.json last: its presence is what marks a data-bin complete (read_meta), so a run
+        # killed between two renames leaves no meta.json beside missing token files
+        for path in sorted(staging.iterdir(), key=lambda p: (p.name == META_FILE, p.name)):
             os.replace(path, destdir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
