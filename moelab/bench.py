@@ -58,6 +58,7 @@ from moelab.train.objectives import (
     PosteriorLogSumExp,
     em_loss,
     method_flags,
+    reuses_estep,
 )
 from moelab.train.trainer import EMStep, autocast_context, train_step
 
@@ -531,9 +532,7 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
     else:
         (t_ours,) = timed([ours], config.steps, device, warmup=0)  # warmed up above
     tokens = batch.num_tokens
-    reuse = (not hard and model.dropout_free and config.estep_tokens is None
-             and config.estep_dtype is None
-             and model.num_experts > 1)
+    reuse = reuses_estep(model, hard=hard, **_estep_options(config))
     estep_fraction = (1.0 if config.estep_tokens is None
                       else min(1.0, config.estep_tokens / preset.tokens_per_sample))
     flops = step_flops_per_token(model, batch.tokens.shape[1], hard=hard, reuse=reuse,

@@ -56,6 +56,20 @@ class PosteriorLogSumExp(torch.autograd.Function):
 ESTEP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def can_reuse_estep(model: MixtureLM, *, estep_tokens: int | None = None,
+                    estep_dtype: torch.dtype | None = None) -> bool:
+    """Whether the M-step's forward computes exactly the E-step's scores (see em_loss)."""
+    return (model.num_experts > 1 and estep_tokens is None and estep_dtype is None
+            and (model.dropout_free or not model.training))
+
+
+def reuses_estep(model: MixtureLM, *, hard: bool, estep_tokens: int | None = None,
+                 estep_dtype: torch.dtype | None = None) -> bool:
+    """em_loss's default: reuse where exact, for soft EM only (hard EM would pay more)."""
+    return not hard and can_reuse_estep(model, estep_tokens=estep_tokens,
+                                        estep_dtype=estep_dtype)
+
+
 def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
             estep_tokens: int | None = None, reuse_estep: bool | None = None,
             estep_dtype: torch.dtype | None = None) -> EMOutput:
@@ -81,11 +95,11 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
     if estep_dtype is not None and estep_dtype not in ESTEP_DTYPES.values():
         raise ValueError(f"estep_dtype must be one of {', '.join(ESTEP_DTYPES)}, got "
                          f"{estep_dtype}")
-    exact_reuse = (K > 1 and estep_tokens is None and estep_dtype is None
-                   and (model.dropout_free or not model.training))
     if reuse_estep is None:
-        reuse_estep = exact_reuse and not hard
-    elif reuse_estep and not exact_reuse:
+        reuse_estep = reuses_estep(model, hard=hard, estep_tokens=estep_tokens,
+                                   estep_dtype=estep_dtype)
+    elif reuse_estep and not can_reuse_estep(model, estep_tokens=estep_tokens,
+                                             estep_dtype=estep_dtype):
         raise ValueError("reuse_estep needs K > 1, no estep_tokens or estep_dtype and a model "
                          "without dropout "
                          "(dropout, attention_dropout and gating_dropout all 0): otherwise the "
