@@ -396,7 +396,7 @@ class Loaded:
 
 def load_for_inference(args: argparse.Namespace, command: str) -> Loaded:
     """Checkpoint + data-bin, checked against each other and against the flags given."""
-    from moelab.train.checkpoint import read_checkpoint
+    from moelab.train.checkpoint import build_model, read_checkpoint
     from moelab.train.distributed import resolve_device
 
     notes = _fairseq_notes(args, command)
@@ -406,9 +406,10 @@ def load_for_inference(args: argparse.Namespace, command: str) -> Loaded:
         raise MoelabError(str(e)) from None
     meta = read_meta(args.data)
     checkpoint = read_checkpoint(args.path, map_location="cpu")
-    config = ModelConfig(**checkpoint["model_config"])
+    model, config = build_model(checkpoint, args.path)  # a clear error if they do not fit
     notes += _check_flags(args, checkpoint, config)
-    theirs = checkpoint.get("tokenizer", {}).get("sha256")
+    tokenizer_info = checkpoint.get("tokenizer")
+    theirs = tokenizer_info.get("sha256") if isinstance(tokenizer_info, dict) else None
     ours = meta.get("tokenizer_sha256")
     trained_on = checkpoint.get("config", {}).get("data", {}).get("data", "?")
     if (theirs and ours and theirs != ours) or config.vocab_size != int(meta["vocab_size"]):
@@ -417,8 +418,6 @@ def load_for_inference(args: argparse.Namespace, command: str) -> Loaded:
             f"(sha256 {str(theirs)[:12]}... with {config.vocab_size} pieces vs "
             f"{str(ours)[:12]}... with {meta['vocab_size']}): use the data-bin the checkpoint "
             f"was trained on ({trained_on})")
-    model = MixtureLM(config)
-    model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     tokenizer = Tokenizer.load(Path(args.data) / meta["tokenizer"])
     return Loaded(model=model, checkpoint=checkpoint, tokenizer=tokenizer, notes=notes)

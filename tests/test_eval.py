@@ -240,3 +240,16 @@ def test_checkpoint_and_data_bin_with_different_tokenizers(tiny_corpus, ckpt, tm
     assert "different tokenizers" in err and "sha256" in err
     assert main(["interactive", str(other), "--path", str(ckpt), "--prompt", "x"]) == 2
     assert "different tokenizers" in capsys.readouterr().err
+
+
+def test_checkpoint_whose_config_does_not_fit_its_weights_is_one_clear_line(
+        tiny_bin, ckpt, tmp_path, capsys):
+    from moelab.train.checkpoint import save_checkpoint
+
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["model_config"]["n_layer"] += 1  # an altered file: one block has no weights
+    altered = tmp_path / "altered.pt"
+    save_checkpoint(altered, checkpoint)
+    assert main(["eval-lm", str(tiny_bin), "--path", str(altered)]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit together" in err and len(err.strip().splitlines()) == 1
