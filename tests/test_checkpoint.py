@@ -106,6 +106,7 @@ def _copy(trained_dir, tmp_path):
     (dict(decoder_embed_dim=32), "--decoder-embed-dim = 64 but this run has 32"),
     (dict(tokens_per_sample=32), "--tokens-per-sample = 64 but this run has 32"),
     (dict(method="hMoElp"), "learned prior (--method *lp) = False but this run has True"),
+    (dict(method="sMoEup"), "trained with --method hMoEup but this run is sMoEup"),  # same shapes
 ])
 def test_resume_refuses_another_model(tiny_bin, trained_dir, tmp_path, change, message):
     save_dir = _copy(trained_dir, tmp_path)

@@ -241,8 +241,12 @@ def _corrupt(path: Path, e: Exception, other: str) -> UnreadableCheckpoint:
 
 
 def check_compatible(checkpoint: dict, model_config: ModelConfig, tokenizer_sha256: str | None,
-                     path: str | Path) -> None:
-    """Refuse a checkpoint whose K, vocabulary or architecture differ from this run's."""
+                     path: str | Path, *, method: str | None = None) -> None:
+    """Refuse a checkpoint whose method, K, vocabulary or architecture differ from this run's.
+
+    The method matters even where the shapes agree (hMoEup vs sMoEup): resuming would continue
+    another method's run and mix both in its log and checkpoints.
+    """
     saved = checkpoint["model_config"]
     missing = [key for key in RESUME_KEYS if key not in checkpoint]
     if missing:
@@ -259,6 +263,12 @@ def check_compatible(checkpoint: dict, model_config: ModelConfig, tokenizer_sha2
                 f"{ours}; use another --save-dir (or --restore-file) for a different model, or "
                 "rerun with the checkpoint's settings"
             )
+    run = checkpoint.get("config")
+    trained = run.get("model", {}).get("method") if isinstance(run, dict) else None
+    if method is not None and trained is not None and trained != method:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with --method {trained} but this run is {method}; "
+            "use another --save-dir for another method, or rerun with the checkpoint's method")
     tokenizer = checkpoint.get("tokenizer")
     theirs = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
     if tokenizer_sha256 and theirs and theirs != tokenizer_sha256:

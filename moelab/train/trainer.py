@@ -111,7 +111,7 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
     restore = find_restore_file(config, say)
     if restore is not None:
         state, restore = restore_with_fallback(restore, model, optimizer, meter, mconf, train_ds,
-                                               dist, say)
+                                               dist, say, method=config.model.method)
         say(f"resumed from {restore} at update {state.num_updates} (epoch {state.epoch})")
     if dist.is_main:
         _log_io(save_dir, truncate_history, state.num_updates)
@@ -651,19 +651,22 @@ def save(model, optimizer, meter: Meter, state: TrainState, config: RunConfig,
 
 def restore_with_fallback(path: Path, model: MixtureLM, optimizer: torch.optim.Optimizer,
                           meter: Meter, mconf: ModelConfig, train_ds: BinarizedDataset,
-                          dist: DistInfo, say: Callable[[str], None]) -> tuple[TrainState, Path]:
+                          dist: DistInfo, say: Callable[[str], None], *, method: str
+                          ) -> tuple[TrainState, Path]:
     """restore_checkpoint, falling back to the previous checkpoint if this one is damaged.
 
     Only an unreadable file falls back; one that does not fit this run (another K, vocabulary
     or architecture) is an error, since its predecessor would not fit either.
     """
     try:
-        return restore_checkpoint(path, model, optimizer, meter, mconf, train_ds, dist), path
+        return restore_checkpoint(path, model, optimizer, meter, mconf, train_ds, dist,
+                                  method=method), path
     except ckpt.UnreadableCheckpoint as e:
         prev = ckpt.previous_path(path)
         if not prev.is_file() or prev == path:
             raise
-        state = restore_checkpoint(prev, model, optimizer, meter, mconf, train_ds, dist)
+        state = restore_checkpoint(prev, model, optimizer, meter, mconf, train_ds, dist,
+                                   method=method)
         # set the damaged file aside, or the next save would keep it as the "previous" one
         aside = path.with_name(path.name + ".damaged")
         if dist.is_main and path.is_file():
@@ -676,10 +679,11 @@ def restore_with_fallback(path: Path, model: MixtureLM, optimizer: torch.optim.O
 
 def restore_checkpoint(path: Path, model: MixtureLM, optimizer: torch.optim.Optimizer,
                        meter: Meter, mconf: ModelConfig, train_ds: BinarizedDataset,
-                       dist: DistInfo) -> TrainState:
+                       dist: DistInfo, *, method: str) -> TrainState:
     """Load weights, optimizer, RNG, meter and data position so the run continues exactly."""
     checkpoint = ckpt.read_checkpoint(path, map_location=dist.device)
-    ckpt.check_compatible(checkpoint, mconf, train_ds.meta.get("tokenizer_sha256"), path)
+    ckpt.check_compatible(checkpoint, mconf, train_ds.meta.get("tokenizer_sha256"), path,
+                          method=method)
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
