@@ -38,7 +38,7 @@ def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_resumes_an_unfinished_run(tmp_path):
+def test_demo_resumes_an_unfinished_run(tmp_path, capsys):
     from moelab.train import read_history
 
     out = tmp_path / "demo"
@@ -46,9 +46,12 @@ def test_demo_resumes_an_unfinished_run(tmp_path):
     save_dir = out / "runs" / "hMoEup"
     (save_dir / "done.json").unlink()  # as if the run had been killed after its last checkpoint
     before = read_history(save_dir)
+    capsys.readouterr()
     assert main(["demo", "--preset", "smoke", "--out", str(out), "--methods", "hMoEup"]) == 0
+    assert "resuming the unfinished run" in capsys.readouterr().out  # not trained from scratch
     assert (save_dir / "done.json").is_file()
     assert read_history(save_dir)["update"].max() == before["update"].max()
+    assert len(read_history(save_dir)) == len(before)  # no update trained twice
 
 
 def test_bad_methods_and_experts_are_refused():

@@ -166,10 +166,14 @@ def test_killed_anywhere_the_run_resumes_exactly(tiny_bin, tmp_path):
 @pytest.fixture(scope="module")
 def trained_dir(tiny_bin, tmp_path_factory):
     """A save dir after 4 updates with a save every 2: checkpoint_last (4) and .prev (2)."""
-    torch.set_num_threads(1)
     save_dir = tmp_path_factory.mktemp("faults-trained")
-    train(tiny_bin, method="hMoEup", num_experts=2, max_update=4, save_interval_updates=2,
-          log_interval=1, save_dir=save_dir, **TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored after: a module fixture must not change later tests
+    try:
+        train(tiny_bin, method="hMoEup", num_experts=2, max_update=4, save_interval_updates=2,
+              log_interval=1, save_dir=save_dir, **TINY)
+    finally:
+        torch.set_num_threads(threads)
     return save_dir
 
 

@@ -314,11 +314,15 @@ def micro(tmp_path_factory):
         warnings.simplefilter("ignore")
         preprocess(PreprocessConfig(destdir=str(data), data=str(corpus), vocab_size=300,
                                     valid_fraction=0.2, test_fraction=0.2))
-    torch.set_num_threads(1)
-    train(data, arch="tiny", method="hMoElp", num_experts=2, max_update=1, decoder_layers=1,
-          decoder_embed_dim=32, decoder_attention_heads=2, decoder_ffn_embed_dim=64,
-          tokens_per_sample=32, max_tokens=256, save_dir=root / "ckpt", device="cpu",
-          progress_bar=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored after: a module fixture must not change later tests
+    try:
+        train(data, arch="tiny", method="hMoElp", num_experts=2, max_update=1, decoder_layers=1,
+              decoder_embed_dim=32, decoder_attention_heads=2, decoder_ffn_embed_dim=64,
+              tokens_per_sample=32, max_tokens=256, save_dir=root / "ckpt", device="cpu",
+              progress_bar=False)
+    finally:
+        torch.set_num_threads(threads)
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00garbage")
     (root / "empty.txt").write_text("")
     return {"data": data, "corpus": corpus, "ckpt": root / "ckpt" / "checkpoint_best.pt",
