@@ -247,7 +247,12 @@ class Workbench:
         if not (save_dir / DONE_FILE).is_file() or not (save_dir / CHECKPOINT).is_file():
             return False
         done = json.loads((save_dir / DONE_FILE).read_text())
-        return done.get("options") == json.loads(json.dumps(self.train_options_for(method)))
+        # where the run lives and runs does not change what was trained: a moved runs folder,
+        # or notebooks opened on another device, still find it trained
+        def what(options: dict) -> dict:
+            return {k: v for k, v in options.items() if k not in ("device", "save_dir")}
+        return what(done.get("options") or {}) == what(
+            json.loads(json.dumps(self.train_options_for(method))))
 
     def run(self, method: str) -> Run:
         """The trained run of `method` (trained first when missing), loaded once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -29,6 +30,9 @@ def test_changed_options_make_a_run_untrained(smoke_workbench, tmp_path):
     assert smoke_workbench(runs_dir=tmp_path, num_experts=2).is_trained("hMoEup")
     assert not smoke_workbench(runs_dir=tmp_path, num_experts=2,
                                train_options={"lr": 1e-3}).is_trained("hMoEup")
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    assert smoke_workbench(runs_dir=moved, num_experts=2).is_trained("hMoEup")
 
 
 def test_evaluation_is_cached_on_disk_until_the_checkpoint_changes(smoke_workbench, tmp_path):
