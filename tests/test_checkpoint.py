@@ -9,6 +9,7 @@ import torch
 
 from moelab.cli import main
 from moelab.train import CheckpointError, load_checkpoint, read_history, train
+from moelab.train import checkpoint as ckpt_module
 from moelab.train.checkpoint import read_checkpoint, save_checkpoint
 
 TINY = dict(arch="tiny", decoder_layers=2, decoder_embed_dim=64, decoder_ffn_embed_dim=128,
@@ -146,6 +147,24 @@ def test_truncated_checkpoint_is_a_clear_error_naming_the_file(tiny_bin, trained
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {path} is truncated or corrupt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [PermissionError("denied"), MemoryError()])
+def test_a_checkpoint_that_cannot_be_loaded_now_is_not_called_damaged(
+        tiny_bin, trained_dir, tmp_path, monkeypatch, error):
+    """A permission or memory failure must not set a good checkpoint aside as damaged."""
+    save_dir = _copy(trained_dir, tmp_path)
+    path = save_dir / "checkpoint_last.pt"
+    shutil.copy(path, ckpt_module.previous_path(path))  # a fallback that would be taken
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(ckpt_module.torch, "load", fail)
+    with pytest.raises(CheckpointError, match="not a sign of damage") as e:
+        train(tiny_bin, method="hMoEup", num_experts=2, max_update=2, max_tokens=512,
+              save_dir=save_dir, **TINY)
+    assert not isinstance(e.value, ckpt_module.UnreadableCheckpoint)
+    assert path.is_file() and not path.with_name(path.name + ".damaged").exists()
 
 
 def test_missing_restore_file_is_an_error(tiny_bin, tmp_path):

@@ -219,6 +219,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"such objects and did not run anything from it. Use a checkpoint written by "
                 f"`moelab train`{other}") from None
         raise _corrupt(path, e, other) from None
+    except (PermissionError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        # the file may well be fine: not UnreadableCheckpoint, so resuming never sets it aside
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); this is not a "
+            "sign of damage: fix the permissions or free memory, then rerun") from None
     except Exception as e:  # zip/pickle/EOF errors all mean the same thing to a user
         raise _corrupt(path, e, other) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
