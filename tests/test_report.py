@@ -142,6 +142,14 @@ def table(results):
     return report.method_table(runs)
 
 
+def test_method_run_of_reads_the_log_of_a_save_dir(smoke_workbench, results):
+    wb = smoke_workbench()
+    save_dir = wb.train(["hMoEup"])["hMoEup"]
+    run = report.MethodRun.of("hMoEup", save_dir, results["hMoEup"])
+    assert run.history["update"].max() == 6 and run.test is None
+    assert report.MethodRun.of("dense", None, results["dense"]).history is None
+
+
 def test_method_table_has_one_row_per_method(table, results):
     assert list(table.index) == ["dense", "hMoEup", "sMoElp"]
     for column in ("valid ppl", "valid oracle ppl", "test ppl", "test oracle ppl", "alpha ppl",
