@@ -71,12 +71,12 @@ def demo(config: DemoConfig) -> Path:
     runs = wb.method_runs(config.methods)
     _say("writing tables, figures and samples")
     table = report_tables(wb, runs)
-    report_figures(wb, runs)
+    figures = report_figures(wb, runs)
     samples = sample_experts(wb, config)
     (out / "samples.md").write_text(samples, encoding="utf-8")
     path = out / "report.md"
-    path.write_text(report_markdown(wb, runs, table, samples, time.perf_counter() - started),
-                    encoding="utf-8")
+    path.write_text(report_markdown(wb, runs, table, figures, samples,
+                                    time.perf_counter() - started), encoding="utf-8")
     return path
 
 
@@ -94,7 +94,16 @@ def report_tables(wb: Workbench, runs: list) -> pd.DataFrame:
     return table
 
 
-def report_figures(wb: Workbench, runs: list) -> None:
+FIGURE_CAPTIONS = {
+    "perplexity_by_domain": "Test perplexity per method and domain",
+    "responsibilities": "Responsibilities: domains x experts",
+    "training_curves": "Training and validation curves",
+    "expert_usage": "Expert usage over training",
+}
+
+
+def report_figures(wb: Workbench, runs: list) -> list[str]:
+    """Write the figures under figures/; -> the names written (no mixture: no expert plots)."""
     import matplotlib.pyplot as plt
 
     from moelab import report
@@ -102,7 +111,7 @@ def report_figures(wb: Workbench, runs: list) -> None:
     mixtures = {run.name: run.test for run in runs if run.name != "dense"}
     figures = {
         "perplexity_by_domain": report.perplexity_by_domain(
-            {run.name: run.test for run in runs}, title="Test perplexity per method and domain"),
+            {run.name: run.test for run in runs}, title=FIGURE_CAPTIONS["perplexity_by_domain"]),
         "training_curves": report.training_curves({run.name: run.history for run in runs}),
     }
     if mixtures:
@@ -112,6 +121,7 @@ def report_figures(wb: Workbench, runs: list) -> None:
     for name, fig in figures.items():
         wb.save_figure(fig, f"figures/{name}")
         plt.close(fig)
+    return list(figures)
 
 
 def sample_experts(wb: Workbench, config: DemoConfig) -> str:
@@ -194,11 +204,11 @@ def reading(table: pd.DataFrame, max_update: int) -> list[str]:
     return lines
 
 
-def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, samples: str,
-                    seconds: float) -> str:
+def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: list[str],
+                    samples: str, seconds: float) -> str:
     from moelab.report import to_markdown
 
-    options = TRAIN_PRESETS[wb.preset]
+    options = {**TRAIN_PRESETS[wb.preset], **wb.train_options}  # what actually trained
     device = (torch.cuda.get_device_name() if wb.device == "cuda" else
               f"CPU ({platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads)")
@@ -217,10 +227,8 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, samples: str
         "Also as `tables/methods.csv` and `tables/methods.tex`; cluster agreement per method in "
         "`tables/clusters.*`.", "",
         "## Figures", "",
-        "![Test perplexity per method and domain](figures/perplexity_by_domain.png)", "",
-        "![Responsibilities: domains x experts](figures/responsibilities.png)", "",
-        "![Training and validation curves](figures/training_curves.png)", "",
-        "![Expert usage over training](figures/expert_usage.png)", "",
+        *(f"![{FIGURE_CAPTIONS[name]}](figures/{name}.png)\n" for name in FIGURE_CAPTIONS
+          if name in figures),
         "Each figure is also saved as SVG and PDF.", "",
         samples.replace("# Samples", "## Samples", 1),
     ]

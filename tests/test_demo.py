@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -25,6 +27,8 @@ def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
     for stem in ("perplexity_by_domain", "training_curves", "responsibilities", "expert_usage"):
         for suffix in ("png", "svg", "pdf"):
             assert (out / "figures" / f"{stem}.{suffix}").stat().st_size > 0
+    links = re.findall(r"\]\((figures/[^)]+)\)", report)
+    assert len(links) == 4 and all((out / link).is_file() for link in links)
     table = pd.read_csv(out / "tables/methods.csv", index_col=0)
     assert list(table.index) == ["dense", "hMoEup", "sMoElp"]
     assert (table["test oracle ppl"] <= table["test ppl"] + 1e-6).all()
@@ -80,3 +84,11 @@ def test_reading_calls_a_learned_prior_collapsed_only_when_most_experts_are_idle
                           "usage entropy": [1.0]}, index=["hMoElp"])
     text = "\n".join(reading(table, max_update=200))
     assert says in text
+
+
+def test_a_dense_only_report_links_only_the_figures_it_made(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--methods", "dense"]) == 0
+    links = re.findall(r"\]\((figures/[^)]+)\)", (out / "report.md").read_text())
+    assert links == ["figures/perplexity_by_domain.png", "figures/training_curves.png"]
+    assert all((out / link).is_file() for link in links)
