@@ -174,14 +174,18 @@ class OptimConfig:
     adam_betas: tuple[float, float] = field(
         default=(0.9, 0.98), metadata=_help("Adam betas, e.g. '(0.9, 0.98)'", parse=parse_betas))
     adam_eps: float = field(default=1e-8, metadata=_help("Adam epsilon"))
-    weight_decay: float = field(default=0.0, metadata=_help("L2 weight decay (as fairseq adam)"))
+    weight_decay: float = field(default=0.0, metadata=_help(
+        "decoupled weight decay, as fairseq's adam (the AdamW update: w -= lr * wd * w, not "
+        "added to the gradient)"))
     clip_norm: float = field(default=0.0, metadata=_help("clip gradient norm (0 = no clipping)"))
     lr_scheduler: str = field(default="inverse_sqrt",
                               metadata=_help("only inverse_sqrt is implemented"))
     warmup_updates: int = field(default=4000, metadata=_help("linear warmup updates"))
     warmup_init_lr: float = field(
         default=1e-7, metadata=_help("lr at update 0 (-1: 0 with warmup, else --lr)"))
-    min_lr: float = field(default=1e-9, metadata=_help("floor of the learning rate"))
+    min_lr: float = field(default=1e-9, metadata=_help(
+        "stop training once the learning rate decays to this or below, as fairseq (not a "
+        "floor)"))
 
     def __post_init__(self) -> None:
         self.adam_betas = parse_betas(self.adam_betas)

@@ -1,4 +1,4 @@
-"""fairseq's inverse_sqrt learning-rate schedule, as a pure function of the update count."""
+"""fairseq's inverse_sqrt learning-rate schedule and its --min-lr stop, as pure functions."""
 
 from __future__ import annotations
 
@@ -7,24 +7,34 @@ import math
 from moelab.train.config import OptimConfig
 
 
-def inverse_sqrt_lr(num_updates: int, *, lr: float, warmup_updates: int, warmup_init_lr: float,
-                    min_lr: float = 0.0) -> float:
+def inverse_sqrt_lr(num_updates: int, *, lr: float, warmup_updates: int,
+                    warmup_init_lr: float) -> float:
     """Learning rate after `num_updates` optimizer steps (update u uses inverse_sqrt_lr(u - 1)).
 
     Linear warmup from warmup_init_lr to lr over warmup_updates, then lr * sqrt(warmup / step),
-    as fairseq's InverseSquareRootSchedule; min_lr is a floor. Without warmup the decay starts
-    at step 1 (lr / sqrt(step)), where fairseq would divide by zero.
+    as fairseq's InverseSquareRootSchedule. Without warmup the decay starts at step 1
+    (lr / sqrt(step)), where fairseq would divide by zero. There is no floor: --min-lr stops
+    training instead (`below_min_lr`), as in fairseq.
     """
     if num_updates < warmup_updates:
-        value = warmup_init_lr + num_updates * (lr - warmup_init_lr) / warmup_updates
-    elif warmup_updates > 0:
-        value = lr * math.sqrt(warmup_updates / num_updates)
-    else:
-        value = lr / math.sqrt(max(num_updates, 1))
-    return max(value, min_lr)
+        return warmup_init_lr + num_updates * (lr - warmup_init_lr) / warmup_updates
+    if warmup_updates > 0:
+        return lr * math.sqrt(warmup_updates / num_updates)
+    return lr / math.sqrt(max(num_updates, 1))
 
 
 def learning_rate(optim: OptimConfig, num_updates: int) -> float:
     """The learning rate for the next update, given how many updates are done."""
     return inverse_sqrt_lr(num_updates, lr=optim.lr, warmup_updates=optim.warmup_updates,
-                           warmup_init_lr=optim.warmup_init_lr, min_lr=optim.min_lr)
+                           warmup_init_lr=optim.warmup_init_lr)
+
+
+def below_min_lr(optim: OptimConfig, num_updates: int) -> bool:
+    """fairseq's --min-lr: training stops once the decaying rate is at or below it.
+
+    Only after warmup: a warmup that starts at 0 (--warmup-init-lr -1) is not a decay.
+    fairseq checks at each epoch's start; moelab before every update, so no update ever runs
+    at a rate below --min-lr.
+    """
+    return (num_updates >= optim.warmup_updates
+            and learning_rate(optim, num_updates) <= optim.min_lr)

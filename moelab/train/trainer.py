@@ -42,7 +42,7 @@ from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import append_record, read_history, truncate_history
 from moelab.train.objectives import em_loss, method_flags
 from moelab.train.prefetch import BatchPrefetcher
-from moelab.train.schedule import learning_rate
+from moelab.train.schedule import below_min_lr, learning_rate
 
 Callback = Callable[[dict], None]
 
@@ -161,6 +161,10 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
                 save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
                      ckpt.LAST)
         progress.close()
+        if below_min_lr(config.optim, state.num_updates):
+            say(f"stopped at update {state.num_updates}: the learning rate "
+                f"{learning_rate(config.optim, state.num_updates):.3g} is at or below --min-lr "
+                f"{config.optim.min_lr:g} (fairseq's rule)")
 
         if state.num_updates > updates_at_start or restore is None:
             result = evaluate_and_save(model, optimizer, meter, state, config, mconf, valid_set,
@@ -226,7 +230,8 @@ def _due(state: TrainState, interval: int) -> bool:
 def finished(state: TrainState, config: RunConfig) -> bool:
     t = config.train
     return ((t.max_update > 0 and state.num_updates >= t.max_update)
-            or (t.max_epoch > 0 and state.epoch > t.max_epoch))
+            or (t.max_epoch > 0 and state.epoch > t.max_epoch)
+            or below_min_lr(config.optim, state.num_updates))
 
 
 # --------------------------------------------------------------------------- setup
@@ -240,10 +245,12 @@ def set_seed(seed: int) -> None:
 
 
 def build_optimizer(model: nn.Module, config: RunConfig, device: torch.device
-                    ) -> torch.optim.Adam:
+                    ) -> torch.optim.AdamW:
+    """fairseq's `adam`: its weight decay is decoupled (w -= lr * wd * w), which is AdamW's
+    update, not torch's Adam (which adds wd * w to the gradient)."""
     o = config.optim
     # fused Adam is one kernel for all parameters on CUDA; CPU has no fused kernel here
-    return torch.optim.Adam(model.parameters(), lr=o.lr, betas=o.adam_betas, eps=o.adam_eps,
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.adam_betas, eps=o.adam_eps,
                             weight_decay=o.weight_decay, fused=device.type == "cuda")
 
 
