@@ -147,11 +147,11 @@ def reference_log_likelihood(model: MixtureLM, tokens: torch.Tensor, lengths: to
     """log p(x | z) per row (B,): manual attention, all (B, T, V) float32 log-probs at once."""
     T = tokens.shape[1]
     input_ids = torch.cat([(model.config.vocab_size + experts)[:, None], tokens[:, :-1]], dim=1)
-    logits = model.transformer.lm_head(reference_hidden(model.transformer, input_ids))
-    lprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V+K): fairseq's get_normalized_probs
+    logits = model.output_logits(reference_hidden(model.transformer, input_ids))  # (B, T, V)
+    lprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V): fairseq's get_normalized_probs
     ll = lprobs.gather(2, tokens[:, :, None]).squeeze(2)  # (B, T)
     mask = torch.arange(T, device=tokens.device) < lengths[:, None]
-    return (ll * mask).sum(1)  # (B,)
+    return torch.where(mask, ll, 0.0).sum(1)  # (B,): padding targets (pad id) are -inf
 
 
 def reference_step(model: MixtureLM, batch: Batch, optimizer: torch.optim.Optimizer, *,
@@ -343,9 +343,10 @@ def _plain_log_likelihood(model: MixtureLM, tokens: torch.Tensor, lengths: torch
     B, T = tokens.shape
     input_ids = torch.cat([(model.config.vocab_size + experts)[:, None], tokens[:, :-1]], dim=1)
     hidden = model.transformer.hidden(input_ids).flatten(0, 1)  # (B*T, C)
-    logp = plain_target_log_probs(hidden, model.transformer.lm_head.weight, tokens.flatten())
+    logp = plain_target_log_probs(hidden, model.output_weight, tokens.flatten(),
+                                  model.non_targets)
     mask = torch.arange(T, device=tokens.device) < lengths[:, None]
-    return (logp.view(B, T) * mask).sum(1)  # (B,)
+    return torch.where(mask, logp.view(B, T), 0.0).sum(1)  # (B,)
 
 
 def _plain_expert_log_likelihoods(model: MixtureLM, tokens: torch.Tensor,
@@ -424,14 +425,15 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
         with torch.no_grad():
             hidden = model.transformer.hidden(input_ids).flatten(0, 1)  # (B*T, C)
         hidden.requires_grad_(True)
-        weight = model.transformer.lm_head.weight
+        weight = model.output_weight
         targets = batch.tokens.flatten()
 
         def run() -> None:
             model.zero_grad(set_to_none=True)
             hidden.grad = None
-            TargetLogProbs.apply(hidden, weight, targets, chunk_rows(weight.shape[0], device),
-                                 KERNELS, keep).sum().backward()
+            TargetLogProbs.apply(hidden, weight, targets, model.non_targets,
+                                 chunk_rows(weight.shape[0], device), KERNELS, keep
+                                 ).sum().backward()
         return run
 
     ratio("kept_softmax_mstep_head", m_step_kept(False), m_step_kept(True))

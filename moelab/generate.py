@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moelab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from moelab.data.tokenizer import EOS_ID, Tokenizer
 from moelab.errors import MoelabError
 from moelab.evaluate import (
     add_checkpoint_arguments,
@@ -88,14 +88,6 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float 
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-def _banned(model: MixtureLM, device: torch.device) -> torch.Tensor:
-    """Ids generation never emits: expert tokens, padding, bos and unk (V+K,) bool."""
-    banned = torch.zeros(model.config.total_vocab, dtype=torch.bool, device=device)
-    banned[model.config.vocab_size :] = True
-    banned[[PAD_ID, BOS_ID, UNK_ID]] = True
-    return banned
-
-
 class _Rows:
     """Sequences being extended: feeds `[<expert>] + window` to the model, with or without cache.
 
@@ -126,13 +118,13 @@ class _Rows:
         try:
             if not self.use_cache:
                 inputs = torch.cat([self.expert_ids, self.tokens[:, self.start :]], dim=1)
-                return self.model.next_token_logits(inputs).float()  # (B, V+K)
+                return self.model.next_token_logits(inputs).float()  # (B, V)
             if self.cache is None:
                 self.cache, self.fed = self.model.new_cache(), 0
                 inputs = torch.cat([self.expert_ids, self.tokens[:, self.start :]], dim=1)
             else:
                 inputs = self.tokens[:, self.start + self.fed :]  # only what the cache lacks
-            logits = self.model.next_token_logits(inputs, self.cache).float()  # (B, V+K)
+            logits = self.model.next_token_logits(inputs, self.cache).float()  # (B, V)
             self.fed = n - self.start
             return logits
         finally:
@@ -208,9 +200,9 @@ def _new_tokens(model: MixtureLM, prompt_ids: list[int], *, expert: int,
                 ) -> Iterator[int]:
     """New token ids one at a time (sampling or greedy), stopping at eos (not yielded)."""
     rows = _Rows(model, torch.tensor([expert]), prompt_ids, config.use_cache)
-    banned = _banned(model, rows.device)
     for step in range(config.max_new_tokens):
-        logits = rows.next_logits().masked_fill(banned, -math.inf)  # (1, V+K)
+        # the model's distribution: expert tokens, unk, bos and pad are not in it
+        logits = rows.next_logits()  # (1, V)
         if step < config.min_len:
             logits[:, EOS_ID] = -math.inf
         if config.sampling:
@@ -287,15 +279,14 @@ def beam_search(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: 
     beam = config.beam
     prompt_ids = encode_prompt(model, tokenizer, prompt)
     rows = _Rows(model, torch.tensor([expert]), prompt_ids, config.use_cache)
-    banned = _banned(model, rows.device)
     scores = torch.zeros(1, dtype=torch.float64, device=rows.device)  # (live,)
     finished: list[tuple[float, list[int]]] = []
     n_prompt = len(prompt_ids)
     for step in range(config.max_new_tokens):
-        logits = rows.next_logits().masked_fill(banned, -math.inf)  # (live, V+K)
+        logits = rows.next_logits()  # (live, V)
         if step < config.min_len:
             logits[:, EOS_ID] = -math.inf
-        candidates = scores[:, None] + F.log_softmax(logits, dim=-1).double()  # (live, V+K)
+        candidates = scores[:, None] + F.log_softmax(logits, dim=-1).double()  # (live, V)
         top, flat = candidates.view(-1).topk(min(2 * beam, candidates.numel()))
         width = candidates.shape[1]
         keep_rows, keep_ids, keep_scores = [], [], []

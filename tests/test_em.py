@@ -36,7 +36,7 @@ def make_model(K: int = 3, **overrides) -> MixtureLM:
 
 def make_batch(seed: int = 1) -> TinyBatch:
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, V, (4, 10), generator=g)
+    tokens = torch.randint(4, V, (4, 10), generator=g)  # real tokens: 0, 1, 3 are inputs only
     lengths = torch.tensor([10, 8, 5, 1])
     tokens[torch.arange(10) >= lengths[:, None]] = 0
     context = torch.randint(1, V, (4, 6), generator=g)
@@ -151,8 +151,11 @@ def test_one_expert_uniform_prior_is_the_plain_lm():
     model = make_model(K=1, gating=False).eval()
     batch = make_batch()
     inputs = torch.cat([torch.full((4, 1), V), batch.tokens[:, :-1]], dim=1)
-    nll = F.cross_entropy(model(inputs).flatten(0, 1), batch.tokens.flatten(), reduction="none")
-    plain = (nll.view(4, 10) * (torch.arange(10) < batch.lengths[:, None])).sum()
+    # written out: the real vocabulary's rows of the tied head, unk/bos/pad never predicted
+    logits = model.transformer.hidden(inputs) @ model.transformer.tok_emb.weight[:V].t()
+    logits[..., [0, 1, 3]] = -math.inf
+    nll = F.cross_entropy(logits.flatten(0, 1), batch.tokens.flatten(), reduction="none")
+    plain = torch.where(torch.arange(10) < batch.lengths[:, None], nll.view(4, 10), 0.0).sum()
     for hard in (True, False):
         out = em_loss(model, batch, hard=hard, uniform_prior=True)
         torch.testing.assert_close(out.loss.detach(), plain.detach(), atol=1e-4, rtol=1e-5)
@@ -163,3 +166,98 @@ def test_one_expert_uniform_prior_is_the_plain_lm():
 def test_learned_prior_without_gating_network_is_an_error():
     with pytest.raises(ValueError, match="gating=True"):
         em_loss(make_model(gating=False), make_batch(), hard=True, uniform_prior=False)
+
+
+def test_uniform_prior_minus_log_k_is_in_the_hard_and_the_soft_loss():
+    model = make_model(K=4, gating=False).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)  # (4, K)
+    hard = em_loss(model, batch, hard=True, uniform_prior=True)
+    z = ll.argmax(-1)
+    # written out: -(log p(z*) + log p(x | z*)) with p(z) = 1/4
+    expected = -(ll.gather(1, z[:, None]).squeeze(1) - math.log(4)).sum()
+    torch.testing.assert_close(hard.loss.detach(), expected, atol=1e-4, rtol=1e-5)
+    soft = em_loss(model, batch, hard=False, uniform_prior=True)
+    marginal = -(torch.logsumexp(ll, -1) - math.log(4)).sum()  # log (1/K) sum_z p(x|z)
+    torch.testing.assert_close(soft.loss.detach(), marginal, atol=1e-4, rtol=1e-5)
+
+
+def test_soft_m_step_gradient_uses_the_dropout_free_posterior():
+    """grad = sum_z r_z grad(-l_z), r from the E-step without dropout, l from the dropout pass.
+
+    With dropout 0 the two posteriors agree and a wrong gradient would pass unnoticed, so this
+    runs with dropout on; the reference replays the M-step's dropout masks from the same seed.
+    """
+    model = make_model(K=3, dropout=0.3, gating_dropout=0.3).train()
+    batch = make_batch()
+    with torch.no_grad():  # the E-step, written out: eval mode, no dropout
+        model.eval()
+        l_clean = (model.log_prior(batch.context, batch.context_lengths)
+                   + model.expert_log_likelihoods(batch.tokens, batch.lengths))
+        model.train()
+    r = l_clean.softmax(-1)  # (B, K)
+
+    torch.manual_seed(7)
+    em_loss(model, batch, hard=False, uniform_prior=False).loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def replay_grads(weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the M-step's dropout masks: prior first, then the experts
+        l_drop = (model.log_prior(batch.context, batch.context_lengths)
+                  + model.expert_log_likelihoods(batch.tokens, batch.lengths))  # (B, K)
+        w = l_drop.detach().softmax(-1) if weights is None else weights
+        (-(w * l_drop).sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = replay_grads(r)
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=name)
+    # the posterior of the dropout pass gives another gradient: the test can tell them apart
+    noisy = replay_grads(None)
+    assert any(not torch.allclose(got[n], noisy[n], atol=1e-6, rtol=1e-4) for n in got)
+
+
+def test_hard_em_with_tied_embeddings_leaves_other_experts_rows_bit_identical():
+    """Expert tokens are not output classes, so only the chosen experts' rows move."""
+    K = 6
+    model = make_model(K=K, dropout=0.1)  # tied input/output embeddings, the seed's setting
+    assert model.transformer.lm_head.weight is model.transformer.tok_emb.weight
+    batch = make_batch()  # 4 chunks: at most 4 of the 6 experts are chosen
+    before = model.transformer.tok_emb.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    out = em_loss(model, batch, hard=True, uniform_prior=True)
+    out.loss.backward()
+    optimizer.step()
+    chosen = set(out.responsibilities.argmax(-1).tolist())
+    assert len(chosen) < K
+    after = model.transformer.tok_emb.weight.detach()
+    for k in range(K):
+        same = torch.equal(after[V + k], before[V + k])
+        assert same == (k not in chosen), (k, chosen)
+    # unk, bos and pad are inputs only: never targets, so their rows do not move either
+    for special in (0, 1, 3):
+        assert torch.equal(after[special], before[special]), special
+
+
+def test_output_distribution_sums_to_one_over_real_tokens():
+    """log p(x_t | prefix) for every possible target, scored one row each: the real tokens
+    carry all the mass; expert tokens cannot be targets and unk, bos, pad get none."""
+    model = make_model(K=3).eval()
+    prefix = make_batch().tokens[0, :5]
+    targets = torch.arange(V)  # every id of the real vocabulary
+    rows = torch.cat([prefix.repeat(V, 1), targets[:, None]], dim=1)  # (V, 6)
+    with torch.no_grad():
+        logp = model.token_log_probs(rows, torch.full((V,), 6), torch.ones(V, dtype=torch.long))
+    last = logp[:, -1].double()  # (V,) log p(target | <expert_1>, prefix)
+    real = torch.ones(V, dtype=torch.bool)
+    real[[0, 1, 3]] = False
+    torch.testing.assert_close(last[real].exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert torch.all(last[~real] == -math.inf)
+    # generation samples from the same distribution
+    with torch.no_grad():
+        inputs = torch.cat([torch.tensor([V + 1]), prefix])[None]
+        gen = F.log_softmax(model.next_token_logits(inputs).double(), -1)[0]  # (V,)
+    torch.testing.assert_close(gen[real], last[real], atol=1e-5, rtol=1e-5)

@@ -24,7 +24,8 @@ def make_model(**overrides) -> MixtureLM:
 
 def random_tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, V, (B, T), generator=g)  # 1..V-1: never the pad id 0
+    # 4..V-1: never unk 0, bos 1 or pad 3 (inputs only, not in the output distribution)
+    return torch.randint(4, V, (B, T), generator=g)
 
 
 def test_config_validation_messages():
@@ -61,7 +62,7 @@ def test_forward_shapes_expert_tokens_and_tied_embeddings():
     untied = make_model(share_input_output_embed=False)
     assert untied.transformer.lm_head.weight is not untied.transformer.tok_emb.weight
     logits = model(torch.cat([torch.full((2, 1), V), random_tokens(2, 7)], dim=1))
-    assert logits.shape == (2, 8, V + K)
+    assert logits.shape == (2, 8, V)  # the real vocabulary: expert tokens are never targets
     with pytest.raises(ValueError, match="max_seq_len"):
         model(random_tokens(1, 17))
 

@@ -19,6 +19,10 @@ class MixtureLM(nn.Module):
 
     Expert z reads the chunk x_1..x_n as the input [<expert_z>, x_1, ..., x_{n-1}] with targets
     x_1..x_n; the expert token takes the place of a begin-of-sequence token.
+
+    The output distribution covers the real vocabulary only: expert tokens and the input-only
+    ids (unk, bos, pad) are never targets, so they are not output classes. With tied embeddings
+    this is what keeps hard EM honest: a non-chosen expert's row gets no gradient at all.
     """
 
     def __init__(self, config: ModelConfig):
@@ -35,6 +39,9 @@ class MixtureLM(nn.Module):
         # (body, loss kernels) that scoring calls instead of the eager ones: set by
         # `compile_for_speed` (benchmarks also swap in variants to time them)
         self._scoring: tuple[Callable, tuple[Callable, ...]] | None = None
+        # ids of the real vocabulary left out of the output softmax (a buffer: it follows .to())
+        self.register_buffer("non_targets", torch.tensor(config.non_target_ids, dtype=torch.long),
+                             persistent=False)
 
     def compile_for_speed(self, **compile_kwargs) -> bool:
         """torch.compile the Transformer body and the chunked loss kernels, in place.
@@ -63,21 +70,32 @@ class MixtureLM(nn.Module):
             raise ValueError(f"expert index {k} out of range [0, {self.config.num_experts})")
         return self.config.vocab_size + k
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output projection's rows of the real vocabulary (vocab_size, C): no expert rows."""
+        return self.transformer.lm_head.weight[: self.config.vocab_size]
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits over the real vocabulary (..., vocab_size), with -inf
+        at the ids that are never targets: log_softmax of it is the model's distribution."""
+        logits = hidden @ self.output_weight.t()  # (..., V)
+        return logits.index_fill(-1, self.non_targets, -math.inf)
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) with the expert token at position 0 -> logits (B, T, vocab_size+K).
+        """input_ids (B, T) with the expert token at position 0 -> logits (B, T, vocab_size).
 
         With a KVCache (generation), input_ids continue the cached sequence instead.
         """
-        return self.transformer(input_ids, cache)
+        return self.output_logits(self.transformer.hidden(input_ids, cache))  # (B, T, V)
 
     def next_token_logits(self, input_ids: torch.Tensor, cache: KVCache | None = None
                           ) -> torch.Tensor:
-        """Logits of the LAST position only (B, vocab_size+K): what generation samples from.
+        """Logits of the LAST position only (B, vocab_size): what generation samples from.
 
         Projecting every position onto the vocabulary and keeping one would cost T times the
         output projection (most of a small model's work) for each new token without a cache.
         """
-        return self.transformer.lm_head(self.transformer.hidden(input_ids, cache)[:, -1])
+        return self.output_logits(self.transformer.hidden(input_ids, cache)[:, -1])  # (B, V)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for incremental decoding (moelab.generate)."""
@@ -94,8 +112,8 @@ class MixtureLM(nn.Module):
         mask = torch.arange(T, device=tokens.device) < lengths.to(tokens.device)[:, None]
         # Only real targets are projected onto the vocabulary (the projection and its float32
         # log-softmax are most of the cost), a chunk of rows at a time: no (B, T, V+K) logits.
-        logp = target_log_probs(hidden[mask], self.transformer.lm_head.weight, tokens[mask],
-                                kernels=kernels)  # (N,)
+        logp = target_log_probs(hidden[mask], self.output_weight, tokens[mask],
+                                excluded=self.non_targets, kernels=kernels)  # (N,)
         return torch.zeros(B, T, dtype=logp.dtype, device=logp.device).masked_scatter(
             mask, logp)  # (B, T)
 

@@ -39,6 +39,10 @@ class ModelConfig:
     gating_dim: int = 128  # gating network width (--mean-pool-gating-network-encoder-dim)
     gating_dropout: float = 0.0  # dropout between the gating network's two layers
     pad_id: int = 0  # padding id of the tokenizer (a real id < vocab_size)
+    # Ids that are inputs only, never targets (moelab's tokenizer: unk 0, bos 1, pad 3): left out
+    # of the output distribution with pad_id and the expert tokens, so log p sums to one over
+    # the tokens a text can contain and no gradient reaches those rows through the softmax.
+    input_only_ids: tuple[int, ...] = (0, 1, 3)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "n_layer", "n_embd", "n_head", "ffn_dim", "max_seq_len",
@@ -55,9 +59,19 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout", "gating_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        self.input_only_ids = tuple(int(i) for i in self.input_only_ids)  # a list from JSON
+        bad = [i for i in self.input_only_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"ModelConfig.input_only_ids {bad} must be token ids in "
+                             f"[0, vocab_size={self.vocab_size})")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"ModelConfig.pad_id ({self.pad_id}) must be a token id in "
                              f"[0, vocab_size={self.vocab_size})")
+
+    @property
+    def non_target_ids(self) -> tuple[int, ...]:
+        """Ids of the real vocabulary that are never predicted: input_only_ids and pad_id."""
+        return tuple(sorted({*self.input_only_ids, self.pad_id}))
 
     @property
     def total_vocab(self) -> int:

@@ -137,9 +137,12 @@ class ModelArgs:
         return not method_flags(self.method)[1]
 
 
-def model_config(args: ModelArgs, *, vocab_size: int, pad_id: int,
-                 tokens_per_sample: int) -> ModelConfig:
-    """ModelArgs + the data-bin's vocabulary -> the model's ModelConfig."""
+def model_config(args: ModelArgs, *, vocab_size: int, pad_id: int, tokens_per_sample: int,
+                 input_only_ids: tuple[int, ...] | None = None) -> ModelConfig:
+    """ModelArgs + the data-bin's vocabulary -> the model's ModelConfig.
+
+    input_only_ids: the tokenizer's unk and bos (never targets); default ModelConfig's.
+    """
     preset = {**dataclasses.asdict(ModelConfig(vocab_size=vocab_size)), **PRESETS[args.arch]}
     overrides = {
         "n_layer": args.decoder_layers, "n_embd": args.decoder_embed_dim,
@@ -154,6 +157,8 @@ def model_config(args: ModelArgs, *, vocab_size: int, pad_id: int,
         attention_dropout=args.attention_dropout, gating=args.uses_gating,
         gating_dropout=args.mean_pool_gating_network_dropout,
     )
+    if input_only_ids is not None:
+        values["input_only_ids"] = tuple(input_only_ids)
     return ModelConfig(**values)
 
 

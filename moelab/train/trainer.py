@@ -98,7 +98,8 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
     valid_set = valid_batches(BinarizedDataset(config.data.data, "valid"), config)
     try:
         mconf = model_config(config.model, vocab_size=train_ds.vocab_size, pad_id=train_ds.pad_id,
-                             tokens_per_sample=config.data.tokens_per_sample)
+                             tokens_per_sample=config.data.tokens_per_sample,
+                             input_only_ids=(train_ds.unk_id, train_ds.bos_id, train_ds.pad_id))
     except ValueError as e:
         raise MoelabError(f"cannot build the model: {e}") from None
     model = MixtureLM(mconf).to(dist.device)
