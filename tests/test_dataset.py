@@ -80,3 +80,44 @@ def test_ranks_get_disjoint_equal_shards(train):
     orders = [set(s.order(4)) for s in shards]
     assert len({len(o) for o in orders}) == 1
     assert not (orders[0] & orders[1]) and not (orders[1] & orders[2])
+
+
+def _single_domain_share(batches: list[np.ndarray], chunk_domains: np.ndarray) -> float:
+    return float(np.mean([len(set(chunk_domains[b].tolist())) == 1 for b in batches]))
+
+
+def test_batches_mix_domains_as_random_batching_does(train):
+    """fairseq shuffles the chunks before sorting them by size: a batch of full-length chunks is
+    random company, not consecutive chunks of one document or one domain."""
+    tb = TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=3)
+    domains = np.asarray([train.domain_ids[c.doc] for c in tb.chunks])
+    rng = np.random.default_rng(0)
+    for epoch in (1, 2):
+        batches = tb.batches(epoch)
+        observed = _single_domain_share(batches, domains)
+        # the same batch sizes filled at random, many times: what random batching gives
+        sizes = np.cumsum([len(b) for b in batches])[:-1]
+        random_shares = []
+        for _ in range(200):
+            shuffled = np.split(rng.permutation(len(domains)), sizes)
+            random_shares.append(_single_domain_share(shuffled, domains))
+        expected, spread = float(np.mean(random_shares)), float(np.std(random_shares))
+        assert observed <= expected + 3 * spread + 0.05, (epoch, observed, expected, spread)
+        # ... and the batches still group chunks by length, so padding stays small
+        lengths = tb.lengths
+        padding = sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
+        assert padding <= 0.05 * lengths.sum()
+
+
+def test_every_epoch_regroups_every_chunk_once_and_replays_exactly(train):
+    tb = TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=3)
+    again = TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=3)
+    for epoch in (1, 2):
+        batches = tb.batches(epoch)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(tb.chunks)))
+        assert all(np.array_equal(a, b)
+                   for a, b in zip(batches, again.batches(epoch), strict=True))
+    groups = [{frozenset(b.tolist()) for b in tb.batches(e)} for e in (1, 2)]
+    assert groups[0] != groups[1]  # a new epoch is new company, not the same batches reordered
+    other_seed = TrainBatches(train, tokens_per_sample=64, max_tokens=512, seed=4)
+    assert groups[0] != {frozenset(b.tolist()) for b in other_seed.batches(1)}

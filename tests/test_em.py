@@ -1,8 +1,10 @@
 """Online EM: method flags, the soft-EM gradient, the dropout-free E-step, hard/soft M-steps."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,3 +263,49 @@ def test_output_distribution_sums_to_one_over_real_tokens():
         inputs = torch.cat([torch.tensor([V + 1]), prefix])[None]
         gen = F.log_softmax(model.next_token_logits(inputs).double(), -1)[0]  # (V,)
     torch.testing.assert_close(gen[real], last[real], atol=1e-5, rtol=1e-5)
+
+
+def test_prior_reads_only_the_text_before_the_chunk_on_real_batches(tiny_bin):
+    """On real TrainBatches rows: the context is the same document's text just before the chunk
+    (never the chunk, never the previous document), and em_loss's prior depends on it alone."""
+    from moelab.data import BinarizedDataset, TrainBatches
+
+    ds = BinarizedDataset(tiny_bin, "train")
+    tb = TrainBatches(ds, tokens_per_sample=48, max_tokens=384, max_context=40, seed=2)
+    starts = {}  # (doc, chunk text) -> start; written out from the document itself
+    for c in tb.chunks:
+        starts[(c.doc, ds.document(c.doc)[c.start : c.end].tobytes())] = c.start
+    seen_middle = 0
+    for position in range(tb.batches_per_epoch):
+        batch = tb.batch(1, position)
+        for row in range(len(batch)):
+            doc = ds.document(int(batch.doc_ids[row]))
+            n, m = int(batch.lengths[row]), int(batch.context_lengths[row])
+            start = starts[(int(batch.doc_ids[row]), batch.tokens[row, :n].numpy().tobytes())]
+            assert np.array_equal(batch.context[row, :m].numpy(), doc[max(0, start - 40) : start])
+            seen_middle += start > 0
+    assert seen_middle > 10  # the check ran on chunks that have a context
+
+    model = make_model(K=3, vocab_size=ds.vocab_size, max_seq_len=48).eval()
+    seen = []
+    log_prior = model.log_prior
+
+    def spy(context, lengths):
+        out = log_prior(context, lengths)
+        seen.append(out.detach().clone())
+        return out
+
+    model.log_prior = spy
+    batch = tb.batch(1, 0)
+    em_loss(model, batch, hard=True, uniform_prior=False)
+    other_chunks = dataclasses.replace(batch, tokens=batch.tokens.roll(1, dims=0),
+                                       lengths=batch.lengths.roll(1, dims=0))
+    em_loss(model, other_chunks, hard=True, uniform_prior=False)
+    other_context = dataclasses.replace(batch, context=(batch.context + 7) % ds.vocab_size)
+    em_loss(model, other_context, hard=True, uniform_prior=False)
+    # calls per em_loss: E-step, then M-step; the chunk changed, the prior did not
+    assert len(seen) == 6
+    torch.testing.assert_close(seen[0], seen[2], rtol=0, atol=0)
+    has_context = batch.context_lengths > 1
+    assert has_context.any()
+    assert not torch.allclose(seen[0][has_context], seen[4][has_context])

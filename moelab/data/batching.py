@@ -1,8 +1,13 @@
 """Batches bounded by a token budget, grouping chunks of similar length as fairseq does.
 
 ``max_tokens`` bounds the padded size B x max_len of a batch, so padding stays small and memory
-predictable. A training epoch's batch order is a pure function of (seed, epoch), which is what makes
-exact resume and identical shards across DDP ranks possible.
+predictable. As in fairseq, each training epoch first shuffles the chunks with a seeded
+permutation, then sorts them by length with a stable sort, groups them into batches and shuffles
+the batches: chunks of equal length (most of them: every full chunk has tokens-per-sample
+tokens) meet in random company. Without the first shuffle a batch would be consecutive chunks of
+one document or domain, and the E-step would see single-domain batches. An epoch's batches and
+their order are a pure function of (seed, epoch), which is what makes exact resume and identical
+shards across DDP ranks possible.
 """
 
 from __future__ import annotations
@@ -63,15 +68,24 @@ def collate(ds: BinarizedDataset, chunks: list[Chunk], max_context: int) -> Batc
 
 
 def batch_by_size(
-    lengths: np.ndarray, max_tokens: int, max_sentences: int | None = None
+    lengths: np.ndarray, max_tokens: int, max_sentences: int | None = None, *,
+    shuffle_seed: list[int] | None = None,
 ) -> list[np.ndarray]:
-    """Group indices (sorted by length) so that rows x longest row <= max_tokens per batch."""
+    """Group indices (sorted by length) so that rows x longest row <= max_tokens per batch.
+
+    shuffle_seed: permute the indices with this seed before the stable sort by length (fairseq's
+    shuffle-then-sort), so equal-length chunks are grouped at random; None keeps index order.
+    The number of batches depends on the lengths alone, not on the permutation.
+    """
     if len(lengths) and int(lengths.max()) > max_tokens:
         raise ValueError(
             f"--max-tokens {max_tokens} is smaller than the longest chunk ({int(lengths.max())} "
             "tokens); raise --max-tokens or lower --tokens-per-sample."
         )
-    order = np.argsort(lengths, kind="stable")
+    indices = np.arange(len(lengths))
+    if shuffle_seed is not None:
+        indices = np.random.default_rng(shuffle_seed).permutation(len(lengths))
+    order = indices[np.argsort(lengths[indices], kind="stable")]
     batches, current, longest = [], [], 0
     for index in order:
         length = int(lengths[index])
@@ -108,34 +122,51 @@ class TrainBatches:
         self.ds = ds
         self.chunks = ds.chunks(tokens_per_sample)
         self.max_context = tokens_per_sample if max_context is None else max_context
-        lengths = np.asarray([c.end - c.start for c in self.chunks], dtype=np.int64)
-        self.batches = batch_by_size(lengths, max_tokens, max_sentences)
+        self.lengths = np.asarray([c.end - c.start for c in self.chunks], dtype=np.int64)
+        self.max_tokens, self.max_sentences = max_tokens, max_sentences
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self._order: tuple[int, tuple[int, ...]] | None = None  # (epoch, order) of `order`
+        # (epoch, batches, this rank's order): the last epoch's, since every batch looks it up
+        self._epoch: tuple[int, list[np.ndarray], tuple[int, ...]] | None = None
+        num_batches = len(batch_by_size(self.lengths, max_tokens, max_sentences))  # any epoch
         # Every rank takes the same number of batches, so no rank waits on a missing all-reduce.
-        self.batches_per_epoch = len(self.batches) // world_size
+        self.batches_per_epoch = num_batches // world_size
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"the {ds.split} split makes {len(self.batches)} batch(es), fewer than the "
+                f"the {ds.split} split makes {num_batches} batch(es), fewer than the "
                 f"{world_size} rank(s); lower --max-tokens or use fewer processes."
             )
 
-    def order(self, epoch: int) -> tuple[int, ...]:
-        """Batch indices this rank visits in ``epoch`` (the last epoch's is kept: every batch
-        of an update looks it up)."""
-        cached = self._order  # one read: the prefetching thread may replace it meanwhile
+    def _plan(self, epoch: int) -> tuple[list[np.ndarray], tuple[int, ...]]:
+        """(every batch of ``epoch`` as chunk indices, the batch indices this rank visits)."""
+        cached = self._epoch  # one read: the prefetching thread may replace it meanwhile
         if cached is None or cached[0] != epoch:
-            indices = np.arange(len(self.batches))
+            # fairseq: shuffle the chunks, sort by size, group, then shuffle the groups
+            seed = [self.seed, epoch, 1] if self.shuffle else None
+            batches = batch_by_size(self.lengths, self.max_tokens, self.max_sentences,
+                                    shuffle_seed=seed)
+            indices = np.arange(len(batches))
             if self.shuffle:
                 indices = np.random.default_rng([self.seed, epoch]).permutation(indices)
             mine = indices[self.rank :: self.world_size][: self.batches_per_epoch]
-            cached = self._order = epoch, tuple(int(i) for i in mine)
-        return cached[1]
+            cached = self._epoch = epoch, batches, tuple(int(i) for i in mine)
+        return cached[1], cached[2]
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Every batch of ``epoch`` (all ranks'), each an array of indices into ``chunks``."""
+        return self._plan(epoch)[0]
+
+    def order(self, epoch: int) -> tuple[int, ...]:
+        """Indices into ``batches(epoch)`` that this rank visits in ``epoch``, in order."""
+        return self._plan(epoch)[1]
+
+    def batch_chunks(self, epoch: int, position: int) -> list[Chunk]:
+        """The chunks of the batch at ``position`` of this rank's order in ``epoch``."""
+        batches, order = self._plan(epoch)
+        return [self.chunks[i] for i in batches[order[position]]]
 
     def batch(self, epoch: int, position: int) -> Batch:
         """The batch at ``position`` of this rank's order in ``epoch``."""
-        index = self.order(epoch)[position]
-        return collate(self.ds, [self.chunks[i] for i in self.batches[index]], self.max_context)
+        return collate(self.ds, self.batch_chunks(epoch, position), self.max_context)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         for position in range(start, self.batches_per_epoch):

@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from moelab.data import Batch, BinarizedDataset, TrainBatches, collate
+from moelab.data import Batch, BinarizedDataset, TrainBatches
 from moelab.errors import MoelabError
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import checkpoint as ckpt
@@ -138,7 +138,7 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
             micro_batches = prefetcher.take(state)
             if not micro_batches:
                 break
-            lr = set_learning_rate(optimizer, config, state.num_updates)
+            lr = set_learning_rate(optimizer, config, state.num_updates + 1)  # BREAK
             stats = train_step(step_module, micro_batches, optimizer, dist=dist,
                                clip_norm=config.optim.clip_norm, autocast=autocast)
             if stats.skipped:
@@ -544,11 +544,10 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
     doc_prior = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # log p(z | empty)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, tokens
     autocast = autocast_context(device)
-    for n, index in enumerate(batches.order(1)[dist.rank :: dist.world_size]):
+    for n, position in enumerate(range(dist.rank, batches.batches_per_epoch, dist.world_size)):
         if n == 1:
             faults.hit("valid")  # testing hook: a kill in the middle of validation
-        chunks = [batches.chunks[i] for i in batches.batches[index]]
-        batch = collate(ds, chunks, batches.max_context).to(device)
+        batch = batches.batch(1, position).to(device)
         with autocast():
             ll = model.expert_log_likelihoods(batch.tokens, batch.lengths).float()  # (B, K)
             prior = model.log_prior(batch.context, batch.context_lengths).float()  # (B, K)
