@@ -138,7 +138,7 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
             micro_batches = prefetcher.take(state)
             if not micro_batches:
                 break
-            lr = set_learning_rate(optimizer, config, state.num_updates + 1)  # BREAK
+            lr = set_learning_rate(optimizer, config, state.num_updates)
             stats = train_step(step_module, micro_batches, optimizer, dist=dist,
                                clip_norm=config.optim.clip_norm, autocast=autocast)
             if stats.skipped:
