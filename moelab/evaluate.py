@@ -35,6 +35,18 @@ from moelab.model import MixtureLM, ModelConfig
 ORACLE_NOTE = ("oracle = the best single expert for each document, chosen by that document's own "
                "likelihood: a lower bound on perplexity, not a density")
 
+# When a clustering's confidence says the posterior is flat (DESIGN.md section 3): its purity,
+# NMI and ARI then come from argmaxes the model barely prefers, and are never a clean split.
+# Below 0.9, on average over a tenth of each document's posterior mass sits on other experts: the
+# argmax is a lean, not a decision (experts that really differ, scoring documents of hundreds of
+# tokens, give ~1.0).
+FLAT_MAX_POSTERIOR = 0.9
+# Under 0.01 nats/token (experts' per-document perplexities scattered by ~1%) the experts are one
+# model K times over: any split they make rides on noise, however sharp a long document's
+# posterior looks.
+FLAT_EXPERT_SPREAD = 0.01
+CONFIDENCE_KEYS = ("mean_max_posterior", "mean_posterior_entropy", "expert_spread")
+
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -171,7 +183,10 @@ class EvalResult:
     documents: pd.DataFrame  # per document: domain, tokens, log-likelihoods (nats), winner
     posteriors: pd.DataFrame  # per document: p(z | doc) as columns expert_k
     responsibilities: pd.DataFrame  # domains x experts: mean posterior per domain
-    clusters: pd.Series  # purity, nmi, ari of argmax posterior vs domain (NaN: domains unknown)
+    # purity, nmi, ari of argmax posterior vs domain, and beside them its confidence:
+    # mean_max_posterior, mean_posterior_entropy (nats), expert_spread (nats/token); all NaN
+    # when the domains are unknown (no clustering to report)
+    clusters: pd.Series
     usage: pd.DataFrame  # per expert: documents won, share
     summary: pd.Series  # documents, tokens, usage entropy, experts used, window settings
     log_prior: np.ndarray  # (K,) log pi_z at the document start
@@ -275,10 +290,15 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
 
         clusters = pd.Series({"purity": purity(domain_ids, winner),
                               "nmi": float(normalized_mutual_info_score(domain_ids, winner)),
-                              "ari": float(adjusted_rand_score(domain_ids, winner))},
+                              "ari": float(adjusted_rand_score(domain_ids, winner)),
+                              **posterior_confidence(ll, joint - mixture[:, None], tokens)},
                              name="argmax posterior vs domain")
+        doubt = flat_posterior(clusters, K)
+        if doubt:
+            notes.append(doubt)
     else:
-        clusters = pd.Series({"purity": np.nan, "nmi": np.nan, "ari": np.nan},
+        clusters = pd.Series({"purity": np.nan, "nmi": np.nan, "ari": np.nan,
+                              **dict.fromkeys(CONFIDENCE_KEYS, np.nan)},
                              name="argmax posterior vs domain")
         notes.append("cluster agreement (purity, NMI, ARI) needs known domains: this split has "
                      f"{'no domain labels' if domains == ['unknown'] else 'a single domain'}")
@@ -297,6 +317,73 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
     return EvalResult(perplexity=perplexity, documents=documents, posteriors=posteriors,
                       responsibilities=responsibilities, clusters=clusters, usage=usage,
                       summary=summary, log_prior=log_pi, notes=notes)
+
+
+def posterior_confidence(ll: np.ndarray, log_posterior: np.ndarray, tokens: np.ndarray
+                         ) -> dict[str, float]:
+    """How sure the argmax posterior is, to read beside any clustering made from it.
+
+    ll: (D, K) log p(doc | z); log_posterior: (D, K) log p(z | doc); tokens: (D,).
+    - mean_max_posterior: mean over documents of max_z p(z | doc) (1/K: flat, 1: sure);
+    - mean_posterior_entropy: mean over documents of -sum_z p log p, nats (log K: flat, 0: sure);
+    - expert_spread: per document the standard deviation over the K experts of
+      log p(doc | z) / tokens (nats per token), averaged over documents: how far the experts
+      differ at all (0 for K = 1).
+    """
+    posterior = np.exp(log_posterior)
+    plogp = np.where(posterior > 0, posterior * log_posterior, 0.0)  # 0 log 0 = 0
+    per_token = ll / np.maximum(np.asarray(tokens, dtype=np.float64), 1.0)[:, None]
+    return {"mean_max_posterior": float(posterior.max(1).mean()),
+            "mean_posterior_entropy": float(-plogp.sum(1).mean()),
+            "expert_spread": float(per_token.std(axis=1).mean())}
+
+
+def flat_reasons(mean_max_posterior: float | None, expert_spread: float | None,
+                 num_experts: int) -> list[str]:
+    """Why a posterior is flat or unsure, by the FLAT_* thresholds; [] when it is sure, when a
+    number is missing (None or NaN) or when K = 1 (no split to read)."""
+    reasons = []
+    if num_experts < 2:
+        return reasons
+    top, spread = mean_max_posterior, expert_spread
+    if top is not None and top < FLAT_MAX_POSTERIOR:  # NaN compares False
+        reasons.append(f"mean max posterior {top:.3f} < {FLAT_MAX_POSTERIOR}, flat at "
+                       f"1/K = {1 / num_experts:.3f}")
+    if spread is not None and spread < FLAT_EXPERT_SPREAD:
+        reasons.append(f"the experts differ by {spread:.4f} nats/token < {FLAT_EXPERT_SPREAD}")
+    return reasons
+
+
+def flat_posterior(clusters: pd.Series | dict, num_experts: int) -> str | None:
+    """Why a clustering must not be read as a clean split (a flat or unsure posterior, or experts
+    that barely differ), or None when its confidence is high or not known (K = 1: no split)."""
+    top = clusters.get("mean_max_posterior")
+    reasons = flat_reasons(top, clusters.get("expert_spread"), num_experts)
+    if not reasons:
+        return None
+    if top is not None and top < FLAT_MAX_POSTERIOR:
+        head, why = "the posterior is flat or unsure", "the argmax barely prefers one expert"
+    else:
+        head, why = ("the experts barely differ", "the posterior is sure only because tiny "
+                     "per-token differences add up over long documents")
+    return (f"{head} ({'; '.join(reasons)}): {why}, so purity/NMI/ARI must not be read as a "
+            "clean split of the domains")
+
+
+def describe_clusters(result: EvalResult) -> str:
+    """The clustering and its confidence, as `moelab eval-lm` prints them (with any warning)."""
+    c, K = result.clusters, int(result.summary["num_experts"])
+    if c[["purity", "nmi", "ari"]].isna().all():
+        return "clusters: n/a (domains unknown)"
+    lines = [f"clusters (argmax posterior vs domain): purity {c['purity']:.3f}  "
+             f"NMI {c['nmi']:.3f}  ARI {c['ari']:.3f}",
+             f"confidence: mean max posterior {c['mean_max_posterior']:.3f} (flat 1/K = "
+             f"{1 / K:.3f})  mean posterior entropy {c['mean_posterior_entropy']:.3f} nats "
+             f"(flat {math.log(K):.3f})  expert spread {c['expert_spread']:.4f} nats/token"]
+    doubt = flat_posterior(c, K)
+    if doubt:
+        lines.append(f"warning: {doubt}")
+    return "\n".join(lines)
 
 
 def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -324,12 +411,8 @@ def format_result(result: EvalResult, title: str = "") -> str:
         result.responsibilities.to_string(float_format=lambda x: f"{x:.3f}"),
         "",
     ]
-    c = result.clusters
-    if c.isna().all():
-        lines.append("clusters: n/a (domains unknown)")
-    else:
-        lines.append(f"clusters (argmax posterior vs domain): purity {c['purity']:.3f}  "
-                     f"NMI {c['nmi']:.3f}  ARI {c['ari']:.3f}")
+    lines.append(describe_clusters(result))
+    doubt = flat_posterior(result.clusters, K)  # printed beside the clusters, not again below
     shares = "  ".join(f"{k} {v:.3f}" for k, v in result.usage["share"].items())
     lines += [
         f"expert usage (share of documents won): {shares}",
@@ -338,7 +421,7 @@ def format_result(result: EvalResult, title: str = "") -> str:
         "prior at document start: "
         + "  ".join(f"{math.exp(x):.3f}" for x in result.log_prior),
     ]
-    lines += [f"note: {n}" for n in result.notes]
+    lines += [f"note: {n}" for n in result.notes if n != doubt]
     return "\n".join(lines).strip("\n")
 
 

@@ -19,6 +19,9 @@ import torch
 from moelab.model import PRESETS, ModelConfig
 from moelab.train.objectives import ESTEP_DTYPES, METHODS, method_flags
 
+# The M-step's precision (--precision); auto is resolved per device when training starts.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
@@ -243,10 +246,14 @@ class TrainConfig:
         "torch.compile the model body and loss (warns and runs eagerly if compiling fails)"))
     estep_tokens: int | None = field(default=None, metadata=_help(
         "E-step responsibilities from the first N tokens of each chunk (M-step unchanged)"))
+    precision: str = field(default="auto", metadata=_help(
+        "the M-step's precision: bfloat16 (autocast; log-softmax and reductions stay float32) "
+        "or float32; auto: bfloat16 on CUDA, float32 elsewhere. The E-step and validation "
+        "are float32 whatever this says (see --estep-dtype)", choices=PRECISIONS))
     estep_dtype: str | None = field(default=None, metadata=_help(
-        "run the E-step (responsibilities only) in bfloat16 or float16 while training stays "
-        "float32: faster on CPUs with AMX/AVX-512 BF16; the winning expert may change on a "
-        "few chunks"))
+        "run the E-step (responsibilities only) in bfloat16 or float16; default float32 on "
+        "every device, whatever --precision says. Faster on GPUs and CPUs with AMX/AVX-512 "
+        "BF16; the winning expert may change on a few chunks"))
     prefetch: bool = field(default=True, metadata=_help(
         "load each update's batches in place instead of on a thread during the previous "
         "update (the batches are the same)", flag="--no-prefetch"))
@@ -261,6 +268,9 @@ class TrainConfig:
         if self.estep_tokens is not None and self.estep_tokens < 1:
             raise ValueError(f"--estep-tokens must be >= 1 (omit it for the whole chunk), got "
                              f"{self.estep_tokens}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
         if self.estep_dtype is not None and self.estep_dtype not in ESTEP_DTYPES:
             raise ValueError(f"--estep-dtype must be {' or '.join(ESTEP_DTYPES)} (omit it for "
                              f"the training dtype), got {self.estep_dtype!r}")

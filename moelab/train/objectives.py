@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -58,9 +57,12 @@ ESTEP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def can_reuse_estep(model: MixtureLM, *, estep_tokens: int | None = None,
                     estep_dtype: torch.dtype | None = None) -> bool:
-    """Whether the M-step's forward computes exactly the E-step's scores (see em_loss)."""
+    """Whether the M-step's forward computes exactly the E-step's scores (see em_loss): no
+    dropout, the whole chunk, and the E-step's float32 (no autocast around the M-step)."""
+    device = next(model.parameters()).device.type
     return (model.num_experts > 1 and estep_tokens is None and estep_dtype is None
-            and (model.dropout_free or not model.training))
+            and (model.dropout_free or not model.training)
+            and not torch.is_autocast_enabled(device))
 
 
 def reuses_estep(model: MixtureLM, *, hard: bool, estep_tokens: int | None = None,
@@ -85,6 +87,7 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
     estep_dtype: run the E-step (responsibilities only) under autocast to this dtype, e.g.
     bf16 on a CPU with AMX where training stays float32; the winning expert may then change on
     a few chunks (benchmarks/estep_precision.py measures how many). Never reused by the M-step.
+    None (default): float32 on every device, even inside the M-step's bf16 autocast.
     """
     B, K = batch.tokens.shape[0], model.num_experts
     if not uniform_prior and model.gating is None:
@@ -100,8 +103,8 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
                                    estep_dtype=estep_dtype)
     elif reuse_estep and not can_reuse_estep(model, estep_tokens=estep_tokens,
                                              estep_dtype=estep_dtype):
-        raise ValueError("reuse_estep needs K > 1, no estep_tokens or estep_dtype and a model "
-                         "without dropout "
+        raise ValueError("reuse_estep needs K > 1, no estep_tokens or estep_dtype, no autocast "
+                         "and a model without dropout "
                          "(dropout, attention_dropout and gating_dropout all 0): otherwise the "
                          "M-step's forward differs from the E-step's")
 
@@ -124,8 +127,11 @@ def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
         was_training = model.training
         model.eval()
         try:
-            cast = (torch.autocast(batch.tokens.device.type, dtype=estep_dtype)
-                    if estep_dtype is not None else contextlib.nullcontext())
+            # the E-step's precision is estep_dtype's alone: float32 by default, also when the
+            # M-step runs under bf16 autocast (CUDA), since r decides what each expert learns
+            device = batch.tokens.device.type
+            cast = (torch.autocast(device, dtype=estep_dtype) if estep_dtype is not None
+                    else torch.autocast(device, enabled=False))
             with torch.no_grad(), cast:
                 scores = log_prior() + model.expert_log_likelihoods(tokens, lengths)
             r = scores.float().softmax(-1)

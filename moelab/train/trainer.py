@@ -88,6 +88,9 @@ class TrainResult:
 def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
         on_eval: Callback | None = None) -> TrainResult:
     started = time.perf_counter()
+    # the precision actually used goes into the config, so every checkpoint and report says it
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, precision=resolve_precision(config.train.precision, dist.device)))
     set_seed(config.train.seed)
     say = _printer(dist)
     hard, uniform_prior = method_flags(config.model.method)
@@ -123,7 +126,7 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
                                     estep_tokens=config.train.estep_tokens,
                                     estep_dtype=config.train.estep_torch_dtype)
     batches = train_batches(train_ds, config, dist)
-    autocast = autocast_context(dist.device)
+    autocast = autocast_context(dist.device, config.train.precision)
     progress = tqdm(total=config.train.max_update or None, initial=state.num_updates,
                     unit="update", disable=not (dist.is_main and config.train.progress_bar),
                     dynamic_ncols=True)
@@ -255,10 +258,22 @@ def build_optimizer(model: nn.Module, config: RunConfig, device: torch.device
                             weight_decay=o.weight_decay, fused=device.type == "cuda")
 
 
-def autocast_context(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA (no loss scaling needed); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision auto -> bfloat16 on CUDA (tensor cores, no loss scaling), float32 elsewhere."""
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str = "auto"
+                     ) -> Callable[[], contextlib.AbstractContextManager]:
+    """The M-step's context: bf16 autocast for --precision bfloat16, else plain float32.
+
+    The E-step and validation do not run under it: they take their own precision (em_loss's
+    estep_dtype, float32 by default; validation float32, as eval-lm), whatever the device.
+    """
+    if resolve_precision(precision, device) == "bfloat16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -543,14 +558,13 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
     doc_ll = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # sum_chunks log p(x|z)
     doc_prior = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # log p(z | empty)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, tokens
-    autocast = autocast_context(device)
     for n, position in enumerate(range(dist.rank, batches.batches_per_epoch, dist.world_size)):
         if n == 1:
             faults.hit("valid")  # testing hook: a kill in the middle of validation
         batch = batches.batch(1, position).to(device)
-        with autocast():
-            ll = model.expert_log_likelihoods(batch.tokens, batch.lengths).float()  # (B, K)
-            prior = model.log_prior(batch.context, batch.context_lengths).float()  # (B, K)
+        # float32 on every device, as eval-lm scores: checkpoint_best is chosen on that number
+        ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)  # (B, K)
+        prior = model.log_prior(batch.context, batch.context_lengths)  # (B, K)
         scores = prior + ll  # (B, K)
         if hard:
             z = scores.argmax(-1, keepdim=True)  # (B, 1)
