@@ -22,6 +22,7 @@ import torch
 
 from moelab import __version__
 from moelab.errors import MoelabError
+from moelab.evaluate import flat_reasons
 from moelab.train.objectives import METHODS
 from moelab.workbench import TRAIN_PRESETS, Workbench
 
@@ -149,6 +150,21 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
+# The reading calls a clustering a split of the domains only when its posterior is sure: mean
+# max posterior >= moelab.evaluate.FLAT_MAX_POSTERIOR and expert spread >= FLAT_EXPERT_SPREAD
+# (defined, with their reasons, once in moelab.evaluate and shared with eval-lm and the tables).
+NMI_ALIGNED = 0.7  # NMI from which a sure posterior's experts "line up with the domains"
+NMI_PARTLY = 0.4  # ... and "partly line up"; below it they do not
+
+
+def _doubt(row: pd.Series) -> list[str] | None:
+    """Why this method's posterior is flat (by flat_reasons); None when the table has no
+    confidence columns to judge by."""
+    if "mean max posterior" not in row.index or "expert spread" not in row.index:
+        return None
+    return flat_reasons(row["mean max posterior"], row["expert spread"], int(row["K"]))
+
+
 def reading(table: pd.DataFrame, max_update: int) -> list[str]:
     """A short, honest reading of the method table, generated from its numbers."""
     lines = []
@@ -168,14 +184,34 @@ def reading(table: pd.DataFrame, max_update: int) -> list[str]:
     if "hMoEup" in table.index:
         row = table.loc["hMoEup"]
         nmi = row["NMI"]
-        agree = ("line up with the domains" if nmi >= 0.7 else
-                 "partly line up with the domains" if nmi >= 0.4 else
-                 "do not line up with the domains")
+        doubt = _doubt(row)
+        used = (f"{int(row['experts used'])} of {int(row['K'])} experts win at least 1/(4K) of "
+                "the documents (see figures/responsibilities.png).")
+        if doubt:  # a flat posterior is never a clean split, whatever its NMI
+            lines.append(
+                f"- **Do the experts find the domains?** Not clearly: hMoEup's posterior is "
+                f"flat or its experts barely differ ({'; '.join(doubt)}), so its NMI "
+                f"{_fmt(nmi)} and ARI {_fmt(row['ARI'])} must not be read as a clean split of "
+                f"the domains; {used}")
+        else:
+            agree = ("line up with the domains" if nmi >= NMI_ALIGNED else
+                     "partly line up with the domains" if nmi >= NMI_PARTLY else
+                     "do not line up with the domains")
+            sure = ("" if doubt is not None else
+                    " (the posterior's confidence is not in the table: read the NMI with care)")
+            lines.append(
+                f"- **Do the experts find the domains?** hMoEup's experts {agree}{sure}: NMI "
+                f"{_fmt(nmi)}, ARI {_fmt(row['ARI'])} between each test document's most probable "
+                f"expert and its domain; {used}")
+    flat = {m: _doubt(table.loc[m]) for m in table.index if m != "hMoEup"}
+    flat = {m: reasons for m, reasons in flat.items() if reasons}
+    if flat:
         lines.append(
-            f"- **Do the experts find the domains?** hMoEup's experts {agree}: NMI {_fmt(nmi)}, "
-            f"ARI {_fmt(row['ARI'])} between each test document's most probable expert and its "
-            f"domain; {int(row['experts used'])} of {int(row['K'])} experts win at least "
-            "1/(4K) of the documents (see figures/responsibilities.png).")
+            "- **Flat posteriors or near-identical experts.** " + "; ".join(
+                f"{m} ({', '.join(reasons)}; NMI {_fmt(table.loc[m].get('NMI', math.nan))})"
+                for m, reasons in flat.items())
+            + ": each argmax is won by a hair, so these NMI/ARI must not be read as a clean "
+            "split of the domains.")
     for method in ("hMoElp", "sMoElp"):
         if method in table.index:
             row = table.loc[method]
@@ -187,6 +223,10 @@ def reading(table: pd.DataFrame, max_update: int) -> list[str]:
                 verdict = f" {K - used} expert{'s' * (K - used > 1)} left unused; no collapse."
             else:
                 verdict = " No collapse in this run."
+            if _doubt(row):  # usage counts argmaxes: a flat posterior's are won by a hair
+                verdict += (" Its posterior is flat or its experts barely differ, though "
+                            "(see above): experts that win documents by such margins are used "
+                            "in name only.")
             lines.append(
                 f"- **Learned prior ({method}).** {used} of {K} experts used, usage entropy "
                 f"{_fmt(abs(row['usage entropy']))} nats (uniform: {_fmt(math.log(K))})."
@@ -222,7 +262,9 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
         "## Reading", "", *reading(table, options["max_update"]), "",
         "## Methods", "",
         "Mixture (`ppl`) and oracle perplexity on valid and test; per-domain mixture perplexity, "
-        "experts used, usage entropy and NMI/ARI on test; training speed and time.", "",
+        "experts used, usage entropy and NMI/ARI on test with the posterior's confidence beside "
+        "them (mean max posterior, posterior entropy, expert spread: a flat posterior's NMI is "
+        "not a clean split); training speed and time.", "",
         to_markdown(table), "",
         "Also as `tables/methods.csv` and `tables/methods.tex`; cluster agreement per method in "
         "`tables/clusters.*`.", "",

@@ -92,3 +92,52 @@ def test_a_dense_only_report_links_only_the_figures_it_made(tmp_path):
     links = re.findall(r"\]\((figures/[^)]+)\)", (out / "report.md").read_text())
     assert links == ["figures/perplexity_by_domain.png", "figures/training_curves.png"]
     assert all((out / link).is_file() for link in links)
+
+
+def flat_aligned_table(shift: float, tokens: int = 500) -> pd.DataFrame:
+    """method_table of dense and hMoEup whose argmax matches the 2 domains by `shift` nats."""
+    import numpy as np
+
+    from moelab import report
+    from moelab.evaluate import summarize
+
+    domain_ids = np.arange(8) % 2
+    ll = np.full((8, 2), -3.0 * tokens)
+    ll[np.arange(8), domain_ids] += shift
+
+    def result(ll):
+        K = ll.shape[1]
+        return summarize(ll, np.log(np.full(K, 1 / K)), np.full(8, tokens), domain_ids,
+                         ["a", "b"], tokens_per_sample=8, context_window=0)
+
+    runs = [report.MethodRun("dense", valid=result(ll[:, :1])),
+            report.MethodRun("hMoEup", valid=result(ll)),
+            report.MethodRun("sMoElp", valid=result(ll))]
+    return report.method_table(runs)
+
+
+def test_reading_never_calls_a_flat_posterior_a_clean_split():
+    table = flat_aligned_table(shift=0.5)  # NMI 1 from argmaxes half a nat apart
+    assert (table.loc[["hMoEup", "sMoElp"], "NMI"] == 1.0).all()
+    assert table.loc["hMoEup", "mean max posterior"] < 0.7
+    text = "\n".join(reading(table, max_update=200))
+    domains = next(line for line in text.splitlines() if "find the domains" in line)
+    assert "line up with the domains" not in domains
+    assert "flat" in domains and "must not be read as a clean split" in domains
+    flat = next(line for line in text.splitlines() if "Flat posteriors" in line)
+    assert "sMoElp" in flat and "dense" not in flat  # K = 1 has no split to misread
+    assert "used in name only" in text  # the learned prior's "no collapse" is qualified too
+
+
+def test_reading_calls_a_sure_posterior_with_high_nmi_a_split():
+    table = flat_aligned_table(shift=50.0)  # 0.1 nats/token ahead: sure, and experts differ
+    text = "\n".join(reading(table, max_update=200))
+    assert "hMoEup's experts line up with the domains: NMI 1.00" in text
+    assert "flat" not in text and "clean split" not in text
+
+
+def test_reading_calls_a_sharp_split_of_near_identical_experts_flat():
+    table = flat_aligned_table(shift=40.0, tokens=10_000)  # posterior ~1, 0.002 nats/token apart
+    assert table.loc["hMoEup", "mean max posterior"] > 0.99
+    text = "\n".join(reading(table, max_update=200))
+    assert "line up with the domains" not in text and "0.0020 nats/token" in text

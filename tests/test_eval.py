@@ -253,3 +253,159 @@ def test_checkpoint_whose_config_does_not_fit_its_weights_is_one_clear_line(
     assert main(["eval-lm", str(tiny_bin), "--path", str(altered)]) == 2
     err = capsys.readouterr().err
     assert "do not fit together" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- confidence
+
+
+def brute_confidence(ll, log_pi, tokens):
+    """mean max posterior, mean posterior entropy (nats), expert spread (nats/token), by loops."""
+    tops, entropies, spreads = [], [], []
+    for doc, n in zip(ll, tokens, strict=True):
+        joint = [float(a) + float(b) for a, b in zip(doc, log_pi, strict=True)]
+        norm = math.log(sum(math.exp(j - max(joint)) for j in joint)) + max(joint)
+        post = [math.exp(j - norm) for j in joint]
+        tops.append(max(post))
+        entropies.append(-sum(p * math.log(p) for p in post if p > 0))
+        per_token = [float(x) / int(n) for x in doc]
+        mean = sum(per_token) / len(per_token)
+        spreads.append(math.sqrt(sum((x - mean) ** 2 for x in per_token) / len(per_token)))
+    return (sum(tops) / len(tops), sum(entropies) / len(entropies),
+            sum(spreads) / len(spreads))
+
+
+def confidence(result):
+    c = result.clusters
+    return c["mean_max_posterior"], c["mean_posterior_entropy"], c["expert_spread"]
+
+
+def two_domain_result(ll, tokens=None, log_pi=None, domains=(0, 0, 0, 1, 1, 1)):
+    D, K = ll.shape
+    return summarize(ll, np.log(np.full(K, 1 / K)) if log_pi is None else log_pi,
+                     np.full(D, 100) if tokens is None else np.asarray(tokens),
+                     np.asarray(domains), ["a", "b"], tokens_per_sample=8, context_window=0)
+
+
+def test_confidence_of_a_flat_posterior_is_one_over_k_with_zero_spread():
+    # every expert gives each document the same likelihood: p(z | doc) = 1/3 exactly
+    ll = np.repeat(np.array([[-250.0], [-300.0], [-220.0], [-410.0], [-390.0], [-260.0]]), 3, 1)
+    top, entropy, spread = confidence(two_domain_result(ll))
+    assert top == pytest.approx(1 / 3)
+    assert entropy == pytest.approx(math.log(3))
+    assert spread == pytest.approx(0.0, abs=1e-12)
+
+
+def test_confidence_of_a_sharp_posterior_is_near_one_with_a_wide_spread():
+    ll = np.full((6, 3), -400.0)
+    ll[:3, 0] = ll[3:, 2] = -200.0  # the winner is 200 nats (2 nats/token) ahead
+    top, entropy, spread = confidence(two_domain_result(ll))
+    assert top == pytest.approx(1.0)
+    assert entropy == pytest.approx(0.0, abs=1e-9)
+    # per token: two experts at -4, one at -2: population std sqrt(8/9) ~ 0.943
+    assert spread == pytest.approx(math.sqrt(8 / 9))
+
+
+def test_confidence_matches_brute_force_with_a_learned_prior_and_uneven_documents():
+    rng = np.random.default_rng(3)
+    ll = -rng.uniform(50, 60, (6, 4))  # margins of a few nats: posteriors neither flat nor sharp
+    tokens = np.array([10, 25, 7, 40, 13, 19])
+    log_pi = np.log(np.array([0.4, 0.3, 0.2, 0.1]))
+    got = confidence(two_domain_result(ll, tokens, log_pi))
+    expected = brute_confidence(ll, log_pi, tokens)
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert 0.25 < got[0] < 0.999 and 0 < got[1] < math.log(4)  # a real test of the middle
+    # the prior moves the posterior: the confidence is of p(z | doc), not of the likelihoods
+    flat_prior = np.log(np.full(4, 0.25))
+    assert confidence(two_domain_result(ll, tokens, flat_prior))[0] == pytest.approx(
+        brute_confidence(ll, flat_prior, tokens)[0])
+    assert brute_confidence(ll, flat_prior, tokens)[0] != pytest.approx(expected[0])
+
+
+def test_a_single_expert_is_sure_with_no_spread_and_no_warning():
+    from moelab.evaluate import format_result
+
+    ll = np.array([[-300.0], [-200.0], [-250.0], [-100.0]])
+    result = summarize(ll, np.zeros(1), np.full(4, 50), np.array([0, 0, 1, 1]), ["a", "b"],
+                       tokens_per_sample=8, context_window=0)
+    assert confidence(result) == (pytest.approx(1.0), pytest.approx(0.0), pytest.approx(0.0))
+    assert "warning" not in format_result(result)
+
+
+def test_flat_posterior_with_aligned_argmax_is_reported_with_low_confidence(tmp_path):
+    """The sMoElp incident: NMI = ARI = purity = 1 from a posterior that is almost a coin toss."""
+    from moelab.evaluate import format_result, write_results
+
+    ll = np.full((6, 2), -1000.0)  # 500 tokens per document
+    ll[:3, 0] += 0.5
+    ll[3:, 1] += 0.5  # each domain's own expert ahead by half a nat: argmax aligned, barely
+    result = two_domain_result(ll, tokens=np.full(6, 500))
+    c = result.clusters
+    assert c["purity"] == c["nmi"] == c["ari"] == 1.0
+    top, entropy, spread = confidence(result)
+    assert top == pytest.approx(1 / (1 + math.exp(-0.5)))  # ~0.62
+    assert entropy > 0.9 * math.log(2)
+    assert spread == pytest.approx(0.25 / 500)
+    text = format_result(result)
+    clusters_line = next(i for i, line in enumerate(text.splitlines()) if "NMI 1.000" in line)
+    beside = "\n".join(text.splitlines()[clusters_line : clusters_line + 3])
+    assert "mean max posterior 0.622" in beside and "expert spread 0.0005" in beside
+    assert "flat" in beside and "must not be read as a clean split" in beside
+    assert text.count("must not be read as a clean split") == 1  # not repeated among the notes
+    write_results(result, tmp_path, "test")
+    data = json.loads((tmp_path / "test_eval.json").read_text())
+    assert data["clusters"]["mean_max_posterior"] == pytest.approx(top)
+    assert data["clusters"]["mean_posterior_entropy"] == pytest.approx(entropy)
+    assert data["clusters"]["expert_spread"] == pytest.approx(spread)
+    assert any("clean split" in note for note in data["notes"])
+
+
+def test_a_sure_posterior_gets_no_warning():
+    from moelab.evaluate import format_result
+
+    ll = np.full((6, 2), -1000.0)
+    ll[:3, 0] += 50.0
+    ll[3:, 1] += 50.0  # 0.1 nats/token ahead over 500 tokens: sure, and the experts differ
+    result = two_domain_result(ll, tokens=np.full(6, 500))
+    assert confidence(result)[0] == pytest.approx(1.0)
+    text = format_result(result)
+    assert "confidence: mean max posterior 1.000" in text
+    assert "warning" not in text and "clean split" not in text
+    assert not any("clean split" in note for note in result.notes)
+
+
+def test_experts_that_barely_differ_are_flagged_even_when_the_posterior_is_sharp():
+    from moelab.evaluate import format_result
+
+    ll = np.full((6, 2), -30000.0)  # 10,000-token documents
+    ll[:3, 0] += 40.0
+    ll[3:, 1] += 40.0  # 40 nats per document (posterior ~1), but 0.004 nats/token
+    result = two_domain_result(ll, tokens=np.full(6, 10_000))
+    top, _, spread = confidence(result)
+    assert top == pytest.approx(1.0) and spread == pytest.approx(0.002)
+    warning = next(line for line in format_result(result).splitlines() if "warning" in line)
+    assert "0.0020 nats/token < 0.01" in warning and "mean max posterior" not in warning
+    assert "experts barely differ" in warning and "flat" not in warning  # the posterior is sure
+
+
+def test_a_flat_posterior_is_flagged_even_when_the_experts_differ_per_token():
+    from moelab.evaluate import format_result
+
+    ll = np.full((6, 2), -40.0)  # 10-token documents
+    ll[:3, 0] += 0.5
+    ll[3:, 1] += 0.5  # 0.05 nats/token apart (spread 0.025), yet only half a nat per document
+    result = two_domain_result(ll, tokens=np.full(6, 10))
+    top, _, spread = confidence(result)
+    assert top == pytest.approx(1 / (1 + math.exp(-0.5))) and spread == pytest.approx(0.025)
+    warning = next(line for line in format_result(result).splitlines() if "warning" in line)
+    assert "mean max posterior 0.622 < 0.9" in warning and "nats/token" not in warning
+
+
+def test_unknown_domains_report_no_clustering_and_no_confidence_warning():
+    from moelab.evaluate import format_result
+
+    ll = np.zeros((2, 2))  # flat, but there is no clustering to misread
+    result = summarize(ll, np.log([0.5, 0.5]), np.array([5, 5]), np.array([0, 0]), ["unknown"],
+                       tokens_per_sample=8, context_window=0)
+    assert result.clusters[["mean_max_posterior", "expert_spread"]].isna().all()
+    text = format_result(result)
+    assert "clusters: n/a" in text and "clean split" not in text

@@ -211,3 +211,45 @@ def test_number_formatting_and_escaping():
     assert latex_escape("gene_ontology 50% & $x#") == r"gene\_ontology 50\% \& \$x\#"
     df = pd.DataFrame({"a|b": [1.5]}, index=pd.Index(["x|y"], name="m"))
     assert "x\\|y" in report.to_markdown(df) and "a\\|b" in report.to_markdown(df)
+
+
+# ----------------------------------------------------------------------------- confidence
+
+
+def flat_aligned_result(K: int = 2):
+    """12 documents of 500 tokens, argmax aligned with the domains by 0.3 nats: NMI 1, flat."""
+    domain_ids = np.arange(12) % 2
+    ll = np.full((12, K), -1500.0)
+    ll[np.arange(12), domain_ids] += 0.3
+    return summarize(ll, np.log(np.full(K, 1 / K)), np.full(12, 500), domain_ids, DOMAINS[:2],
+                     tokens_per_sample=32, context_window=0)
+
+
+CONFIDENCE = {"mean max posterior": "mean_max_posterior",
+              "posterior entropy": "mean_posterior_entropy", "expert spread": "expert_spread"}
+
+
+def test_method_and_cluster_tables_show_the_confidence_beside_the_clustering(results):
+    flat = flat_aligned_result()
+    assert flat.clusters["nmi"] == 1.0
+    mixtures = {"hMoEup": results["hMoEup"], "sMoElp": flat}
+    cluster = report.cluster_table(mixtures)
+    runs = [report.MethodRun(name, valid=r, test=r) for name, r in mixtures.items()]
+    method = report.method_table(runs)
+    for table in (cluster, method):
+        columns = list(table.columns)
+        at = columns.index("ARI")
+        assert columns[at + 1 : at + 4] == list(CONFIDENCE)  # right beside NMI/ARI
+        for name, r in mixtures.items():
+            for column, key in CONFIDENCE.items():
+                assert table.loc[name, column] == pytest.approx(r.clusters[key]), column
+        # the flat one reads as flat: ~1/K and no spread, next to its perfect NMI
+        assert table.loc["sMoElp", "mean max posterior"] == pytest.approx(
+            1 / (1 + math.exp(-0.3)))
+        assert table.loc["sMoElp", "expert spread"] == pytest.approx(0.15 / 500)
+        assert table.loc["hMoEup", "mean max posterior"] > 0.99
+        notes = " ".join(table.attrs["notes"])
+        assert "mean max posterior < 0.9" in notes and "expert spread < 0.01" in notes
+        assert "not a clean split" in notes
+    md = report.to_markdown(cluster)
+    assert "| mean max posterior |" in md.replace("  ", " ") and "not a clean split" in md

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moelab.evaluate import ORACLE_NOTE, EvalResult
+from moelab.evaluate import FLAT_EXPERT_SPREAD, FLAT_MAX_POSTERIOR, ORACLE_NOTE, EvalResult
 from moelab.report.export import output_paths
 from moelab.train import TrainResult, read_history
 
@@ -45,6 +45,23 @@ class MethodRun:
         return cls(name=name, valid=valid, test=test, history=history)
 
 
+CONFIDENCE_COLUMNS = {"mean_max_posterior": "mean max posterior",
+                      "mean_posterior_entropy": "posterior entropy",
+                      "expert_spread": "expert spread"}
+CONFIDENCE_NOTE = (
+    "Confidence of each clustering: mean max posterior = mean over documents of max_z p(z | doc) "
+    "(1/K: flat, 1: sure); posterior entropy = mean entropy of p(z | doc) in nats (log K: flat); "
+    "expert spread = per document the standard deviation over experts of log p(doc | z) per "
+    "token, averaged (nats/token; 0: the experts are the same model). With mean max posterior < "
+    f"{FLAT_MAX_POSTERIOR} or expert spread < {FLAT_EXPERT_SPREAD} the posterior is flat and "
+    "its purity/NMI/ARI are not a clean split, however high.")
+
+
+def _confidence(result: EvalResult) -> dict[str, float]:
+    return {column: float(result.clusters.get(key, math.nan))
+            for key, column in CONFIDENCE_COLUMNS.items()}
+
+
 def _training_speed(history: pd.DataFrame | None) -> tuple[float, float]:
     """(mean tokens/s over the train log lines, seconds of training) from a training log."""
     if history is None or "kind" not in history:
@@ -60,9 +77,10 @@ def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
     """One row per method: perplexities, usage, cluster agreement, speed.
 
     Columns: mixture and oracle perplexity on valid and test; the mixture perplexity of each
-    domain, usage (experts used of K, usage entropy) and cluster agreement (NMI, ARI) on the test
-    split (valid when a run has no test evaluation); training tokens/s and time. The oracle is a
-    bound, not a density: `df.attrs["notes"]` says so and the exports print it under the table.
+    domain, usage (experts used of K, usage entropy) and cluster agreement (NMI, ARI) with its
+    confidence (mean max posterior, posterior entropy, expert spread) on the test split (valid
+    when a run has no test evaluation); training tokens/s and time. The oracle is a bound, not a
+    density: `df.attrs["notes"]` says so and the exports print it under the table.
     """
     rows = {}
     domain_split = {}
@@ -82,6 +100,7 @@ def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
         row["usage entropy"] = float(s["usage_entropy"])
         row["NMI"] = float(main.clusters["nmi"])
         row["ARI"] = float(main.clusters["ari"])
+        row.update(_confidence(main))
         row["tokens/s"], row["train time (s)"] = _training_speed(run.history)
         rows[run.name] = row
     df = pd.DataFrame.from_dict(rows, orient="index")
@@ -91,6 +110,7 @@ def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
         "ppl: mixture perplexity, the model's density. " + ORACLE_NOTE + ".",
         f"Per-domain perplexity, experts used (winning >= 1/(4K) of documents), usage entropy "
         f"(nats) and NMI/ARI (argmax posterior vs domain) on the {' / '.join(splits)} split.",
+        CONFIDENCE_NOTE,
         "tokens/s: training throughput (mean over log intervals); train time includes "
         "validation.",
     ]
@@ -100,15 +120,16 @@ def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
 def cluster_table(results: Mapping[str, EvalResult]) -> pd.DataFrame:
     """One row per method: how experts split the documents and how that matches the domains.
 
-    Columns: K, experts used, usage entropy (nats), purity, NMI, ARI, then the share of
-    documents each expert wins (`expert k`; empty where a method has fewer experts).
+    Columns: K, experts used, usage entropy (nats), purity, NMI, ARI, the clustering's
+    confidence (mean max posterior, posterior entropy, expert spread), then the share of documents
+    each expert wins (`expert k`; empty where a method has fewer experts).
     """
     rows = {}
     for name, result in results.items():
         s, c = result.summary, result.clusters
         row = {"K": int(s["num_experts"]), "experts used": int(s["experts_used"]),
                "usage entropy": float(s["usage_entropy"]), "purity": float(c["purity"]),
-               "NMI": float(c["nmi"]), "ARI": float(c["ari"])}
+               "NMI": float(c["nmi"]), "ARI": float(c["ari"]), **_confidence(result)}
         for expert, share in result.usage["share"].items():
             row[str(expert).replace("_", " ")] = float(share)
         rows[name] = row
@@ -117,7 +138,7 @@ def cluster_table(results: Mapping[str, EvalResult]) -> pd.DataFrame:
     df.attrs["notes"] = [
         "expert k: share of documents whose posterior p(expert | document) peaks at expert k. "
         "Experts used: experts winning >= 1/(4K) of documents. Purity, NMI and ARI compare the "
-        "argmax posterior with the domain labels."]
+        "argmax posterior with the domain labels.", CONFIDENCE_NOTE]
     return df
 
 
