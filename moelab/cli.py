@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MOELAB_DEBUG"):
             raise
         print(f"moelab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 143/130 after a SIGTERM/SIGINT stop
     except KeyboardInterrupt:
         print(f"moelab {args.command}: interrupted", file=sys.stderr)
         return 130

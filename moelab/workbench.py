@@ -218,11 +218,15 @@ class Workbench:
             if self.is_trained(method) and not retrain:
                 print(f"{method}: using the trained run in {save_dir} (delete it to retrain)")
             else:
-                if retrain:  # the .prev fallback too, or training would resume from it
+                resumable = any((save_dir / name).is_file()
+                                for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST)))
+                # retrain, or a run of the workbench's own killed before its first checkpoint:
+                # clear its files (the .prev fallback too, or training would resume from it)
+                if retrain or not resumable:
                     for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST), CHECKPOINT,
                                  "train_log.jsonl", DONE_FILE):
                         (save_dir / name).unlink(missing_ok=True)
-                elif (save_dir / ckpt.LAST).is_file():
+                else:
                     print(f"{method}: resuming the unfinished run in {save_dir}")
                 callbacks = live.callbacks(method) if live is not None else {}
                 result = train(str(data_bin), **options, **callbacks)

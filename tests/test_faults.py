@@ -160,6 +160,71 @@ def test_killed_anywhere_the_run_resumes_exactly(tiny_bin, tmp_path):
     print(f"kill points: {killed} + damaged checkpoint_last + random kill after {delay:.2f}s")
 
 
+# --------------------------------------------------------------------------- pre-emption
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_at_the_update_boundary_and_exit_nonzero(tiny_bin, tmp_path,
+                                                                          sig):
+    """How clusters pre-empt: the signal is honoured after the update in progress, which is
+    saved as checkpoint_last; the run exits 128 + signal number, saying how to resume, and the
+    resumed run ends where an uninterrupted one does."""
+    reference, chain = tmp_path / "reference", tmp_path / "chain"
+    code, err = _run(tiny_bin, reference)
+    assert code == 0, err
+    proc = _launch(tiny_bin, chain)
+    log = chain / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not (log.is_file() and log.stat().st_size) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    name = signal.Signals(sig).name
+    assert f"{name} received" in err and "run the same command again to resume" in err
+    saved = read_checkpoint(chain / "checkpoint_last.pt")
+    assert 3 <= saved["num_updates"] < 12  # after the first log line, before the end
+    code, err = _run(tiny_bin, chain)
+    assert code == 0, err
+    assert f"resumed from {chain / 'checkpoint_last.pt'} at update {saved['num_updates']}" in err
+    assert _log(chain) == _log(reference)
+    _same_weights(read_checkpoint(chain / "checkpoint_last.pt"),
+                  read_checkpoint(reference / "checkpoint_last.pt"))
+
+
+@pytest.mark.parametrize("leftover", ["checkpoint_best.pt", "train_log.jsonl"])
+def test_save_dir_of_an_earlier_run_without_checkpoint_last_is_refused(tiny_bin, tmp_path,
+                                                                        leftover):
+    save_dir = tmp_path / "earlier"
+    save_dir.mkdir()
+    (save_dir / leftover).write_bytes(b"an earlier run's file")
+    with pytest.raises(MoelabError, match=f"holds {leftover} from an earlier run but no "
+                                          "checkpoint_last.pt"):
+        train(str(tiny_bin), **TINY, max_update=1, save_dir=str(save_dir))
+    assert (save_dir / leftover).read_bytes() == b"an earlier run's file"
+    assert sorted(p.name for p in save_dir.iterdir()) == [leftover]
+
+
+def test_tokens_per_s_after_a_resume_counts_the_time_before_the_checkpoint(tiny_bin, tmp_path):
+    """The log interval in progress at a checkpoint keeps its tokens and its seconds: the first
+    line after a resume is not its tokens over the few seconds since the restart."""
+    options = dict(TINY, save_dir=str(tmp_path / "run"), log_interval=8, warmup_updates=2)
+    train(str(tiny_bin), **options, max_update=6)  # saved mid-interval: 6 of 8 updates
+    meter = read_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["meter"][0]
+    assert meter["updates"] == 6 and meter["elapsed"] > 0
+    per_update = meter["elapsed"] / 6
+    train(str(tiny_bin), **options, max_update=8)
+    lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    line = [r for r in map(json.loads, lines) if r["kind"] == "train"][-1]
+    assert line["update"] == 8
+    honest = meter["global_tokens"] * 8 / 6 / (meter["elapsed"] + 2 * per_update)
+    # timing noise on a shared machine aside, it is the 8 updates' tokens over their time;
+    # counting only the 2 updates since the resume would make it about 4 times that
+    assert line["tokens_per_s"] < 2 * honest, (line["tokens_per_s"], honest)
+
+
 # --------------------------------------------------------------------------- damaged files
 
 
@@ -501,7 +566,7 @@ def test_too_many_bad_updates_in_a_row_stop_the_run_naming_the_update(tiny_bin, 
 
 
 def test_non_finite_weights_are_never_saved(tiny_bin, tmp_path, monkeypatch):
-    real_step = torch.optim.Adam.step
+    real_step = torch.optim.AdamW.step  # fairseq's adam is the AdamW update
 
     def step(self, *args, **kwargs):
         out = real_step(self, *args, **kwargs)
@@ -509,7 +574,7 @@ def test_non_finite_weights_are_never_saved(tiny_bin, tmp_path, monkeypatch):
             self.param_groups[0]["params"][0][0, 0] = float("nan")
         return out
 
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     with pytest.raises(MoelabError, match="weights at update 1 are not finite"):
         train(tiny_bin, max_update=3, save_interval_updates=1, save_dir=tmp_path, **TINY)
     assert not (tmp_path / "checkpoint_last.pt").exists()

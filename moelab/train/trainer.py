@@ -19,7 +19,9 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +115,8 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
     if dist.is_main:
         prepare_save_dir(save_dir, say)
     restore = find_restore_file(config, say)
+    if restore is None and dist.is_main:
+        refuse_earlier_run(save_dir)
     if restore is not None:
         state, restore = restore_with_fallback(restore, model, optimizer, meter, mconf, train_ds,
                                                dist, say, method=config.model.method)
@@ -136,8 +140,14 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
                                  max_epoch=config.train.max_epoch,
                                  pin_memory=dist.device.type == "cuda",
                                  enabled=config.train.prefetch)
-    with out_of_memory_is_an_error(state, config), prefetcher:
+    meter.start_clock(meter.elapsed_before)  # setup time is not training time
+    with out_of_memory_is_an_error(state, config), prefetcher, StopSignals() as stop:
         while not finished(state, config):
+            if stop_requested(stop, dist):
+                save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
+                     ckpt.LAST)
+                progress.close()
+                raise TrainingInterrupted(stop.signal_name, state.num_updates, save_dir)
             micro_batches = prefetcher.take(state)
             if not micro_batches:
                 break
@@ -181,6 +191,59 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
     return TrainResult(model=model, model_config=mconf, config=config,
                        num_updates=state.num_updates, valid=result, save_dir=save_dir,
                        history=history)
+
+
+class TrainingInterrupted(MoelabError):
+    """SIGTERM or SIGINT stopped training after saving checkpoint_last (a pre-emption)."""
+
+    def __init__(self, signal_name: str, num_updates: int, save_dir: Path):
+        self.exit_code = 128 + getattr(signal, signal_name)  # the shell's convention: 143, 130
+        super().__init__(
+            f"{signal_name} received: stopped after update {num_updates} and saved "
+            f"{save_dir / ckpt.LAST}; run the same command again to resume from there")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (how clusters pre-empt, and Ctrl-C) ask training to stop at the next
+    update boundary, after saving, instead of killing it mid-update. A second signal stops at
+    once. Outside the main thread (where Python cannot take signals) it does nothing."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:  # the second one: no waiting for the update to finish
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        tqdm.write(f"moelab train: {self.signal_name} received: saving checkpoint_last after "
+                   "this update, then stopping (send it again to stop at once)", file=sys.stderr)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested(stop: StopSignals, dist: DistInfo) -> bool:
+    """Whether to stop before the next update; under DDP every rank asks every update (one
+    small all-reduce), so all stop at the same update even if one rank saw the signal."""
+    if not dist.distributed:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=dist.device)
+    return bool(all_reduce_sum(flag, dist).item() > 0)
 
 
 class TrainingDiverged(MoelabError):
@@ -347,6 +410,17 @@ def prepare_save_dir(save_dir: Path, say: Callable[[str], None]) -> None:
             f"killed while saving (the finished checkpoints are untouched)")
 
 
+def refuse_earlier_run(save_dir: Path) -> None:
+    """A save dir with an earlier run's best checkpoint or log, but no checkpoint_last to resume
+    from, is not ours to overwrite: starting there would replace those files."""
+    found = [name for name in (ckpt.BEST, "train_log.jsonl") if (save_dir / name).is_file()]
+    if found:
+        raise MoelabError(
+            f"--save-dir {save_dir} holds {' and '.join(found)} from an earlier run but no "
+            f"{ckpt.LAST} to resume from; starting a new run there would overwrite them. Use "
+            "another --save-dir, or move those files away to start over in this one")
+
+
 def find_restore_file(config: RunConfig, say: Callable[[str], None] | None = None
                       ) -> Path | None:
     """fairseq's rule: --restore-file (default checkpoint_last.pt) is looked up in --save-dir.
@@ -457,6 +531,7 @@ class Meter:
 
     def __init__(self, num_experts: int, device: torch.device):
         self.num_experts, self.device = num_experts, device
+        self.elapsed_before = 0.0  # seconds a restored interval had run before the checkpoint
         self.reset()
 
     def reset(self) -> None:
@@ -465,7 +540,11 @@ class Meter:
         self.sums = torch.zeros(5 + 2 * K, dtype=torch.float64, device=self.device)
         self.updates = 0
         self.global_tokens = 0
-        self.since = time.perf_counter()
+        self.since = time.perf_counter()  # when this interval's clock started
+
+    def start_clock(self, elapsed: float = 0.0) -> None:
+        """Time the interval from now, counting `elapsed` seconds already spent on its sums."""
+        self.since = time.perf_counter() - elapsed
 
     def add(self, s: StepStats) -> None:
         K = self.num_experts
@@ -480,13 +559,16 @@ class Meter:
         self.global_tokens += s.global_tokens
 
     def state_dict(self) -> dict:
-        """The current interval's sums: a resumed run logs the same line as an unbroken one."""
+        """The current interval's sums and the seconds they took: a resumed run logs the same
+        line as an unbroken one, and its tokens/s is not inflated by tokens counted before."""
         return {"sums": self.sums.cpu(), "updates": self.updates,
-                "global_tokens": self.global_tokens}
+                "global_tokens": self.global_tokens,
+                "elapsed": time.perf_counter() - self.since}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums.copy_(state["sums"])
         self.updates, self.global_tokens = int(state["updates"]), int(state["global_tokens"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
 
 
 def log_train(meter: Meter, state: TrainState, lr: float, dist: DistInfo, save_dir: Path,
