@@ -254,11 +254,16 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
               f"{torch.get_num_threads()} threads)")
     size = ", ".join(f"{k}={v}" for k, v in options.items()
                      if k not in ("log_interval", "validate_interval_updates"))
+    # the precision each run trained in, as its checkpoint records it
+    trained_in = sorted({wb.run(r.name).config.train.precision for r in runs})
+    estep = sorted({wb.run(r.name).config.train.estep_dtype or "float32" for r in runs})
     lines = [
         "# moelab demo report", "",
         f"moelab {__version__}, torch {torch.__version__}, on {device}; preset `{wb.preset}` "
         f"({size}); K = {wb.num_experts} for the mixtures; the whole run took "
-        f"{seconds / 60:.1f} minutes (cached stages excluded).", "",
+        f"{seconds / 60:.1f} minutes (cached stages excluded). Precision: M-step "
+        f"{'/'.join(trained_in)}, E-step {'/'.join(estep)}, validation and evaluation float32.",
+        "",
         "## Reading", "", *reading(table, options["max_update"]), "",
         "## Methods", "",
         "Mixture (`ppl`) and oracle perplexity on valid and test; per-domain mixture perplexity, "

@@ -146,8 +146,11 @@ def window_log_likelihoods(
             lens = torch.tensor([end - start for _, start, _, end in batch], device=device)
             skip = torch.tensor([first - start for _, start, first, _ in batch], device=device)
             experts = torch.arange(K, device=device).repeat(B)  # (B*K,) row b*K + k: expert k
-            logp = model.token_log_probs(tokens.repeat_interleave(K, dim=0),
-                                         lens.repeat_interleave(K, dim=0), experts)  # (B*K, L)
+            # float32 on every device, even inside a caller's autocast: eval-lm's precision
+            with torch.autocast(device.type, enabled=False):
+                logp = model.token_log_probs(tokens.repeat_interleave(K, dim=0),
+                                             lens.repeat_interleave(K, dim=0), experts)
+            # (B*K, L)
             # context tokens of a later window were scored by an earlier one: mask them out
             scored = torch.arange(L, device=device)[None, :] >= skip[:, None]  # (B, L)
             ll = (logp.view(B, K, L) * scored[:, None, :]).sum(-1)  # (B, K)
@@ -313,6 +316,7 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
         "tokens_per_sample": tokens_per_sample, "context_window": context_window,
         "usage_entropy": entropy, "usage_entropy_max": math.log(K),
         "experts_used": int((share >= 1 / (4 * K)).sum()),
+        "precision": "float32",  # window_log_likelihoods scores in float32 on every device
     })
     return EvalResult(perplexity=perplexity, documents=documents, posteriors=posteriors,
                       responsibilities=responsibilities, clusters=clusters, usage=usage,
@@ -402,7 +406,8 @@ def format_result(result: EvalResult, title: str = "") -> str:
     lines = [
         title,
         f"{int(s['documents'])} documents, {int(s['tokens'])} tokens, K={K}, tokens-per-sample "
-        f"{int(s['tokens_per_sample'])}, context-window {int(s['context_window'])}",
+        f"{int(s['tokens_per_sample'])}, context-window {int(s['context_window'])}, "
+        f"{s.get('precision', 'float32')}",
         "",
         "perplexity (mixture: the model's density; oracle*: best expert per document, a bound)",
         ppl.to_string(float_format=lambda x: f"{x:.2f}"),

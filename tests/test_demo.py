@@ -21,6 +21,9 @@ def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
     for method in ("dense", "hMoEup", "sMoElp"):
         assert f"| {method}" in report
     assert "## Reading" in report and "## Samples" in report
+    # the precision the runs trained in, read from their checkpoints (float32 on a CPU)
+    assert ("Precision: M-step float32, E-step float32, validation and evaluation float32"
+            in report)
     for stem in ("tables/methods", "tables/clusters"):
         for suffix in ("csv", "md", "tex"):
             assert (out / f"{stem}.{suffix}").stat().st_size > 0

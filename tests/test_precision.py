@@ -91,6 +91,15 @@ def test_precision_is_recorded_in_the_run(bf16_run, ckpt):
     assert config.train.precision == "float32"
 
 
+def test_eval_lm_scores_in_float32_even_inside_a_callers_autocast(model, tiny_bin):
+    test = BinarizedDataset(tiny_bin, "test")
+    plain = evaluate(model, test, context_window=16, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = evaluate(model, test, context_window=16, progress=False)
+    assert plain.summary["precision"] == inside.summary["precision"] == "float32"
+    assert plain.perplexity.equals(inside.perplexity)
+
+
 # --------------------------------------------------------------------------- CUDA against CPU
 # Tolerances: float32 on both devices differs only by summation order and TF32-free matmuls,
 # so log-likelihoods of ~100-token chunks agree to 1e-3 nats (relative 1e-5); the bf16 M-step's
