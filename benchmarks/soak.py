@@ -2,8 +2,15 @@
 
 Trains `--updates` updates (default 2,000) of the tiny preset with validation (and so a checkpoint
 save) every `--eval-interval` updates (default 100), samples the resident memory of the process
-(VmRSS from /proc/self/status, no psutil) at every validation, and at the end checks that the log
-and the checkpoints agree with each other and with the model in memory:
+(VmRSS from /proc/self/status, no psutil) at every validation and at every log line, and at the
+end checks that the log and the checkpoints agree with each other and with the model in memory.
+
+Memory growth is measured as a slope: a least-squares line through the log-line samples after the
+first validation (the allocator's warm-up), in KiB per update. Before each sample the garbage
+collector runs and glibc's malloc_trim hands freed heap pages back to the kernel, so the resident
+set follows live memory and not the allocator's high-water mark. `--inject-leak graph` plants a
+known leak (every update's loss kept with its autograd graph) so that a test can show the slope
+catches it:
 
     python benchmarks/soak.py                          # bundled corpus, 2,000 updates
     python benchmarks/soak.py --data data-bin/mix --updates 300 --eval-interval 50 --json out.json
@@ -15,6 +22,9 @@ line with everything (also written to --json). Exit status 1 if a consistency ch
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
 import sys
@@ -35,6 +45,66 @@ def rss_mb() -> float:
     except OSError:
         pass
     return math.nan
+
+
+def settled_rss_mb() -> float:
+    """rss_mb after a garbage collection and glibc's malloc_trim (where there is a glibc)."""
+    gc.collect()
+    with_trim = _libc()
+    if with_trim is not None:
+        with_trim.malloc_trim(0)
+    return rss_mb()
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name) if name else None
+            _LIBC.append(libc if libc is not None and hasattr(libc, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def least_squares_slope(points: list[tuple[float, float]]) -> float:
+    """Slope of the least-squares line through (x, y) points; 0 for fewer than two x values."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    if len(xs) < 2:
+        return 0.0
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+    return covariance / var if var else 0.0
+
+
+LEAKS = ("none", "graph")
+LEAKED: list = []  # what --inject-leak keeps alive
+
+
+def inject_leak(kind: str) -> None:
+    """Plant a known leak in this process (for the test that proves the slope catches one).
+
+    graph: every update's loss tensor is kept with its autograd graph (`losses.append(loss)`
+    where `loss.item()` was meant), the classic training-loop leak: ~70 KiB per update for the
+    tiny model at --tokens-per-sample 32 --max-tokens 256 (backward frees the saved activations;
+    the graph's nodes stay).
+    """
+    from moelab.train import trainer
+
+    if kind == "graph":
+        forward = trainer.EMStep.forward
+
+        def leaking_forward(self, batch):
+            out = forward(self, batch)
+            LEAKED.append(out[0])  # the summed loss, grad_fn and all
+            return out
+        trainer.EMStep.forward = leaking_forward
+    elif kind != "none":
+        raise ValueError(f"--inject-leak must be one of {', '.join(LEAKS)}")
 
 
 def bundled_data_bin(folder: Path) -> Path:
@@ -107,15 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", help="save dir (default: a temporary folder)")
     parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--inject-leak", choices=LEAKS, default="none",
+                        help="plant a known leak, to check that the RSS slope shows it")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    inject_leak(args.inject_leak)
 
     from moelab.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else bundled_data_bin(Path(tmp))
         save_dir = Path(args.out) if args.out else Path(tmp) / "run"
-        samples: list[tuple[int, float]] = [(0, rss_mb())]
+        samples: list[tuple[int, float]] = [(0, rss_mb())]  # at every validation
+        trace: list[tuple[int, float]] = []  # settled, at every log line
+
+        def on_log(record: dict) -> None:
+            trace.append((record["update"], settled_rss_mb()))
 
         def on_eval(record: dict) -> None:
             samples.append((record["update"], rss_mb()))
@@ -128,20 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                        log_interval=args.log_interval, tokens_per_sample=args.tokens_per_sample,
                        max_tokens=args.max_tokens, warmup_updates=min(100, args.updates // 4),
                        lr=1e-3, save_dir=save_dir, device="cpu", progress_bar=False,
-                       on_eval=on_eval)
+                       on_log=on_log, on_eval=on_eval)
         seconds = time.perf_counter() - started
         problems = check_consistency(save_dir, result, args.updates, args.eval_interval,
                                      args.log_interval)
 
     evals = samples[1:]
     first, last = evals[0], evals[-1]
-    # growth per 1,000 updates from a least-squares line through the samples after the first
-    tail = evals[1:] if len(evals) > 2 else evals
-    xs, ys = [u for u, _ in tail], [r for _, r in tail]
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mean_x) ** 2 for x in xs)
-    covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
-    slope = covariance / var if var else 0.0
+    # MiB per update: a least-squares line through the settled samples after the first validation
+    slope = least_squares_slope([(u, r) for u, r in trace if u > first[0]])
     summary = {
         "updates": args.updates, "eval_interval": args.eval_interval, "seconds": round(seconds, 1),
         "rss_mb_start": round(samples[0][1], 1),
@@ -150,13 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         "rss_growth_mb": round(last[1] - first[1], 1),
         "rss_max_mb": round(max(r for _, r in evals), 1),
         "rss_slope_mb_per_1000_updates": round(slope * 1000, 2),
+        "rss_slope_kib_per_update": round(slope * 1024, 2),
+        "rss_slope_from_update": first[0],
         "rss_samples": [[u, round(r, 1)] for u, r in samples],
+        "rss_trace": [[u, round(r, 2)] for u, r in trace],
+        "inject_leak": args.inject_leak,
         "consistent": not problems, "problems": problems,
     }
     print(f"soak: RSS {first[1]:.1f} MiB at update {first[0]}, {last[1]:.1f} MiB at update "
-          f"{last[0]} (growth {last[1] - first[1]:+.1f} MiB, {slope * 1000:+.2f} MiB per 1,000 "
-          f"updates); {args.updates} updates in {seconds:.0f} s; log and checkpoints "
-          f"{'consistent' if not problems else 'INCONSISTENT: ' + '; '.join(problems)}")
+          f"{last[0]} (growth {last[1] - first[1]:+.1f} MiB; slope {slope * 1024:+.1f} KiB per "
+          f"update after update {first[0]}); {args.updates} updates in {seconds:.0f} s; log and "
+          f"checkpoints {'consistent' if not problems else 'INCONSISTENT: ' + '; '.join(problems)}")
     print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -30,6 +30,13 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
                 "kv_cache_speedup", "flops_per_token"):
         assert isinstance(out[key], (int, float)) and out[key] > 0, key
     assert out["mfu"] is None  # CPU: no meaningful peak to compare with
+    # the figure is the formula (checked against FlopCounterMode below) for this step: the
+    # preset's model at the batch's length, hard EM, no reused E-step
+    preset = bench.BENCH_PRESETS["tiny"]
+    model = bench._model(bench.BenchConfig(preset="tiny", device="cpu"), preset,
+                         torch.device("cpu"), dropout=preset.dropout)
+    assert out["flops_per_token"] == bench.step_flops_per_token(
+        model, preset.tokens_per_sample, hard=True, reuse=False)
     assert out["num_experts"] == 3 and out["method"] == "hMoEup"
     assert {"batched_estep", "chunked_loss_estep", "chunked_loss_mstep",
             "sdpa_attention_estep", "reuse_estep_dropout0_hard"} <= set(out["techniques"])
@@ -48,16 +55,78 @@ def test_bench_without_the_reference_times_moelab_only(monkeypatch, capsys):
     assert "techniques" not in out and "eval_tokens_per_s" not in out
 
 
-def test_step_flops_follow_the_documented_formula():
-    model = make_model(K=4)
-    N = bench.matmul_params(model)
-    c = model.config
-    attention = 4 * c.n_layer * 16 * c.n_embd
-    hard = bench.step_flops_per_token(model, 16, hard=True, reuse=False)
-    assert hard == (2 * 4 + 6) * N + (4 + 3) * attention
-    soft = bench.step_flops_per_token(model, 16, hard=False, reuse=False)
-    assert soft == 4 * 4 * (2 * N + attention)
-    assert bench.step_flops_per_token(model, 16, hard=False, reuse=True) == 3 / 4 * soft
+def _counted_flops_per_token(model: MixtureLM, *, hard: bool, uniform_prior: bool, T: int,
+                            **options) -> float:
+    """torch's FlopCounterMode over one real EM step (em_loss forward + backward), per target
+    token, on full-length rows (so every position is a target, as the formula assumes)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B = 3
+    batch = bench.synthetic_batch(rows=B, seq_len=T, vocab_size=model.config.vocab_size,
+                                  pad_id=3, generator=torch.Generator().manual_seed(0))
+    batch.lengths[:] = T
+    batch.tokens = torch.randint(4, model.config.vocab_size, (B, T),
+                                 generator=torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    # SDPA's math backend: the counter has no formula for the CPU flash kernel (it would count
+    # the attention as 0); the math backend's matmuls are counted, as the full T x T, as the
+    # formula does (PaLM's convention: no discount for the causal mask).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = em_loss(model, batch, hard=hard, uniform_prior=uniform_prior, **options)
+        out.loss.backward()
+    return counter.get_total_flops() / (B * T)
+
+
+@pytest.mark.parametrize("K, hard, reuse, estep_tokens", [
+    (4, True, False, None),  # hMoEup: K E-step forwards + 1 row forward and backward
+    (4, False, False, None),  # sMoEup: K + 3K
+    (4, False, True, None),  # the E-step read off the M-step's forward: 3K
+    (4, True, True, None),
+    (4, True, False, 5),  # the E-step on the first 5 of 16 tokens (its attention over 5, too)
+    (4, False, False, 5),
+    (1, True, False, None),  # dense: one forward and backward
+])
+def test_step_flops_match_torchs_flop_counter(K, hard, reuse, estep_tokens):
+    """bench's FLOPs per token == FlopCounterMode's count of the same step, exactly.
+
+    Both count matrix multiplications only (the formula is PaLM's model FLOPs; the counter
+    registers mm/addmm/bmm and attention, not softmax, layer norm or other elementwise ops),
+    so with a uniform prior there is nothing for them to disagree on: the tolerance is float
+    rounding. A small vocabulary (50) makes the output projection a large share, so counting
+    its K expert-token rows (inputs only, never scored) would show.
+    """
+    T = 16
+    model = make_model(K=K, gating=False).train()
+    counted = _counted_flops_per_token(model, hard=hard, uniform_prior=True, T=T,
+                                       reuse_estep=reuse, estep_tokens=estep_tokens)
+    fraction = 1.0 if estep_tokens is None else estep_tokens / T
+    formula = bench.step_flops_per_token(model, T, hard=hard, reuse=reuse,
+                                         estep_fraction=fraction)
+    assert formula == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_step_flops_leave_out_only_the_gating_network(hard):
+    """With a learned prior the counter also sees the gating network's two matmuls per chunk
+    (Linear(d, g), Linear(g, K) on the pooled context), in the E-step (forward) and the M-step
+    (forward and backward): 4 passes. The formula leaves them out, and nothing else."""
+    T, K = 16, 3
+    model = make_model(K=K).train()  # gating, d = g = 32
+    counted = _counted_flops_per_token(model, hard=hard, uniform_prior=False, T=T,
+                                       reuse_estep=False)
+    formula = bench.step_flops_per_token(model, T, hard=hard, reuse=False)
+    d, g = model.config.n_embd, model.config.gating_dim
+    gating = 4 * 2 * (d * g + g * K) / T  # per token: one chunk of T tokens per row
+    assert counted - formula == pytest.approx(gating, rel=1e-9)
+
+
+def test_mfu_peak_is_the_h200_dense_bf16_peak():
+    """The MFU denominator, derived from the hardware: Hopper (H100/H200 SXM) has 132 SMs, each
+    with 4 tensor cores doing 512 dense bf16 multiply-adds per clock, at a 1.83 GHz boost:
+    989.4 TFLOPS, NVIDIA's datasheet figure without sparsity."""
+    peak = 132 * 4 * 512 * 2 * 1.83e9
+    assert pytest.approx(peak, rel=1e-3) == bench.PEAK_FLOPS
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -264,4 +333,3 @@ def test_model_without_dropout_reports_dropout_free():
     assert not MixtureLM(ModelConfig(**base, dropout=0.1)).dropout_free
     assert not MixtureLM(ModelConfig(**base, dropout=0.0, gating=True,
                                      gating_dropout=0.2)).dropout_free
-    assert math.isfinite(bench.PEAK_FLOPS)

@@ -5,6 +5,12 @@ status 2) or an argparse usage error (SystemExit 2) -- never a traceback a user 
 and never leaves a half-written output file. Example counts are modest for CI; set
 MOELAB_FUZZ_SCALE=10 (say) for a longer local run. Each target prints how many examples ran
 (`pytest -s tests/test_fuzz.py`).
+
+A fuzz test whose examples all end early (every input refused, every run an error) would pass
+without testing the deep path, so each test asserts a floor on the examples that ran to the END
+of its interesting path: documents read, a complete data-bin checked for losslessness, a
+generated text checked, a training run whose checkpoint and log were checked. The floors are
+about half of what the derandomized examples reach (`pytest -s` prints both).
 """
 
 from __future__ import annotations
@@ -46,9 +52,32 @@ def fuzz(examples: int):
 
 COUNTS: dict[str, int] = {}
 
+# Floors, as fractions of each test's examples: about half the least that derandomized and random
+# runs reached when they were set (in brackets), so that only a real change trips them.
+FLOOR_CORPUS = 0.1  # corpora read and every document checked (0.2 - 0.5)
+FLOOR_PREPROCESS = 0.12  # complete, lossless data-bins (0.25 - 0.62)
+FLOOR_GENERATED = 0.5  # non-empty generated text (1.0)
+FLOOR_CLI_TRAIN = 0.02  # `train` argv that reach fit: flags parsed, config valid (0.047 - 0.087)
+FLOOR_CLI_OTHERS = 0.07  # preprocess / eval-lm / interactive that ran to exit 0 (0.15 - 0.21)
+FLOOR_TRAINED = 0.15  # real training runs whose checkpoint and log were checked (0.27 - 0.6)
+
 
 def _count(target: str) -> None:
     COUNTS[target] = COUNTS.get(target, 0) + 1
+
+
+def run_with_floors(fuzz_test, *args, examples: int, floors: dict[str, float]) -> None:
+    """Run a hypothesis test, then require that at least `fraction * examples` examples reached
+    each counted point (`_count(point)` at the end of an interesting path)."""
+    before = dict(COUNTS)
+    fuzz_test(*args)
+    ran = max(1, int(examples * SCALE))
+    for point, fraction in floors.items():
+        reached = COUNTS.get(point, 0) - before.get(point, 0)
+        need = max(1, math.floor(fraction * ran))
+        assert reached >= need, (
+            f"only {reached} of {ran} examples reached '{point}' (floor {need}): the fuzz "
+            "inputs no longer get past the early exits, so the deep path goes untested")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,7 +173,7 @@ corpora = st.tuples(st.sampled_from(["folder", "jsonl", "txt"]),
 
 @fuzz(200)
 @given(corpus=corpora)
-def test_fuzz_corpus_readers(corpus):
+def _fuzz_corpus_readers(corpus):
     _count("corpus readers")
     kind, files, lines = corpus
     with workdir() as root:
@@ -163,6 +192,14 @@ def test_fuzz_corpus_readers(corpus):
             assert doc.key.startswith(f"{doc.domain}/")
             if kind != "folder":
                 assert kind == "jsonl" or doc.domain == UNKNOWN_DOMAIN
+        if docs:
+            _count("corpus readers: documents checked")
+
+
+def test_fuzz_corpus_readers():
+    run_with_floors(_fuzz_corpus_readers, examples=200,
+                    floors={"corpus readers": 0.95,
+                            "corpus readers: documents checked": FLOOR_CORPUS})
 
 
 # --------------------------------------------------------------------------- preprocess
@@ -181,7 +218,7 @@ small_docs = st.lists(st.one_of(
 @given(docs=small_docs, kind=st.sampled_from(["folder", "jsonl", "txt"]),
        vocab=st.sampled_from([1, 260, 300, 400, 5000]),
        fractions=st.sampled_from([(0.0, 0.0), (0.2, 0.2), (0.3, 0.3), (0.9, 0.0)]))
-def test_fuzz_preprocess(docs, kind, vocab, fractions):
+def _fuzz_preprocess(docs, kind, vocab, fractions):
     """Either a complete, lossless data-bin or a MoelabError and no data-bin at all."""
     _count("preprocess")
     with workdir() as root:
@@ -221,7 +258,6 @@ def test_fuzz_preprocess(docs, kind, vocab, fractions):
                 _count("preprocess: " + str(e)[:300])
             return
         assert_no_half_written_output(root)
-        _count("preprocess: complete data-bins")
         seen = 0
         for split in meta["splits"]:
             ds = BinarizedDataset(dest, split)
@@ -233,6 +269,12 @@ def test_fuzz_preprocess(docs, kind, vocab, fractions):
                     assert tokenizer.decode(ds.document(i)) == originals[key]
                 seen += 1
         assert seen == len(originals)
+        _count("preprocess: complete data-bins checked")
+
+
+def test_fuzz_preprocess():
+    run_with_floors(_fuzz_preprocess, examples=40,
+                    floors={"preprocess: complete data-bins checked": FLOOR_PREPROCESS})
 
 
 # --------------------------------------------------------------------------- generation
@@ -263,8 +305,8 @@ def tiny_model_and_tokenizer(tiny_bin):
 @fuzz(100)
 @given(prompt=prompts, expert=st.sampled_from([0, 1, "auto"]), seed=st.integers(0, 3),
        top_p=st.sampled_from([1.0, 0.9, 1e-6]), temperature=st.sampled_from([1.0, 0.3, 50.0]))
-def test_fuzz_generation_prompt_path(tiny_model_and_tokenizer, prompt, expert, seed, top_p,
-                                     temperature):
+def _fuzz_generation_prompt_path(tiny_model_and_tokenizer, prompt, expert, seed, top_p,
+                                 temperature):
     from moelab.generate import (
         GenerationConfig,
         PromptTruncatedWarning,
@@ -297,6 +339,15 @@ def test_fuzz_generation_prompt_path(tiny_model_and_tokenizer, prompt, expert, s
         beams = beam_search(model, tokenizer, prompt, expert=1,
                             config=GenerationConfig(max_new_tokens=4, beam=3))
         assert isinstance(beams, str)
+    _count("generation prompts: complete")
+    if text:
+        _count("generation prompts: text generated")
+
+
+def test_fuzz_generation_prompt_path(tiny_model_and_tokenizer):
+    run_with_floors(_fuzz_generation_prompt_path, tiny_model_and_tokenizer, examples=100,
+                    floors={"generation prompts: complete": 0.95,
+                            "generation prompts: text generated": FLOOR_GENERATED})
 
 
 # --------------------------------------------------------------------------- command line
@@ -440,7 +491,7 @@ def _run_cli(argv: list[str], stdin: str = "") -> tuple[int, str]:
 
 @fuzz(150)
 @given(data=st.data())
-def test_fuzz_command_line(micro, data):
+def _fuzz_command_line(micro, data):
     """Random argv from the real flags of preprocess / train / eval-lm / interactive.
 
     Training itself is replaced by a stub here (the next test trains for real); everything
@@ -454,6 +505,7 @@ def test_fuzz_command_line(micro, data):
     _count("command line")
 
     def fake_fit(config, dist, **kwargs):
+        _count("command line: train reached fit")
         return mock.Mock(valid=None, num_updates=0, save_dir=config.train.save_dir)
 
     with workdir() as root, mock.patch.object(command, "fit", fake_fit):
@@ -461,6 +513,14 @@ def test_fuzz_command_line(micro, data):
         _count(f"command line: exit {code}")
         assert_no_half_written_output(root)
         assert not (root / "pwned").exists() and not (root / "x").exists()
+    if code == 0 and argv[0] != "train":
+        _count("command line: preprocess/eval-lm/interactive ran")
+
+
+def test_fuzz_command_line(micro):
+    run_with_floors(_fuzz_command_line, micro, examples=150, floors={
+        "command line: train reached fit": FLOOR_CLI_TRAIN,
+        "command line: preprocess/eval-lm/interactive ran": FLOOR_CLI_OTHERS})
 
 
 TRAIN_FLAGS = ["--method", "--num-experts", "--tokens-per-sample", "--max-tokens",
@@ -475,7 +535,7 @@ TRAIN_FLAGS = ["--method", "--num-experts", "--tokens-per-sample", "--max-tokens
 
 @fuzz(30)
 @given(data=st.data())
-def test_fuzz_real_training_runs(micro, data):
+def _fuzz_real_training_runs(micro, data):
     """Real `moelab train` runs with random values of the training flags (small sizes)."""
     flags = _flags("train")
     argv = ["train", str(micro["data"]), "--arch", "tiny", "--no-progress-bar",
@@ -495,3 +555,10 @@ def test_fuzz_real_training_runs(micro, data):
             assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
             log = [json.loads(x) for x in (root / "run" / "train_log.jsonl").open()]
             assert log[-1]["kind"] == "valid" and log[-1]["update"] == checkpoint["num_updates"]
+            assert checkpoint["num_updates"] >= 1
+            _count("real training runs: trained and checked")
+
+
+def test_fuzz_real_training_runs(micro):
+    run_with_floors(_fuzz_real_training_runs, micro, examples=30,
+                    floors={"real training runs: trained and checked": FLOOR_TRAINED})

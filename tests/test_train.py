@@ -177,11 +177,15 @@ def test_train_logs_history_and_calls_back(tiny_bin, tmp_path):
         assert train_rows[column].notna().all(), column
     masses = train_rows[["posterior_mass_0", "posterior_mass_1"]].sum(axis=1)
     np.testing.assert_allclose(masses, 1.0, atol=1e-5)
+    # soft EM: the reported loss IS the marginal NLL; the values themselves are recomputed by
+    # hand in test_train_log_reports_the_first_batchs_objective (hard EM, where loss != nll)
+    np.testing.assert_allclose(train_rows.loss, train_rows.nll, rtol=1e-6)
     assert np.allclose(train_rows.ppl, np.exp(train_rows.loss))
     valid = history[history.kind == "valid"]
     assert list(valid["update"]) == [3, 6]
     assert result.valid.loss == pytest.approx(valid.loss.iloc[-1])
-    assert result.valid.ppl == pytest.approx(math.exp(result.valid.loss))
+    assert result.valid.ppl == pytest.approx(math.exp(result.valid.loss))  # see also
+    # test_hard_validation_loss_is_recomputed_by_hand: the loss itself, independently
     assert result.valid.posterior.shape == (len(BinarizedDataset(tiny_bin, "valid")), 2)
     assert (tmp_path / "checkpoint_best.pt").is_file()
     assert (tmp_path / "checkpoint_last.pt").is_file()
@@ -275,3 +279,291 @@ CLUSTER_RECOVERY = dict(
     decoder_ffn_embed_dim=256, tokens_per_sample=128, max_tokens=2048, max_update=150,
     warmup_updates=20, lr=3e-3, log_interval=50, device="cpu", progress_bar=False,
 )
+
+
+# --------------------------------------------------------------------------- what the trainer does
+# Each test below was checked against the break its name describes (see the commit message).
+
+FAST = dict(TINY, method="hMoEup", num_experts=2, dropout=0.0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_restore_file_loads_the_checkpoints_weights_bit_for_bit(tiny_bin, tmp_path,
+                                                               monkeypatch):
+    """--restore-file from another --save-dir: the model right after restoring IS the checkpoint.
+
+    The weights are read the moment the restore returns, before any update. A restore that
+    skipped `model.load_state_dict` would leave the seed's fresh initialisation, which the
+    checkpoint's weights are not.
+    """
+    from moelab.train import trainer
+    from moelab.train.checkpoint import read_checkpoint
+
+    train(tiny_bin, max_update=3, warmup_updates=1, lr=3e-3, save_dir=tmp_path / "a", **FAST)
+    saved = read_checkpoint(tmp_path / "a" / "checkpoint_last.pt")["model"]
+    restored: dict = {}
+    real_restore = trainer.restore_with_fallback
+
+    def spying_restore(path, model, *args, **kwargs):
+        out = real_restore(path, model, *args, **kwargs)
+        restored.update({k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(trainer, "restore_with_fallback", spying_restore)
+    result = train(tiny_bin, max_update=4, warmup_updates=1, lr=3e-3, save_dir=tmp_path / "b",
+                   restore_file=str(tmp_path / "a" / "checkpoint_last.pt"), **FAST)
+    assert result.num_updates == 4  # 3 restored + 1 trained
+    assert restored.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(restored[name], tensor), name
+    # the checkpoint is not the initialisation (else the comparison above proves nothing)
+    torch.manual_seed(result.config.train.seed)
+    fresh = MixtureLM(result.model_config).state_dict()
+    assert any(not torch.equal(fresh[n], t) for n, t in saved.items() if n in fresh)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.xfail(strict=True, reason="trainer.fit calls read_history on a --save-dir it never "
+                   "wrote to when the restored checkpoint is already at --max-update")
+def test_restoring_a_finished_checkpoint_into_a_new_save_dir_reports(tiny_bin, tmp_path):
+    train(tiny_bin, max_update=2, save_dir=tmp_path / "a", **FAST)
+    result = train(tiny_bin, max_update=2, save_dir=tmp_path / "b",
+                   restore_file=str(tmp_path / "a" / "checkpoint_last.pt"), **FAST)
+    assert result.num_updates == 2 and result.valid is not None
+
+
+def _record_optimizer_lrs(monkeypatch) -> list[list[float]]:
+    """Patch the trainer's build_optimizer so each optimizer.step() records its groups' lr."""
+    from moelab.train import trainer
+
+    seen: list[list[float]] = []
+    real = trainer.build_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer = real(*args, **kwargs)
+        step = optimizer.step
+
+        def recorded_step(*a, **k):
+            seen.append([g["lr"] for g in optimizer.param_groups])
+            return step(*a, **k)
+        optimizer.step = recorded_step
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", recording)
+    return seen
+
+
+def _fairseq_inverse_sqrt(update: int, *, lr: float, warmup: int, init: float) -> float:
+    """fairseq's InverseSquareRootSchedule, written out: the rate of the `update`-th (1-based)
+    optimizer step, set from the number of updates done before it."""
+    done = update - 1
+    if done < warmup:
+        return init + done * (lr - init) / warmup
+    return lr * (warmup / done) ** 0.5
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("warmup_init_lr, min_lr", [
+    (1e-4, 1e-9),  # the usual case
+    (-1, 1e-5),  # warmup from 0, below --min-lr at first: no floor lifts it, no stop
+])
+def test_optimizer_steps_use_the_inverse_sqrt_rate(tiny_bin, tmp_path, monkeypatch,
+                                                   warmup_init_lr, min_lr):
+    seen = _record_optimizer_lrs(monkeypatch)
+    lr, warmup, updates = 1e-3, 5, 12
+    result = train(tiny_bin, max_update=updates, lr=lr, warmup_updates=warmup,
+                   warmup_init_lr=warmup_init_lr, min_lr=min_lr, log_interval=1,
+                   save_dir=tmp_path, **FAST)
+    assert result.num_updates == updates
+    init = 0.0 if warmup_init_lr < 0 else warmup_init_lr
+    expected = [_fairseq_inverse_sqrt(u, lr=lr, warmup=warmup, init=init)
+                for u in range(1, updates + 1)]
+    assert len(seen) == updates
+    for update, (groups, want) in enumerate(zip(seen, expected, strict=True), start=1):
+        assert groups == pytest.approx([want] * len(groups), rel=1e-12, abs=0), update
+    assert seen[0][0] == init  # exactly: 0 stays 0 with warmup_init_lr -1
+    logged = read_history(tmp_path).query("kind == 'train'")
+    assert list(logged["update"]) == list(range(1, updates + 1))
+    np.testing.assert_allclose(logged["lr"], expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_min_lr_stops_training_at_the_update_where_the_rate_reaches_it(tiny_bin, tmp_path,
+                                                                      monkeypatch, capsys):
+    """fairseq's --min-lr is a stop: lr 1e-3, warmup 4 -> the rate before update u+1 is
+    1e-3 * sqrt(4 / u): 7.07e-4 after 8 updates, 6.67e-4 after 9. With --min-lr 6.8e-4 the run
+    ends after exactly 9 updates (not at --max-update 14), and no step after the warmup ran at
+    or below it (the warmup's rates are lower, and are not a decay)."""
+    seen = _record_optimizer_lrs(monkeypatch)
+    result = train(tiny_bin, max_update=14, lr=1e-3, warmup_updates=4, warmup_init_lr=1e-7,
+                   min_lr=6.8e-4, save_dir=tmp_path, **FAST)
+    assert result.num_updates == 9
+    assert len(seen) == 9 and min(g[0] for g in seen[4:]) > 6.8e-4
+    err = capsys.readouterr().err
+    assert "stopped at update 9" in err and "--min-lr" in err
+    from moelab.train.checkpoint import read_checkpoint
+
+    assert read_checkpoint(tmp_path / "checkpoint_last.pt")["num_updates"] == 9
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_min_lr_does_not_stop_a_warmup_that_starts_at_zero(tiny_bin, tmp_path, capsys):
+    result = train(tiny_bin, max_update=3, lr=1e-3, warmup_updates=2, warmup_init_lr=-1,
+                   min_lr=1e-4, save_dir=tmp_path, **FAST)
+    assert result.num_updates == 3
+    assert "--min-lr" not in capsys.readouterr().err
+
+
+def _one_parameter(value: torch.Tensor) -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(value.clone())
+    return module
+
+
+def test_adam_weight_decay_is_decoupled_as_fairseq():
+    """Two steps of build_optimizer's optimizer == AdamW written out by hand (float64), and
+    != Adam with the decay added to the gradient (L2), which is what torch's Adam does."""
+    lr, wd, (b1, b2), eps = 0.1, 0.5, (0.9, 0.98), 1e-8
+    config = RunConfig.from_kwargs("bin", max_update=1, lr=lr, weight_decay=wd,
+                                   adam_betas=(b1, b2), adam_eps=eps)
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(7, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(7, generator=gen, dtype=torch.float64) for _ in range(2)]
+
+    def by_hand(decoupled: bool) -> torch.Tensor:
+        p, m, v = p0.clone(), torch.zeros(7, dtype=torch.float64), torch.zeros(7,
+                                                                             dtype=torch.float64)
+        for t, g in enumerate(grads, start=1):
+            if not decoupled:
+                g = g + wd * p  # L2: the decay goes through Adam's moments
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+            p = p - lr * m_hat / (v_hat.sqrt() + eps) - (lr * wd * p if decoupled else 0)
+        return p
+
+    module = _one_parameter(p0)
+    optimizer = build_optimizer(module, config, torch.device("cpu"))
+    for g in grads:
+        module.w.grad = g.clone()
+        optimizer.step()
+    got = module.w.detach()
+    torch.testing.assert_close(got, by_hand(decoupled=True), rtol=1e-12, atol=1e-12)
+    assert (got - by_hand(decoupled=False)).abs().max() > 1e-3
+
+
+def _clip_setup(tiny_bin):
+    ds = BinarizedDataset(tiny_bin, "train")
+    config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, **FAST)
+    mconf = model_config(config.model, vocab_size=ds.vocab_size, pad_id=ds.pad_id,
+                         tokens_per_sample=64)
+    torch.manual_seed(0)
+    model = MixtureLM(mconf)
+    batch = collate(ds, ds.chunks(64)[:6], 64)
+    return model, batch
+
+
+def _sgd_step(model, batch, clip_norm):
+    """train_step with plain SGD (lr 1): the gradient it steps with and the weight change."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = train_step(EMStep(model, hard=True, uniform_prior=True), [batch], optimizer,
+                       dist=DistInfo(), clip_norm=clip_norm,
+                       autocast=autocast_context(torch.device("cpu")))
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    change = {n: (before[n] - p.detach()).double() for n, p in model.named_parameters()}
+    return stats, grads, change
+
+
+def _norm(tensors) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double())
+                                                       for t in tensors])))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_clip_norm_clips_the_update_and_logs_the_norm_before_clipping(tiny_bin):
+    import copy
+
+    model, batch = _clip_setup(tiny_bin)
+    twin = copy.deepcopy(model)
+    free_stats, free_grads, free_change = _sgd_step(twin, batch, clip_norm=0.0)  # no clipping
+    full_norm = _norm(free_grads.values())
+    assert full_norm > 0.1  # so that clipping to 1e-3 is a real cut
+    assert float(free_stats.grad_norm) == pytest.approx(full_norm, rel=1e-4)
+    assert _norm(free_change.values()) == pytest.approx(full_norm, rel=1e-3)
+
+    clip = 1e-3
+    stats, grads, change = _sgd_step(model, batch, clip_norm=clip)
+    assert _norm(grads.values()) == pytest.approx(clip, rel=1e-4)  # clipped to --clip-norm
+    # the step moved the weights by the clipped gradient (float32 rounding of w - tiny: loose)
+    assert _norm(change.values()) == pytest.approx(clip, rel=0.05)
+    for name, g in grads.items():  # the same direction, scaled by clip / norm
+        torch.testing.assert_close(g, free_grads[name] * (clip / full_norm), rtol=1e-4,
+                                   atol=1e-12, msg=name)
+    # the reported grad_norm is the norm BEFORE clipping, as fairseq logs it
+    assert float(stats.grad_norm) == pytest.approx(full_norm, rel=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_log_reports_the_first_batchs_objective(tiny_bin, tmp_path, monkeypatch):
+    """loss, nll and ppl of the first log line, recomputed from the batch and the initial weights.
+
+    hMoEup with K=2: loss = -(log 1/2 + log p(x|z*)) per target token and nll = -log p(x|z*), so
+    the two differ by log 2 per chunk, and ppl = exp(loss) (not exp(nll), not 2**loss). Dropout
+    is off so the E-step, the M-step and this recomputation see the same function.
+    """
+    from moelab.train import trainer
+
+    first: dict = {}
+    real_step = trainer.train_step
+
+    def spying_step(step_module, micro_batches, optimizer, **kwargs):
+        if not first:
+            first["state"] = {k: v.clone() for k, v in step_module.model.state_dict().items()}
+            first["batches"] = list(micro_batches)
+        return real_step(step_module, micro_batches, optimizer, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", spying_step)
+    result = train(tiny_bin, max_update=1, log_interval=1, save_dir=tmp_path, **FAST)
+    record = read_history(tmp_path).query("kind == 'train'").iloc[0]
+
+    model = MixtureLM(result.model_config).eval()
+    model.load_state_dict(first["state"])
+    loss = nll = 0.0
+    tokens = chunks = 0
+    with torch.no_grad():
+        for batch in first["batches"]:
+            ll = model.expert_log_likelihoods(batch.tokens, batch.lengths).double()  # (B, 2)
+            best = ll.max(-1).values
+            nll -= float(best.sum())
+            loss -= float((best - math.log(2)).sum())
+            tokens += int(batch.lengths.sum())
+            chunks += len(batch)
+    assert record["loss"] == pytest.approx(loss / tokens, rel=1e-5)
+    assert record["nll"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert record["loss"] - record["nll"] == pytest.approx(chunks * math.log(2) / tokens,
+                                                            rel=1e-3)
+    assert record["ppl"] == pytest.approx(math.exp(loss / tokens), rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hard_validation_loss_is_recomputed_by_hand(tiny_bin, tmp_path):
+    """The valid loss of hard EM: -(log 1/K + max_z log p(x|z)) per token, over every valid
+    chunk; ppl = exp(that). The run's reported figures must match this independent sum."""
+    result = train(tiny_bin, max_update=2, warmup_updates=1, lr=3e-3, save_dir=tmp_path, **FAST)
+    ds = BinarizedDataset(tiny_bin, "valid")
+    loss = nll = 0.0
+    tokens = 0
+    with torch.no_grad():
+        for batch in TrainBatches(ds, tokens_per_sample=64, max_tokens=512, shuffle=False):
+            ll = result.model.expert_log_likelihoods(batch.tokens, batch.lengths).double()
+            best = ll.max(-1).values
+            nll -= float(best.sum())
+            loss -= float((best - math.log(2)).sum())
+            tokens += batch.num_tokens
+    assert result.valid.num_tokens == tokens
+    assert result.valid.loss == pytest.approx(loss / tokens, rel=1e-5)
+    assert result.valid.nll == pytest.approx(nll / tokens, rel=1e-5)
+    assert result.valid.ppl == pytest.approx(math.exp(loss / tokens), rel=1e-5)
+    last = read_history(tmp_path).query("kind == 'valid'").iloc[-1]
+    assert last["ppl"] == pytest.approx(math.exp(loss / tokens), rel=1e-5)
