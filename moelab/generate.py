@@ -273,6 +273,8 @@ def beam_search(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: 
 
     At each step the 2*beam best extensions are taken; an eos among the best `beam` finishes a
     hypothesis (score / its length), the first `beam` others live on. Beam 1 is greedy decoding.
+    As in fairseq (lenpen 1): a score is the sum of log p with the eos, over the new tokens plus
+    the eos; after max_new_tokens the live beams end with a forced eos, scored the same way.
     """
     config = config or GenerationConfig()
     expert = check_expert(model, expert)
@@ -309,10 +311,12 @@ def beam_search(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: 
         rows.reorder(torch.tensor(keep_rows, device=rows.device))
         rows.append(torch.tensor(keep_ids))
         scores = torch.tensor(keep_scores, dtype=torch.float64, device=rows.device)
-    else:  # max_new_tokens reached: the live beams are hypotheses too
+    else:  # max_new_tokens reached: as fairseq, the live beams end with a forced eos, which
+        # costs its log-probability and counts in the length like any finished hypothesis's
+        eos = F.log_softmax(rows.next_logits(), dim=-1)[:, EOS_ID].double()  # (live,)
         for row in range(rows.tokens.shape[0]):
             done = rows.tokens[row, n_prompt:].tolist()
-            finished.append((float(scores[row]) / max(len(done), 1), done))
+            finished.append((float(scores[row] + eos[row]) / (len(done) + 1), done))
     if not finished:
         return ""
     best = max(finished, key=lambda f: f[0])[1]

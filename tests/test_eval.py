@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from moelab.cli import main
 from moelab.data import BinarizedDataset, PreprocessConfig, collate, preprocess
-from moelab.evaluate import evaluate, start_log_prior, summarize, windows
+from moelab.evaluate import (
+    evaluate,
+    start_log_prior,
+    summarize,
+    window_log_likelihoods,
+    windows,
+)
 from moelab.model import MixtureLM, ModelConfig
 
 T = 64  # the tiny checkpoint's tokens-per-sample (its max_seq_len)
@@ -129,6 +135,135 @@ def test_mixture_uses_the_gating_networks_prior_at_the_document_start(valid):
     expected = torch.logsumexp(torch.from_numpy(ll) + log_pi, dim=1).numpy()
     np.testing.assert_allclose(result.documents["mixture"].to_numpy(), expected, rtol=1e-9)
     np.testing.assert_allclose(result.posteriors.sum(axis=1), 1.0, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- per-token reference
+
+
+def brute_log_likelihoods(model: MixtureLM, docs, T: int, C: int) -> np.ndarray:
+    """log p(doc | z) (D, K), token by token, each token's window rebuilt from scratch.
+
+    fairseq-eval-lm's windows (DESIGN.md section 3): the first holds tokens 0..T-1 with nothing
+    before them; each later one scores T - C new tokens, starting at T, T + (T - C), ..., after
+    the C tokens just before them. Token t of a later window thus reads <expert_z> and then the
+    document from (its window's first new token - C) to t - 1.
+    """
+    V, K = model.config.vocab_size, model.num_experts
+    by_length: dict[int, list] = {}  # context length -> [(doc, context, target)]
+    for d, doc in enumerate(docs):
+        doc = [int(x) for x in doc]
+        for t, target in enumerate(doc):
+            first_new = 0 if t < T else T + (t - T) // (T - C) * (T - C)
+            context = doc[max(first_new - C, 0) : t]
+            by_length.setdefault(len(context), []).append((d, context, target))
+    out = np.zeros((len(docs), K))
+    with torch.no_grad():
+        for group in by_length.values():  # one forward per context length, not per token
+            inputs = torch.tensor([[V + k, *context] for _, context, _ in group for k in range(K)])
+            logits = model.output_logits(model.transformer.hidden(inputs)[:, -1])  # (N*K, V)
+            logp = F.log_softmax(logits.double(), dim=-1).view(len(group), K, -1)
+            targets = torch.tensor([target for _, _, target in group])
+            picked = logp[torch.arange(len(group)), :, targets]  # (N, K)
+            np.add.at(out, [d for d, _, _ in group], picked.numpy())
+    return out
+
+
+@pytest.mark.parametrize("T_, C", [(16, 0), (16, 5), (12, 11), (10, 3), (7, 1)])
+def test_sliding_windows_match_a_per_token_reference(model, valid, T_, C, one_thread):
+    # documents of several windows, of one (T = 16) and one token more, shorter than one, 1 token
+    sizes = [61, 5, 16, 17, 1, 40]
+    docs = [np.asarray(valid.document(i)[:n], dtype=np.int64) for i, n in enumerate(sizes)]
+    got = window_log_likelihoods(model, len(docs), sizes, lambda d, s, e: docs[d][s:e],
+                                 tokens_per_sample=T_, context_window=C, max_sentences=3,
+                                 pad_id=valid.pad_id)
+    assert got.shape == (len(docs), model.num_experts) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), brute_log_likelihoods(model, docs, T_, C),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def scored_valid(model, valid):
+    """evaluate() on the valid split with context (T=24, C=10) and the per-token reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two shared cores run many times slower
+    try:
+        result = evaluate(model, valid, tokens_per_sample=24, context_window=10, max_sentences=5,
+                          progress=False)
+        ll = brute_log_likelihoods(model, [valid.document(i) for i in range(len(valid))], 24, 10)
+    finally:
+        torch.set_num_threads(threads)
+    return result, ll
+
+
+def test_evaluate_scores_each_document_like_the_per_token_reference(scored_valid, valid):
+    result, ll = scored_valid
+    docs = result.documents
+    K = ll.shape[1]
+    np.testing.assert_allclose(docs[[f"expert_{k}" for k in range(K)]].to_numpy(), ll,
+                               rtol=1e-5, atol=1e-3)
+    assert docs["tokens"].tolist() == [valid.document_length(i) for i in range(len(valid))]
+
+
+def test_perplexities_follow_the_design_formulas(scored_valid, valid):
+    """mixture = exp(-sum_doc logsumexp_z [log pi_z + log p(doc | z)] / tokens), oracle = the
+    best expert per document, expert k alone; overall and per domain, from the reference."""
+    result, ll = scored_valid
+    D, K = ll.shape
+    log_pi = np.full(K, -math.log(K))  # hMoEup: the uniform prior
+    np.testing.assert_allclose(result.log_prior, log_pi, rtol=1e-6)  # float32 prior
+    tokens = np.array([valid.document_length(i) for i in range(D)], dtype=float)
+    domains = np.array([valid.domains[i] for i in valid.domain_ids])
+    expected = {}
+    for name in ("overall", *valid.domains):
+        rows = np.ones(D, bool) if name == "overall" else domains == name
+        mixture = 0.0
+        for d in np.flatnonzero(rows):  # logsumexp by hand, shifted by the largest term
+            joint = [ll[d, k] + log_pi[k] for k in range(K)]
+            mixture += max(joint) + math.log(sum(math.exp(j - max(joint)) for j in joint))
+        oracle = sum(max(ll[d]) for d in np.flatnonzero(rows))
+        n = tokens[rows].sum()
+        expected[name] = [math.exp(-mixture / n), math.exp(-oracle / n),
+                          *(math.exp(-ll[rows, k].sum() / n) for k in range(K))]
+    table = result.perplexity
+    assert list(table.index) == ["overall", *valid.domains]
+    np.testing.assert_allclose(table.to_numpy(), np.array([expected[i] for i in table.index]),
+                               rtol=1e-5)
+    # the three numbers really differ here: a mean of expert perplexities, or the oracle, passed
+    # off as the mixture would fail above
+    overall = expected["overall"]
+    assert overall[1] < overall[0] * 0.999
+    assert abs(np.mean(overall[2:]) - overall[0]) > 1e-3 * overall[0]
+
+
+def test_evaluation_runs_without_dropout_and_restores_the_models_mode(valid, one_thread):
+    model = random_model(valid, num_experts=2, max_seq_len=32, dropout=0.5,
+                         attention_dropout=0.5, gating=True, gating_dim=32, gating_dropout=0.5)
+    with torch.no_grad():  # the empty context's prior passes through the gating dropout
+        model.gating.fc1.bias.normal_()
+        model.gating.fc2.weight.normal_()
+    # dropout really moves this model's numbers in train mode
+    model.train()
+    x = torch.cat([torch.tensor([[valid.vocab_size]]), torch.from_numpy(
+        np.asarray(valid.document(0)[:20], dtype=np.int64))[None]], dim=1)
+    empty = (torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+        assert not torch.equal(model.log_prior(*empty), model.log_prior(*empty))
+
+    def run():
+        r = evaluate(model, valid, tokens_per_sample=32, context_window=8, progress=False)
+        return r.documents.drop(columns="domain").to_numpy(float), r.log_prior
+
+    first, prior = run()
+    assert model.training and all(m.training for m in model.modules())  # mode restored
+    again, prior_again = run()
+    model.eval()
+    in_eval, prior_eval = run()
+    assert not any(m.training for m in model.modules())  # eval mode stays eval
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, in_eval)
+    np.testing.assert_array_equal(prior, prior_again)
+    np.testing.assert_array_equal(prior, prior_eval)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 import shlex
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,3 +315,298 @@ def test_interactive_bad_input(tiny_bin, ckpt, monkeypatch, capsys):
     rc, out, err = run_cli([*base, "--max-len-b", "3"], long_prompt + "\n", monkeypatch, capsys)
     assert rc == 0 and f"keeping its last {T - 1} tokens" in err
     assert out.startswith("[expert 0] ") and "w199" in out and "w0 " not in out
+
+
+# ----------------------------------------------------------------------------- references
+
+
+class IdTokenizer:
+    """Text is the token ids, written `<id>`: decoded output shows exactly the ids generated."""
+
+    def encode(self, text: str) -> list[int]:
+        return [int(x) for x in re.findall(r"<(\d+)>", text)]
+
+    def decode(self, ids) -> str:
+        return "".join(f"<{int(i)}>" for i in ids)
+
+
+def last_log_probs(model: MixtureLM, inputs: list[list[int]]) -> torch.Tensor:
+    """log p(next token) (B, V), float64, from the hidden state of each row's last position."""
+    with torch.no_grad():
+        hidden = model.transformer.hidden(torch.tensor(inputs))[:, -1]  # (B, C)
+        return F.log_softmax(model.output_logits(hidden).double(), dim=-1)
+
+
+def prompt_log_likelihoods(model: MixtureLM, ids: list[int]) -> torch.Tensor:
+    """log p(prompt | z) (K,), token by token: [<expert_z>] + the tokens before it."""
+    V, K = model.config.vocab_size, model.num_experts
+    total = torch.zeros(K, dtype=torch.float64)
+    for t, token in enumerate(ids):
+        total += last_log_probs(model, [[V + k, *ids[:t]] for k in range(K)])[:, token]
+    return total
+
+
+def empty_context_prior(model: MixtureLM) -> torch.Tensor:
+    """log p(z | empty context) (K,) by hand: the empty context pools to the zero vector."""
+    g = model.gating
+    h = torch.tanh(g.fc1.bias.detach().double())  # fc1(0) = its bias
+    return F.log_softmax(g.fc2.weight.detach().double() @ h + g.fc2.bias.detach().double(), 0)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def test_generation_runs_without_dropout(tokenizer):
+    model = small_model(dropout=0.5, attention_dropout=0.5, gating=True, gating_dim=32,
+                        gating_dropout=0.5)
+    with torch.no_grad():
+        model.gating.fc1.bias.normal_()  # the prior of `auto` passes through the dropout too
+        model.gating.fc2.weight.normal_()
+    model.train()
+    x = torch.tensor([[513, 40, 50, 60, 70]])
+    with torch.no_grad():  # dropout really changes this model's logits in train mode
+        assert not torch.equal(model.next_token_logits(x), model.next_token_logits(x))
+    configs = [
+        (1, GenerationConfig(max_new_tokens=20, min_len=20)),  # greedy
+        (2, GenerationConfig(max_new_tokens=20, min_len=20, sampling=True, top_p=0.9, seed=5)),
+        (0, GenerationConfig(max_new_tokens=8, min_len=8, beam=3)),
+        ("auto", GenerationConfig(max_new_tokens=12, min_len=12)),
+    ]
+    for expert, config in configs:
+        model.train()
+        in_train = generate(model, tokenizer, "the of", expert=expert, config=config)
+        assert all(m.training for m in model.modules())  # the caller's mode is kept
+        again = generate(model, tokenizer, "the of", expert=expert, config=config)
+        model.eval()
+        in_eval = generate(model, tokenizer, "the of", expert=expert, config=config)
+        assert not any(m.training for m in model.modules())
+        assert in_train == again == in_eval and in_eval, (expert, config)
+
+
+# ----------------------------------------------------------------------------- auto
+
+
+def test_auto_follows_the_posterior_under_a_learned_non_uniform_prior(tokenizer, monkeypatch):
+    model = small_model(gating=True, gating_dim=32)
+    V = model.config.vocab_size
+    with torch.no_grad():
+        model.transformer.tok_emb.weight[V:] = torch.randn(3, 32)  # experts that differ
+        model.gating.fc1.bias.normal_()
+        model.gating.fc2.weight.normal_()
+    prompt = "the of and"
+    ids = tokenizer.encode(prompt)
+    ll = prompt_log_likelihoods(model, ids)  # (K,)
+    by_likelihood = ll.argsort(descending=True).tolist()
+    z_ll, z_prior = by_likelihood[0], by_likelihood[2]  # the likeliest and the least likely
+    gap = float(ll[z_ll] - ll[z_prior])
+    assert gap > 1e-3
+    fed = []  # the expert token each generation starts from: the expert `auto` chose
+    next_token_logits = model.next_token_logits
+
+    def spy(input_ids, cache=None):
+        if cache is None or len(cache) == 0:
+            fed.append(int(input_ids[0, 0]))
+        return next_token_logits(input_ids, cache)
+
+    monkeypatch.setattr(model, "next_token_logits", spy)
+    h = torch.tanh(model.gating.fc1.bias.detach())
+    # the prior favours z_prior by `favour` nats over the others: strongly (it wins over the
+    # likelihood), then mildly (the likelihood wins)
+    for favour, winner in [(gap + 2.0, z_prior), (gap / 2, z_ll)]:
+        logits = torch.zeros(3)
+        logits[z_prior] = favour
+        with torch.no_grad():
+            model.gating.fc2.bias.copy_(logits - model.gating.fc2.weight @ h)
+        prior = empty_context_prior(model)
+        assert int(prior.argmax()) == z_prior
+        assert float(prior[z_prior] - prior[z_ll]) == pytest.approx(favour, abs=1e-5)
+        posterior = torch.softmax(prior + ll, dim=0)
+        assert int(posterior.argmax()) == winner
+        torch.testing.assert_close(expert_posterior(model, tokenizer, prompt), posterior,
+                                   atol=1e-5, rtol=1e-5)
+        fed.clear()
+        generate(model, tokenizer, prompt, expert="auto", config=GenerationConfig(max_new_tokens=3))
+        assert fed == [V + winner]
+
+
+# ----------------------------------------------------------------------------- nucleus
+
+
+@pytest.mark.parametrize("top_p, temperature, nucleus", [
+    # sorted probabilities: 0.35 (id 1), 0.25 (id 3), 0.20 (id 4), 0.10 (id 2), 0.06 (id 5),
+    # 0.04 (id 0); a token is in when the mass ahead of it is still below top_p
+    (0.70, 1.0, [1, 3, 4]),  # 0.35 + 0.25 < 0.7: id 4 crosses 0.7 and is in, id 2 is not
+    (0.55, 1.0, [1, 3]),  # 0.35 < 0.55 <= 0.6: id 3 crosses
+    (0.30, 1.0, [1]),  # the most probable token alone already holds 0.3
+    (0.92, 1.0, [1, 3, 4, 2, 5]),  # 0.9 < 0.92 <= 0.96: all but the least probable
+    # temperature first, then the nucleus: p^2 normalized is 0.51, 0.26, 0.17, ...
+    (0.70, 0.5, [1, 3]),
+])
+def test_top_p_samples_exactly_the_nucleus(top_p, temperature, nucleus):
+    probs = torch.tensor([0.04, 0.35, 0.10, 0.25, 0.20, 0.06], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    draws = sample_next(probs.log().float().expand(n, -1), temperature=temperature, top_p=top_p,
+                        generator=g)
+    counts = torch.bincount(draws, minlength=6).double()
+    assert sorted(torch.nonzero(counts).flatten().tolist()) == sorted(nucleus)  # both ways
+    # inside the nucleus, the tempered probabilities renormalized
+    tempered = probs ** (1 / temperature)
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[nucleus] = tempered[nucleus] / tempered[nucleus].sum()
+    torch.testing.assert_close(counts / n, expected, atol=0.015, rtol=0)
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+def beam_model(seed: int = 3, std: float = 0.6) -> MixtureLM:
+    """Vocabulary 8: unk 0, bos 1, eos 2, pad 3 and the 4 tokens 4..7; random, peaked weights."""
+    torch.manual_seed(seed)
+    model = MixtureLM(ModelConfig(vocab_size=8, num_experts=2, n_layer=1, n_embd=16, n_head=2,
+                                  ffn_dim=32, max_seq_len=16, dropout=0.0, pad_id=3,
+                                  share_input_output_embed=False)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def all_hypotheses(model: MixtureLM, prompt: list[int], expert: int, max_new: int):
+    """Every continuation of n <= max_new tokens, ended by eos as fairseq ends them (eos forced
+    after max_new tokens): (sum of log p with eos, n), by brute force."""
+    V = model.config.vocab_size
+    words = [i for i in range(V) if i not in model.config.non_target_ids and i != EOS_ID]
+    out = {}
+
+    def visit(seq: list[int], logp: float) -> None:
+        step = last_log_probs(model, [[V + expert, *prompt, *seq]])[0]  # (V,)
+        out[tuple(seq)] = (logp + float(step[EOS_ID]), len(seq))
+        if len(seq) < max_new:
+            for w in words:
+                visit([*seq, w], logp + float(step[w]))
+
+    visit([], 0.0)
+    return out
+
+
+@pytest.mark.parametrize("prompt, expert", [([4, 5], 1), ([], 0), ([6], 1)])
+def test_beam_search_finds_the_best_length_normalized_hypothesis(prompt, expert):
+    """fairseq's score: sum log p (eos included) / (new tokens + eos) ** lenpen, lenpen 1."""
+    model = beam_model()
+    max_new = 4
+    hyps = all_hypotheses(model, prompt, expert, max_new)  # 1 + 4 + ... + 4^4 = 341
+    assert len(hyps) == 341
+
+    def best(score):
+        ranked = sorted(hyps, key=lambda h: score(*hyps[h]), reverse=True)
+        assert score(*hyps[ranked[0]]) > score(*hyps[ranked[1]]) + 1e-6  # no near tie
+        return list(ranked[0])
+
+    fairseq = best(lambda logp, n: logp / (n + 1))
+    # a beam wide enough to keep every hypothesis: beam search is then exhaustive
+    got = beam_search(model, IdTokenizer(), IdTokenizer().decode(prompt), expert=expert,
+                      config=GenerationConfig(max_new_tokens=max_new, beam=400))
+    assert IdTokenizer().encode(got) == fairseq
+    if prompt == [4, 5]:  # the scores that must not be used pick other hypotheses here
+        assert best(lambda logp, n: logp) != fairseq  # no normalization
+        assert best(lambda logp, n: logp / max(n, 1)) != fairseq  # eos not counted
+
+
+# ----------------------------------------------------------------------------- special tokens
+
+
+def test_generation_never_emits_special_or_expert_tokens_even_when_the_model_prefers_them():
+    model = small_model()
+    V, K = model.config.vocab_size, model.num_experts
+    banned = [0, 1, 3, *range(V, V + K)]  # unk, bos, pad and the expert tokens
+    with torch.no_grad():
+        u = torch.randn(32)
+        u /= u.norm()
+        model.transformer.ln_f.bias.copy_(10 * u)  # every hidden state leans along u ...
+        weight = model.transformer.tok_emb.weight  # (V + K, C), tied to the output
+        weight[banned] = 5 * u + 0.3 * torch.randn(len(banned), 32)  # ... and so do these rows
+    tokenizer = IdTokenizer()
+    prompt = "<10><20><30>"
+    with torch.no_grad():  # as classes, the banned ids would win every step by tens of nats
+        for expert in range(K):
+            hidden = model.transformer.hidden(torch.tensor([[V + expert, 10, 20, 30]]))[0, -1]
+            full = hidden @ model.transformer.lm_head.weight.t()  # (V + K,)
+            top = full.topk(len(banned)).indices.tolist()
+            assert sorted(top) == banned
+            assert float(full[banned].min() - full[[i for i in range(V) if i not in banned]]
+                         .max()) > 20
+    emitted = []
+    for expert in range(K):
+        for config in (GenerationConfig(max_new_tokens=30, min_len=30),
+                       GenerationConfig(max_new_tokens=8, min_len=8, beam=4),
+                       *(GenerationConfig(max_new_tokens=30, min_len=30, sampling=True,
+                                          temperature=2.0, seed=s) for s in range(3))):
+            ids = tokenizer.encode(generate(model, tokenizer, prompt, expert=expert,
+                                            config=config))
+            assert len(ids) == config.max_new_tokens
+            emitted += ids
+    assert not set(emitted) & set(banned) and max(emitted) < V
+    assert len(set(emitted)) > 20  # sampling really ranged over the vocabulary
+
+
+# ----------------------------------------------------------------------------- trained experts
+
+
+@pytest.fixture(scope="module")
+def distinct_experts(tiny_bin, tmp_path_factory) -> MixtureLM:
+    """hMoEup K=3 trained 100 updates on the 3 domains (~6 s on one thread). The session's
+    20-update `model` has barely split: its experts' next-token KL averages ~0.03 nats."""
+    from moelab.train import load_checkpoint, train
+
+    save_dir = tmp_path_factory.mktemp("trained-100-updates")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(str(tiny_bin), arch="tiny", method="hMoEup", num_experts=3, max_update=100,
+              tokens_per_sample=T, max_tokens=512, warmup_updates=10, lr=3e-3,
+              decoder_embed_dim=64, decoder_ffn_embed_dim=128, dropout=0.0,
+              save_dir=str(save_dir), device="cpu", progress_bar=False, log_interval=1000)
+    finally:
+        torch.set_num_threads(threads)
+    return load_checkpoint(save_dir / "checkpoint_best.pt")[0].eval()
+
+
+@pytest.mark.slow
+def test_trained_experts_give_different_distributions_and_samples(distinct_experts, tiny_bin,
+                                                                  one_thread):
+    """DESIGN.md section 2: after training on distinct domains, the expert tokens must select
+    different models (a fairseq user once trained K copies of one model without noticing)."""
+    model, K = distinct_experts, 3
+    V = model.config.vocab_size
+    valid = BinarizedDataset(tiny_bin, "valid")
+    kl, contexts = torch.zeros(K, K, dtype=torch.float64), 0
+    for d in range(len(valid)):
+        doc = valid.document(d)[:20].tolist()
+        for n in (0, 5, 20):  # a document's start, and a few of its tokens in
+            with torch.no_grad():
+                logits = model.next_token_logits(torch.tensor([[V + k, *doc[:n]]
+                                                               for k in range(K)]))
+            logp = F.log_softmax(logits.double(), dim=-1)  # (K, V), -inf at special ids
+            p = logp.exp()
+            for a in range(K):
+                for b in range(K):
+                    kl[a, b] += torch.where(p[a] > 0, p[a] * (logp[a] - logp[b]), 0.0).sum()
+            contexts += 1
+    kl /= contexts
+    off_diagonal = kl[~torch.eye(K, dtype=torch.bool)]
+    # measured: every ordered pair of experts 0.69 to 1.12 nats (mean 0.89); the 20-update
+    # model: mean 0.03; experts that ignore their token: exactly 0
+    assert off_diagonal.min() > 0.2, kl
+    # and they score text differently (token_log_probs): per token, each pair of experts' log p
+    # of a document's first 63 tokens differ by 0.077 to 0.20 nats on average (measured)
+    chunks = torch.tensor([valid.document(d)[:63].tolist() for d in range(len(valid))])
+    with torch.no_grad():
+        ll = model.expert_log_likelihoods(chunks, torch.full((len(valid),), 63)) / 63  # (D, K)
+    apart = (ll[:, :, None] - ll[:, None, :]).abs().mean(0)  # (K, K)
+    assert apart[~torch.eye(K, dtype=torch.bool)].min() > 0.02, apart
+    tokenizer = valid.tokenizer()
+    for prompt in ("", "the", tokenizer.decode(valid.document(0)[:6].tolist())):
+        config = GenerationConfig(max_new_tokens=12, min_len=12, sampling=True, seed=1)
+        samples = [generate(model, tokenizer, prompt, expert=k, config=config) for k in range(K)]
+        assert len(set(samples)) == K, samples  # one seed, K experts: K different texts
