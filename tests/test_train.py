@@ -323,13 +323,12 @@ def test_restore_file_loads_the_checkpoints_weights_bit_for_bit(tiny_bin, tmp_pa
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.xfail(strict=True, reason="trainer.fit calls read_history on a --save-dir it never "
-                   "wrote to when the restored checkpoint is already at --max-update")
 def test_restoring_a_finished_checkpoint_into_a_new_save_dir_reports(tiny_bin, tmp_path):
     train(tiny_bin, max_update=2, save_dir=tmp_path / "a", **FAST)
     result = train(tiny_bin, max_update=2, save_dir=tmp_path / "b",
                    restore_file=str(tmp_path / "a" / "checkpoint_last.pt"), **FAST)
     assert result.num_updates == 2 and result.valid is not None
+    assert result.history is None  # nothing was trained, so nothing was logged there
 
 
 def _record_optimizer_lrs(monkeypatch) -> list[list[float]]:
@@ -567,3 +566,16 @@ def test_hard_validation_loss_is_recomputed_by_hand(tiny_bin, tmp_path):
     assert result.valid.ppl == pytest.approx(math.exp(loss / tokens), rel=1e-5)
     last = read_history(tmp_path).query("kind == 'valid'").iloc[-1]
     assert last["ppl"] == pytest.approx(math.exp(loss / tokens), rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_validation_logs_the_posteriors_confidence_beside_its_nmi(tiny_bin, tmp_path):
+    """A flat posterior's NMI is not a clean split: the valid line says how sure it is."""
+    result = train(tiny_bin, max_update=2, save_dir=tmp_path, **FAST)
+    record = [r for r in read_history(tmp_path).to_dict("records") if r["kind"] == "valid"][-1]
+    p = result.valid.posterior  # (documents, K) p(z | document)
+    assert record["nmi"] == pytest.approx(result.valid.nmi)
+    assert record["mean_max_posterior"] == pytest.approx(float(p.max(1).mean()))
+    entropy = -(p * np.log(np.clip(p, 1e-300, None))).sum(1).mean()
+    assert record["mean_posterior_entropy"] == pytest.approx(float(entropy))
+    assert 0 < record["expert_spread"] < 1  # nats per token: two barely trained experts

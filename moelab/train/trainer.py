@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 
 from moelab.data import Batch, BinarizedDataset, TrainBatches
 from moelab.errors import MoelabError
+from moelab.evaluate import posterior_confidence
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import checkpoint as ckpt
 from moelab.train import faults
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
-from moelab.train.history import append_record, read_history, truncate_history
+from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
 from moelab.train.objectives import em_loss, method_flags
 from moelab.train.prefetch import BatchPrefetcher
 from moelab.train.schedule import below_min_lr, learning_rate
@@ -71,6 +72,8 @@ class ValidResult:
     posterior: np.ndarray  # (documents, K) p(z | whole document), prior at the document start
     domain_ids: np.ndarray  # (documents,)
     nmi: float | None  # argmax posterior vs domain labels; None with fewer than 2 domains
+    # how sure that clustering is (moelab.evaluate.posterior_confidence): read beside the NMI
+    confidence: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,7 +190,9 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
         else:  # the checkpoint was already finished: report, but write nothing new
             result = validate(model, valid_set, dist, hard=hard)
     model.eval()
-    history = read_history(save_dir) if dist.is_main else None
+    # a finished checkpoint restored into a new --save-dir trains nothing and logs nothing there
+    logged = dist.is_main and (save_dir / LOG_FILE).is_file()
+    history = read_history(save_dir) if logged else None
     return TrainResult(model=model, model_config=mconf, config=config,
                        num_updates=state.num_updates, valid=result, save_dir=save_dir,
                        history=history)
@@ -662,7 +667,8 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
         all_reduce_sum(t, dist)
     model.train(was_training)
     sums = sums.cpu()
-    posterior = torch.softmax(doc_prior + doc_ll, dim=-1).cpu().numpy()  # (D, K)
+    log_posterior = torch.log_softmax(doc_prior + doc_ll, dim=-1).cpu().numpy()  # (D, K)
+    posterior = np.exp(log_posterior)
     loss = float(sums[0] / sums[2])
     domain_ids = np.asarray(ds.domain_ids, dtype=np.int64)
     nmi = None
@@ -670,9 +676,11 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
         from sklearn.metrics import normalized_mutual_info_score  # 1.4 s to import: only here
 
         nmi = float(normalized_mutual_info_score(domain_ids, posterior.argmax(1)))
+    confidence = posterior_confidence(doc_ll.cpu().numpy(), log_posterior,
+                                      np.diff(np.asarray(ds.offsets, dtype=np.int64)))
     return ValidResult(loss=loss, nll=float(sums[1] / sums[2]), ppl=_ppl(loss),
                        num_tokens=int(sums[2]), posterior=posterior, domain_ids=domain_ids,
-                       nmi=nmi)
+                       nmi=nmi, confidence=confidence)
 
 
 def evaluate_and_save(model, optimizer, meter, state, config, mconf, valid, train_ds, dist, *,
@@ -687,6 +695,7 @@ def evaluate_and_save(model, optimizer, meter, state, config, mconf, valid, trai
         "posterior_mass": result.posterior.mean(0).tolist(),
         "usage_entropy": _entropy(torch.from_numpy(counts / counts.sum())),
         "nmi": result.nmi,
+        **result.confidence,
         "skipped_updates": state.skipped_updates,
         "wall": state.wall_time + time.perf_counter() - started,
     }
@@ -695,7 +704,9 @@ def evaluate_and_save(model, optimizer, meter, state, config, mconf, valid, trai
         state.best_valid_loss = result.loss
     if dist.is_main:
         _log_io(Path(config.train.save_dir), append_record, record)
-        nmi = "" if result.nmi is None else f" | nmi {result.nmi:.3f}"
+        nmi = "" if result.nmi is None else (
+            f" | nmi {result.nmi:.3f} (mean max posterior "
+            f"{result.confidence['mean_max_posterior']:.2f})")
         _printer(dist)(f"valid | update {state.num_updates} | loss {result.loss:.4f} | "
                        f"ppl {result.ppl:.2f}{nmi}")
     # best before last: checkpoint_last is the commit point of a resume, so a kill between the
