@@ -228,8 +228,9 @@ def test_generation_config_validation():
             GenerationConfig(**bad)
 
 
-def test_stops_at_eos_and_never_emits_special_or_expert_tokens(model, tokenizer):
-    logits = torch.zeros(1, model.config.total_vocab)
+def test_stops_at_eos_without_emitting_it(model, tokenizer):
+    # (never emitting a special or expert token: see ..._even_when_the_model_prefers_them)
+    logits = torch.zeros(1, model.config.vocab_size)  # the model's output distribution
     logits[0, EOS_ID] = 100.0  # a model that always ends at once
 
     class EndsAtOnce(torch.nn.Module):
@@ -241,12 +242,15 @@ def test_stops_at_eos_and_never_emits_special_or_expert_tokens(model, tokenizer)
             self.w = torch.nn.Parameter(torch.zeros(1))
 
         def next_token_logits(self, input_ids, cache=None):
+            calls.append(1)
             return logits.expand(input_ids.shape[0], -1)
 
         def new_cache(self):
             return model.new_cache()
 
+    calls = []
     assert generate(EndsAtOnce(), tokenizer, "x", config=GenerationConfig()) == ""
+    assert len(calls) == 1  # eos came first: one step, nothing generated after it
     assert beam_search(EndsAtOnce(), tokenizer, "x", config=GenerationConfig(beam=2)) == ""
 
 
