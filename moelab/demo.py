@@ -174,8 +174,9 @@ def reading(table: pd.DataFrame, max_update: int) -> list[str]:
         verdict = ("beats" if moe < dense else "does not beat")
         lines.append(
             f"- **hMoEup vs dense.** hMoEup's mixture perplexity on test is {_fmt(moe)} against "
-            f"dense's {_fmt(dense)}: it {verdict} the dense baseline at an equal number of "
-            f"updates ({max_update})." + (
+            f"dense's {_fmt(dense)}: in this one training seed it {verdict} the dense baseline "
+            f"at an equal number of updates ({max_update}); seeds move these numbers a lot, so "
+            "compare over several (`python benchmarks/demo_seeds.py --seeds 1 2 3`)." + (
                 "" if moe < dense else
                 " Every update of a mixture trains each expert on only the chunks it wins, and "
                 "the mixture pays log K nats per document for not knowing the domain; in a short "

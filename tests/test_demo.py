@@ -75,7 +75,9 @@ def test_reading_says_plainly_when_the_mixture_does_not_beat_dense():
     text = "\n".join(reading(table, max_update=200))
     assert "does not beat" in text and "line up with the domains" in text
     table.loc["hMoEup", "test ppl"] = 90.0
-    assert "it beats" in "\n".join(reading(table, max_update=200))
+    text = "\n".join(reading(table, max_update=200))
+    # one seed's verdict says that it is one seed
+    assert "in this one training seed it beats" in text and "compare over several" in text
 
 
 @pytest.mark.parametrize(("used", "says"), [(1, "collapsed onto 1 expert,"),
