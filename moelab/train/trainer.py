@@ -144,19 +144,23 @@ def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
                                  pin_memory=dist.device.type == "cuda",
                                  enabled=config.train.prefetch)
     meter.start_clock(meter.elapsed_before)  # setup time is not training time
+    stop_now = False  # a signal reached some rank: stop at this update boundary
     with out_of_memory_is_an_error(state, config), prefetcher, StopSignals() as stop:
         while not finished(state, config):
-            if stop_requested(stop, dist):
+            if stop_now:
                 save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
                      ckpt.LAST)
                 progress.close()
-                raise TrainingInterrupted(stop.signal_name, state.num_updates, save_dir)
+                raise TrainingInterrupted(stop.signal_name or "SIGTERM", state.num_updates,
+                                          save_dir)
             micro_batches = prefetcher.take(state)
             if not micro_batches:
                 break
             lr = set_learning_rate(optimizer, config, state.num_updates)
             stats = train_step(step_module, micro_batches, optimizer, dist=dist,
-                               clip_norm=config.optim.clip_norm, autocast=autocast)
+                               clip_norm=config.optim.clip_norm, autocast=autocast,
+                               stop_requested=stop.requested)
+            stop_now = stats.stop
             if stats.skipped:
                 skip_update(stats, state, config, say)
                 continue
@@ -240,15 +244,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-def stop_requested(stop: StopSignals, dist: DistInfo) -> bool:
-    """Whether to stop before the next update; under DDP every rank asks every update (one
-    small all-reduce), so all stop at the same update even if one rank saw the signal."""
-    if not dist.distributed:
-        return stop.requested
-    flag = torch.tensor([float(stop.requested)], device=dist.device)
-    return bool(all_reduce_sum(flag, dist).item() > 0)
 
 
 class TrainingDiverged(MoelabError):
@@ -418,7 +413,7 @@ def prepare_save_dir(save_dir: Path, say: Callable[[str], None]) -> None:
 def refuse_earlier_run(save_dir: Path) -> None:
     """A save dir with an earlier run's best checkpoint or log, but no checkpoint_last to resume
     from, is not ours to overwrite: starting there would replace those files."""
-    found = [name for name in (ckpt.BEST, "train_log.jsonl") if (save_dir / name).is_file()]
+    found = [name for name in (ckpt.BEST, LOG_FILE) if (save_dir / name).is_file()]
     if found:
         raise MoelabError(
             f"--save-dir {save_dir} holds {' and '.join(found)} from an earlier run but no "
@@ -473,10 +468,12 @@ class StepStats:
     num_chunks: int
     grad_norm: torch.Tensor  # before clipping
     skipped: bool = False  # the loss or gradient was not finite: no optimizer step was taken
+    stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): all stop after this one
 
 
 def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
-               *, dist: DistInfo, clip_norm: float, autocast) -> StepStats:
+               *, dist: DistInfo, clip_norm: float, autocast,
+               stop_requested: bool = False) -> StepStats:
     """One optimizer update over `update_freq` micro-batches, normalized as fairseq does.
 
     Each micro-batch backpropagates its SUMMED loss scaled by 1 / (targets in the whole update,
@@ -485,7 +482,8 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
 
     A non-finite loss or gradient norm (on any rank) skips the optimizer step and drops the
     gradients, so NaN never reaches the weights or Adam's moments. Deciding that costs one
-    device sync per update, before the optimizer step.
+    device sync per update, before the optimizer step; the same all-reduce tells every rank
+    whether any was asked to stop (`stop_requested`), so all stop at the same update.
     """
     device = dist.device
     tokens = [b.num_tokens for b in micro_batches]  # counted on CPU: no device sync
@@ -514,8 +512,10 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     params = [p for p in optimizer.param_groups[0]["params"] if p.grad is not None]
     max_norm = clip_norm if clip_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float().reshape(1)
-    skipped = bool(all_reduce_sum(bad, dist).item() > 0)  # the same decision on every rank
+    bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
+    flags = torch.stack([bad, torch.tensor(float(stop_requested), device=device)])  # (2,)
+    bad_anywhere, stop_anywhere = all_reduce_sum(flags, dist).tolist()  # the one sync
+    skipped = bad_anywhere > 0  # the same decision on every rank
     faults.hit("step")
     if skipped:
         optimizer.zero_grad(set_to_none=True)
@@ -524,7 +524,7 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     return StepStats(loss=loss_sum, nll=nll_sum, num_tokens=sum(tokens),
                      global_tokens=global_tokens, responsibility_sum=r_sum,
                      argmax_counts=counts, num_chunks=chunks, grad_norm=grad_norm.detach(),
-                     skipped=skipped)
+                     skipped=skipped, stop=stop_anywhere > 0)
 
 
 # --------------------------------------------------------------------------- logging
