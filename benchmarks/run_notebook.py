@@ -31,6 +31,9 @@ def _headless_display() -> None:
         import IPython.display  # noqa: F401
     except ImportError:
         ipython = types.ModuleType("IPython")
+        # matplotlib reads IPython.version_info when a figure is made; from 8.24 on it does
+        # nothing more with IPython.
+        ipython.version_info = (8, 24, 0)
         ipython.display = types.ModuleType("IPython.display")
         ipython.display.display = lambda *args, **kwargs: None
         ipython.display.clear_output = lambda *args, **kwargs: None

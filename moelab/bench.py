@@ -482,13 +482,16 @@ def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
         step()  # leaves gradients for the optimizer-only comparison
         ratio("fused_adam", foreach.step, fused.step)
     if K > 1:
-        free = _model(config, preset, device, dropout=0.0)  # reuse is exact only without dropout
+        # Reuse is exact only without dropout and in float32 (em_loss refuses it under autocast),
+        # so both sides run in float32: on CUDA the figure is for `--precision float32` runs.
+        free = _model(config, preset, device, dropout=0.0)
         free_opt = _adam(free, device)
-        ratio(f"reuse_estep_dropout0_{'hard' if hard else 'soft'}",
+        in_float32 = "" if autocast is contextlib.nullcontext else "_float32"
+        ratio(f"reuse_estep_dropout0{in_float32}_{'hard' if hard else 'soft'}",
               _em_step(free, batch, free_opt, hard=hard, uniform_prior=uniform_prior,
-                       autocast=autocast, reuse_estep=False),
+                       reuse_estep=False),
               _em_step(free, batch, free_opt, hard=hard, uniform_prior=uniform_prior,
-                       autocast=autocast, reuse_estep=True))
+                       reuse_estep=True))
     if config.estep_dtype is not None and K > 1:
         fp = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
                       autocast=autocast, estep_tokens=config.estep_tokens)

@@ -42,6 +42,21 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
             "sdpa_attention_estep", "reuse_estep_dropout0_hard"} <= set(out["techniques"])
 
 
+def test_bench_techniques_run_under_the_m_steps_bf16_autocast(monkeypatch, capsys):
+    # CUDA's bf16 M-step, with CPU autocast standing in: the reuse figure is then measured in
+    # float32 (em_loss refuses reuse under autocast) and says so in its name
+    monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
+        "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
+        dropout=0.1))
+    monkeypatch.setattr(bench, "autocast_context", lambda device, precision="auto": (
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    assert cli.main(["bench", "--preset", "tiny", "--steps", "2", "--device", "cpu",
+                     "--no-reference", "--no-eval-sample"]) == 0
+    techniques = json.loads(capsys.readouterr().out)["techniques"]
+    assert techniques["reuse_estep_dropout0_float32_hard"] > 0
+    assert "reuse_estep_dropout0_hard" not in techniques
+
+
 def test_bench_without_the_reference_times_moelab_only(monkeypatch, capsys):
     monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
         "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
