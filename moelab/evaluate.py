@@ -484,8 +484,9 @@ class Loaded:
 
 def load_for_inference(args: argparse.Namespace, command: str) -> Loaded:
     """Checkpoint + data-bin, checked against each other and against the flags given."""
-    from moelab.train.checkpoint import build_model, read_checkpoint
+    from moelab.train.checkpoint import read_checkpoint
     from moelab.train.distributed import resolve_device
+    from moelab.train.run import build_model
 
     notes = _fairseq_notes(args, command)
     try:

@@ -19,6 +19,7 @@ import ipywidgets as widgets
 from moelab.data import Tokenizer
 from moelab.generate import GenerationConfig, PromptTruncatedWarning, expert_posterior, stream
 from moelab.model import MixtureLM
+from moelab.train.run import Run
 
 _LABEL = {"description_width": "110px"}
 _TEXT_STYLE = ("white-space: pre-wrap; word-break: break-word; margin: 0; font-size: 13px; "
@@ -97,9 +98,7 @@ class Sampler:
     def from_run(cls, save_dir: str | Path, *, data_bin: str | Path | None = None,
                  **kwargs) -> Sampler:
         """A sampler for the best checkpoint of a `moelab train` save dir."""
-        from moelab.workbench import load_run
-
-        run = load_run(save_dir, data_bin=data_bin)
+        run = Run.load(save_dir, data_bin=data_bin)
         kwargs.setdefault("title", f"{run.method} (K={run.num_experts}) from {save_dir}")
         return cls(run.model, run.tokenizer, **kwargs)
 

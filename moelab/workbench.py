@@ -20,17 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-from moelab.data import PreprocessConfig, Tokenizer, bundled_corpus, preprocess, read_meta
-from moelab.data.dataset import BinarizedDataset
+from moelab.data import PreprocessConfig, bundled_corpus, preprocess, read_meta
 from moelab.data.preprocess import STAGING_PREFIX
 from moelab.errors import MoelabError
-from moelab.evaluate import EvalResult, evaluate, summarize
-from moelab.model import MixtureLM
-from moelab.train import RunConfig, load_checkpoint, read_history, train
+from moelab.evaluate import EvalResult
+from moelab.train import Run, train
 from moelab.train import checkpoint as ckpt
 from moelab.train.objectives import METHODS
 
@@ -113,56 +110,6 @@ def ensure_data_bin(data_bin: str | Path, *, documents_per_domain: int | None = 
                 f.write(json.dumps({"text": doc.text, "domain": doc.domain}) + "\n")
         preprocess(PreprocessConfig(data=str(subset), **config))
     return data_bin
-
-
-def _newer(path: Path, than: Path) -> bool:
-    return path.is_file() and than.is_file() and path.stat().st_mtime >= than.stat().st_mtime
-
-
-def save_scores(result: EvalResult, dataset: BinarizedDataset, path: Path) -> None:
-    """The per-document scores behind an EvalResult, as plain arrays (no pickle)."""
-    experts = [c for c in result.documents.columns if c.startswith("expert_")]
-    window = [int(result.summary["tokens_per_sample"]), int(result.summary["context_window"])]
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, ll=result.documents[experts].to_numpy(), log_prior=result.log_prior,
-             tokens=result.documents["tokens"].to_numpy(),
-             domain_ids=np.asarray(dataset.domain_ids, dtype=np.int64), window=np.asarray(window))
-    tmp.replace(path)
-
-
-def load_scores(path: Path, dataset: BinarizedDataset) -> EvalResult:
-    """The EvalResult of save_scores' arrays: every table is recomputed from them."""
-    with np.load(path, allow_pickle=False) as z:
-        return summarize(z["ll"], z["log_prior"], z["tokens"], z["domain_ids"], dataset.domains,
-                         tokens_per_sample=int(z["window"][0]),
-                         context_window=int(z["window"][1]))
-
-
-@dataclass
-class Run:
-    """A trained method loaded from its save dir: model, tokenizer and training log."""
-
-    method: str
-    save_dir: Path
-    model: MixtureLM
-    tokenizer: Tokenizer
-    config: RunConfig
-    history: pd.DataFrame
-
-    @property
-    def num_experts(self) -> int:
-        return self.model.num_experts
-
-
-def load_run(save_dir: str | Path, *, data_bin: str | Path | None = None,
-             device: str = "cpu") -> Run:
-    """The best checkpoint of a `moelab train` save dir, with the tokenizer of its data-bin."""
-    save_dir = Path(save_dir)
-    model, _, config = load_checkpoint(save_dir / CHECKPOINT, map_location=device)
-    data = Path(data_bin) if data_bin is not None else Path(config.data.data)
-    tokenizer = Tokenizer.load(data / read_meta(data)["tokenizer"])
-    return Run(method=config.model.method, save_dir=save_dir, model=model, tokenizer=tokenizer,
-               config=config, history=read_history(save_dir))
 
 
 @dataclass
@@ -263,7 +210,7 @@ class Workbench:
         if method not in self._runs:
             if not self.is_trained(method):
                 self.train([method])
-            self._runs[method] = load_run(self.save_dir(method), device=self.device)
+            self._runs[method] = Run.load(self.save_dir(method), device=self.device)
         return self._runs[method]
 
     def histories(self, methods: Sequence[str]) -> dict[str, pd.DataFrame]:
@@ -272,18 +219,11 @@ class Workbench:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, method: str, split: str = "valid", *, context_window: int = 0
                  ) -> EvalResult:
-        """Perplexities, responsibilities and clusters of one method on one split (cached)."""
+        """Perplexities, responsibilities and clusters of one method on one split (cached in
+        memory here, and on disk by the Run)."""
         key = (method, split, context_window)
         if key not in self._evals:
-            run = self.run(method)
-            dataset = BinarizedDataset(run.config.data.data, split)
-            cache = self.save_dir(method) / f"eval_{split}_c{context_window}.npz"
-            self._evals[key] = (load_scores(cache, dataset)
-                                if _newer(cache, self.save_dir(method) / CHECKPOINT) else None)
-            if self._evals[key] is None:
-                self._evals[key] = evaluate(run.model, dataset, context_window=context_window,
-                                            max_sentences=32)
-                save_scores(self._evals[key], dataset, cache)
+            self._evals[key] = self.run(method).evaluate(split, context_window=context_window)
         return self._evals[key]
 
     def method_runs(self, methods: Sequence[str], *, context_window: int = 0) -> list:

@@ -302,14 +302,14 @@ def test_restore_file_loads_the_checkpoints_weights_bit_for_bit(tiny_bin, tmp_pa
     train(tiny_bin, max_update=3, warmup_updates=1, lr=3e-3, save_dir=tmp_path / "a", **FAST)
     saved = read_checkpoint(tmp_path / "a" / "checkpoint_last.pt")["model"]
     restored: dict = {}
-    real_restore = trainer.restore_with_fallback
+    real_restore = trainer.Trainer.restore_with_fallback
 
-    def spying_restore(path, model, *args, **kwargs):
-        out = real_restore(path, model, *args, **kwargs)
-        restored.update({k: v.clone() for k, v in model.state_dict().items()})
+    def spying_restore(self, path):
+        out = real_restore(self, path)
+        restored.update({k: v.clone() for k, v in self.model.state_dict().items()})
         return out
 
-    monkeypatch.setattr(trainer, "restore_with_fallback", spying_restore)
+    monkeypatch.setattr(trainer.Trainer, "restore_with_fallback", spying_restore)
     result = train(tiny_bin, max_update=4, warmup_updates=1, lr=3e-3, save_dir=tmp_path / "b",
                    restore_file=str(tmp_path / "a" / "checkpoint_last.pt"), **FAST)
     assert result.num_updates == 4  # 3 restored + 1 trained

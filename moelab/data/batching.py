@@ -120,6 +120,7 @@ class TrainBatches:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.ds = ds
+        self.tokens_per_sample = tokens_per_sample
         self.chunks = ds.chunks(tokens_per_sample)
         self.max_context = tokens_per_sample if max_context is None else max_context
         self.lengths = np.asarray([c.end - c.start for c in self.chunks], dtype=np.int64)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from moelab.evaluate import FLAT_EXPERT_SPREAD, FLAT_MAX_POSTERIOR, ORACLE_NOTE, EvalResult
 from moelab.report.export import output_paths
-from moelab.train import TrainResult, read_history
+from moelab.train import Run, TrainResult, read_history
 
 
 @dataclass
@@ -34,10 +34,13 @@ class MethodRun:
     history: pd.DataFrame | None = None
 
     @classmethod
-    def of(cls, name: str, run: TrainResult | str | Path | None, valid: EvalResult,
+    def of(cls, name: str, run: Run | TrainResult | str | Path | None, valid: EvalResult,
            test: EvalResult | None = None) -> MethodRun:
+        """`run` is a Run, a TrainResult or a save folder (its log is read), or None."""
         if isinstance(run, TrainResult):
-            history = run.history if run.history is not None else read_history(run.save_dir)
+            run = run.run
+        if isinstance(run, Run):
+            history = run.history
         elif run is not None:
             history = read_history(run)
         else:

@@ -1,10 +1,8 @@
-"""Checkpoints: one plain dict of tensors and primitives, written crash-safely, read weights-only.
+"""Checkpoint files: one plain dict of tensors and primitives, written crash-safely, read
+weights-only. What the dict holds (the schema) is moelab.train.run's business.
 
-Everything a run needs to continue exactly lives in the dict: model, optimizer and schedule
-state, RNG states, the data position, the log meter, the configs as plain dicts and the
-tokenizer identity. Only tensors and primitive types go in, so `torch.load(..., weights_only=True)`
-reads it without unpickling arbitrary objects: a file crafted to run code when unpickled is
-refused, never run.
+Only tensors and primitive types go in, so `torch.load(..., weights_only=True)` reads it without
+unpickling arbitrary objects: a file crafted to run code when unpickled is refused, never run.
 
 Writing is crash-safe at every instant (a SIGKILL, a full disk, a power cut):
 1. the new checkpoint goes to a temporary file in the same folder, is fsynced and read back
@@ -33,31 +31,12 @@ import numpy as np
 import torch
 
 from moelab.errors import MoelabError
-from moelab.model import MixtureLM, ModelConfig
 from moelab.train import faults
-from moelab.train.config import RunConfig
 
 FORMAT = "moelab-checkpoint"
 FORMAT_VERSION = 1
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 TMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never mistaken for a *.pt
-
-# What a resume reads besides the model (a file without them is not a training checkpoint).
-RESUME_KEYS = ("optimizer", "rng", "data_position", "num_updates", "best_valid_loss")
-
-# ModelConfig fields that make two models' weights interchangeable, with the flag to name.
-_SHAPE_FIELDS = {
-    "num_experts": "--num-experts",
-    "vocab_size": "vocabulary size",
-    "n_layer": "--decoder-layers",
-    "n_embd": "--decoder-embed-dim",
-    "n_head": "--decoder-attention-heads",
-    "ffn_dim": "--decoder-ffn-embed-dim",
-    "max_seq_len": "--tokens-per-sample",
-    "share_input_output_embed": "--share-decoder-input-output-embed",
-    "gating": "learned prior (--method *lp)",
-    "gating_dim": "--mean-pool-gating-network-encoder-dim",
-}
 
 
 class CheckpointError(MoelabError):
@@ -245,45 +224,6 @@ def _corrupt(path: Path, e: Exception, other: str) -> UnreadableCheckpoint:
         f"{detail}); delete it to start over{other}")
 
 
-def check_compatible(checkpoint: dict, model_config: ModelConfig, tokenizer_sha256: str | None,
-                     path: str | Path, *, method: str | None = None) -> None:
-    """Refuse a checkpoint whose method, K, vocabulary or architecture differ from this run's.
-
-    The method matters even where the shapes agree (hMoEup vs sMoEup): resuming would continue
-    another method's run and mix both in its log and checkpoints.
-    """
-    saved = checkpoint["model_config"]
-    missing = [key for key in RESUME_KEYS if key not in checkpoint]
-    if missing:
-        raise UnreadableCheckpoint(f"checkpoint {path} cannot be resumed from: it lacks "
-                                   f"{', '.join(missing)} (altered, or not written by `moelab "
-                                   "train`); use another --save-dir or --restore-file")
-    for name, flag in _SHAPE_FIELDS.items():
-        if name == "gating_dim" and not model_config.gating:
-            continue  # no gating network is built: its width does not matter
-        ours = getattr(model_config, name)
-        if saved.get(name) != ours:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with {flag} = {saved.get(name)} but this run has "
-                f"{ours}; use another --save-dir (or --restore-file) for a different model, or "
-                "rerun with the checkpoint's settings"
-            )
-    run = checkpoint.get("config")
-    trained = run.get("model", {}).get("method") if isinstance(run, dict) else None
-    if method is not None and trained is not None and trained != method:
-        raise CheckpointError(
-            f"checkpoint {path} was trained with --method {trained} but this run is {method}; "
-            "use another --save-dir for another method, or rerun with the checkpoint's method")
-    tokenizer = checkpoint.get("tokenizer")
-    theirs = tokenizer.get("sha256") if isinstance(tokenizer, dict) else None
-    if tokenizer_sha256 and theirs and theirs != tokenizer_sha256:
-        raise CheckpointError(
-            f"checkpoint {path} was trained with tokenizer sha256 {theirs[:12]}... but this "
-            f"data-bin's tokenizer is {tokenizer_sha256[:12]}...; the vocabularies differ: use "
-            "another --save-dir, or the data-bin the checkpoint was trained on"
-        )
-
-
 # --- RNG states as tensors (weights_only allows tensors and primitives, not numpy arrays) ---
 
 def rng_state() -> dict:
@@ -310,31 +250,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def build_model(checkpoint: dict, path: str | Path) -> tuple[MixtureLM, ModelConfig]:
-    """The checkpoint's model with its weights (training mode, on CPU); CheckpointError if the
-    stored config or weights are inconsistent (an altered or foreign file)."""
-    try:
-        model_config = ModelConfig(**checkpoint["model_config"])
-        model = MixtureLM(model_config)
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
-        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise UnreadableCheckpoint(
-            f"checkpoint {path} is damaged: its model config and weights do not fit together "
-            f"({detail}); use a checkpoint written by `moelab train`") from None
-    return model, model_config
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
-                    ) -> tuple[MixtureLM, ModelConfig, RunConfig]:
-    """A trained model (in eval mode) and its configs, for notebooks, evaluation and generation."""
-    checkpoint = read_checkpoint(path, map_location)
-    model, model_config = build_model(checkpoint, path)
-    try:
-        config = RunConfig.from_dict(checkpoint["config"])
-    except (TypeError, ValueError, AttributeError) as e:
-        raise UnreadableCheckpoint(f"checkpoint {path} holds an invalid training config "
-                                   f"({e}); use a checkpoint written by `moelab train`") from None
-    return model.to(map_location).eval(), model_config, config

@@ -1,9 +1,10 @@
-"""The training loop, as small functions read top to bottom (nanoGPT / torchtitan style).
+"""The training loop: a `Trainer` holds one run's state, and its methods are the loop's steps.
 
 `fit` builds the data, model and optimizer, resumes from a checkpoint when the save dir has one,
 then repeats: take `update_freq` batches, one EM update, log, validate, save. It knows nothing
 about notebooks or the command line: callers pass `on_log` / `on_eval` callbacks and get a
-TrainResult back. Only rank 0 writes logs and checkpoints.
+TrainResult back, whose `.run` is the trained Run (moelab.train.run). Only rank 0 writes logs
+and checkpoints.
 
 Faults (a run killed at any instant, a full disk, a NaN) never cost more than the updates since
 the last checkpoint, and never leave a misleading file: checkpoints are written crash-safely
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from moelab.data import Batch, BinarizedDataset, TrainBatches
 from moelab.errors import MoelabError
-from moelab.evaluate import posterior_confidence
+from moelab.evaluate import CONFIDENCE_KEYS, posterior_confidence, start_log_prior, summarize
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import checkpoint as ckpt
 from moelab.train import faults
@@ -45,22 +46,16 @@ from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
 from moelab.train.objectives import em_loss, method_flags
 from moelab.train.prefetch import BatchPrefetcher
+from moelab.train.run import (
+    Run,
+    TrainState,
+    build_checkpoint,
+    check_resumable,
+    restore_training,
+)
 from moelab.train.schedule import below_min_lr, learning_rate
 
 Callback = Callable[[dict], None]
-
-
-@dataclass
-class TrainState:
-    """Where training stands; all of it goes into the checkpoint."""
-
-    num_updates: int = 0
-    epoch: int = 1  # the epoch of the next batch (1-based, as fairseq)
-    batch_in_epoch: int = 0  # index of the next batch within that epoch
-    best_valid_loss: float = math.inf
-    wall_time: float = 0.0  # seconds spent training, summed over resumed runs
-    skipped_updates: int = 0  # updates dropped for a non-finite loss or gradient, in all
-    bad_in_row: int = 0  # ... since the last good update (0 in every checkpoint)
 
 
 @dataclass
@@ -86,120 +81,271 @@ class TrainResult:
     save_dir: Path
     history: pd.DataFrame | None = field(default=None, repr=False)  # rank 0 only
 
-
-# --------------------------------------------------------------------------- the loop
+    @property
+    def run(self) -> Run:
+        """The trained model as a Run (its last checkpoint's weights, already in memory)."""
+        return Run(save_dir=self.save_dir, model=self.model, model_config=self.model_config,
+                   config=self.config, checkpoint_path=self.save_dir / ckpt.LAST,
+                   num_updates=self.num_updates, history=self.history)
 
 
 def fit(config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
         on_eval: Callback | None = None) -> TrainResult:
-    started = time.perf_counter()
-    # the precision actually used goes into the config, so every checkpoint and report says it
-    config = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, precision=resolve_precision(config.train.precision, dist.device)))
-    set_seed(config.train.seed)
-    say = _printer(dist)
-    hard, uniform_prior = method_flags(config.model.method)
-    if uniform_prior and config.model.mean_pool_gating_network:
-        say(f"note: --mean-pool-gating-network is unused with --method {config.model.method}: "
-            "the uniform prior p(z) = 1/K needs no gating network, so none is built")
-    train_ds = BinarizedDataset(config.data.data, "train")
-    valid_set = valid_batches(BinarizedDataset(config.data.data, "valid"), config)
-    try:
-        mconf = model_config(config.model, vocab_size=train_ds.vocab_size, pad_id=train_ds.pad_id,
-                             tokens_per_sample=config.data.tokens_per_sample,
-                             input_only_ids=(train_ds.unk_id, train_ds.bos_id, train_ds.pad_id))
-    except ValueError as e:
-        raise MoelabError(f"cannot build the model: {e}") from None
-    model = MixtureLM(mconf).to(dist.device)
-    optimizer = build_optimizer(model, config, dist.device)
-    meter = Meter(mconf.num_experts, dist.device)
-    state = TrainState()
-    save_dir = Path(config.train.save_dir)
-    if dist.is_main:
-        prepare_save_dir(save_dir, say)
-    restore = find_restore_file(config, say)
-    if restore is None and dist.is_main:
-        refuse_earlier_run(save_dir)
-    if restore is not None:
-        state, restore = restore_with_fallback(restore, model, optimizer, meter, mconf, train_ds,
-                                               dist, say, method=config.model.method)
-        say(f"resumed from {restore} at update {state.num_updates} (epoch {state.epoch})")
-    if dist.is_main:
-        _log_io(save_dir, truncate_history, state.num_updates)
+    return Trainer(config, dist, on_log=on_log, on_eval=on_eval).fit()
 
-    if config.train.compile:
-        model.compile_for_speed()  # warns and stays eager if compiling fails
-    step_module = wrap_for_training(model, dist, hard=hard, uniform_prior=uniform_prior,
-                                    estep_tokens=config.train.estep_tokens,
-                                    estep_dtype=config.train.estep_torch_dtype)
-    batches = train_batches(train_ds, config, dist)
-    autocast = autocast_context(dist.device, config.train.precision)
-    progress = tqdm(total=config.train.max_update or None, initial=state.num_updates,
-                    unit="update", disable=not (dist.is_main and config.train.progress_bar),
-                    dynamic_ncols=True)
-    updates_at_start = state.num_updates
 
-    prefetcher = BatchPrefetcher(batches, update_freq=config.train.update_freq,
-                                 max_epoch=config.train.max_epoch,
-                                 pin_memory=dist.device.type == "cuda",
-                                 enabled=config.train.prefetch)
-    meter.start_clock(meter.elapsed_before)  # setup time is not training time
-    stop_now = False  # a signal reached some rank: stop at this update boundary
-    with out_of_memory_is_an_error(state, config), prefetcher, StopSignals() as stop:
-        while not finished(state, config):
-            if stop_now:
-                save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
-                     ckpt.LAST)
-                progress.close()
-                raise TrainingInterrupted(stop.signal_name or "SIGTERM", state.num_updates,
-                                          save_dir)
-            micro_batches = prefetcher.take(state)
-            if not micro_batches:
-                break
-            lr = set_learning_rate(optimizer, config, state.num_updates)
-            stats = train_step(step_module, micro_batches, optimizer, dist=dist,
-                               clip_norm=config.optim.clip_norm, autocast=autocast,
-                               stop_requested=stop.requested)
-            stop_now = stats.stop
-            if stats.skipped:
-                skip_update(stats, state, config, say)
-                continue
-            state.bad_in_row = 0
-            state.num_updates += 1
-            meter.add(stats)
-            progress.update(1)
-            if state.num_updates % config.train.log_interval == 0:
-                record = log_train(meter, state, lr, dist, save_dir, started)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-                if on_log is not None and dist.is_main:
-                    on_log(record)
-            if finished(state, config):
-                break  # the final validation and save follow the loop
-            if _due(state, config.train.validate_interval_updates):
-                evaluate_and_save(model, optimizer, meter, state, config, mconf, valid_set,
-                                  train_ds, dist, hard=hard, on_eval=on_eval, started=started)
-            elif _due(state, config.train.save_interval_updates):
-                save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
-                     ckpt.LAST)
-        progress.close()
-        if below_min_lr(config.optim, state.num_updates):
-            say(f"stopped at update {state.num_updates}: the learning rate "
-                f"{learning_rate(config.optim, state.num_updates):.3g} is at or below --min-lr "
-                f"{config.optim.min_lr:g} (fairseq's rule)")
+class Trainer:
+    """One training run: its data, model, optimizer, meter and position (`state`), and the
+    steps of the loop as methods, so that each step reads what it needs from `self`."""
 
-        if state.num_updates > updates_at_start or restore is None:
-            result = evaluate_and_save(model, optimizer, meter, state, config, mconf, valid_set,
-                                       train_ds, dist, hard=hard, on_eval=on_eval,
-                                       started=started)
-        else:  # the checkpoint was already finished: report, but write nothing new
-            result = validate(model, valid_set, dist, hard=hard)
-    model.eval()
-    # a finished checkpoint restored into a new --save-dir trains nothing and logs nothing there
-    logged = dist.is_main and (save_dir / LOG_FILE).is_file()
-    history = read_history(save_dir) if logged else None
-    return TrainResult(model=model, model_config=mconf, config=config,
-                       num_updates=state.num_updates, valid=result, save_dir=save_dir,
-                       history=history)
+    def __init__(self, config: RunConfig, dist: DistInfo, *, on_log: Callback | None = None,
+                 on_eval: Callback | None = None):
+        self.started = time.perf_counter()
+        # the precision actually used goes into the config, so every checkpoint and report
+        # says it
+        self.config = config = dataclasses.replace(config, train=dataclasses.replace(
+            config.train, precision=resolve_precision(config.train.precision, dist.device)))
+        self.dist, self.on_log, self.on_eval = dist, on_log, on_eval
+        set_seed(config.train.seed)
+        self.say = _printer(dist)
+        self.hard, self.uniform_prior = method_flags(config.model.method)
+        if self.uniform_prior and config.model.mean_pool_gating_network:
+            self.say(f"note: --mean-pool-gating-network is unused with --method "
+                     f"{config.model.method}: the uniform prior p(z) = 1/K needs no gating "
+                     "network, so none is built")
+        self.train_ds = BinarizedDataset(config.data.data, "train")
+        self.valid = valid_batches(BinarizedDataset(config.data.data, "valid"), config)
+        ds = self.train_ds
+        try:
+            self.model_config = model_config(
+                config.model, vocab_size=ds.vocab_size, pad_id=ds.pad_id,
+                tokens_per_sample=config.data.tokens_per_sample,
+                input_only_ids=(ds.unk_id, ds.bos_id, ds.pad_id))
+        except ValueError as e:
+            raise MoelabError(f"cannot build the model: {e}") from None
+        self.model = MixtureLM(self.model_config).to(dist.device)
+        self.optimizer = build_optimizer(self.model, config, dist.device)
+        self.meter = Meter(self.model_config.num_experts, dist.device)
+        self.state = TrainState()
+        self.save_dir = Path(config.train.save_dir)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        config, dist = self.config, self.dist
+        restore = self.resume()
+        state = self.state  # restored by resume()
+        if config.train.compile:
+            self.model.compile_for_speed()  # warns and stays eager if compiling fails
+        step_module = wrap_for_training(self.model, dist, hard=self.hard,
+                                        uniform_prior=self.uniform_prior,
+                                        estep_tokens=config.train.estep_tokens,
+                                        estep_dtype=config.train.estep_torch_dtype)
+        batches = train_batches(self.train_ds, config, dist)
+        autocast = autocast_context(dist.device, config.train.precision)
+        progress = tqdm(total=config.train.max_update or None, initial=state.num_updates,
+                        unit="update", disable=not (dist.is_main and config.train.progress_bar),
+                        dynamic_ncols=True)
+        updates_at_start = state.num_updates
+        prefetcher = BatchPrefetcher(batches, update_freq=config.train.update_freq,
+                                     max_epoch=config.train.max_epoch,
+                                     pin_memory=dist.device.type == "cuda",
+                                     enabled=config.train.prefetch)
+        self.meter.start_clock(self.meter.elapsed_before)  # setup time is not training time
+        stop_now = False  # a signal reached some rank: stop at this update boundary
+        with out_of_memory_is_an_error(state, config), prefetcher, StopSignals() as stop:
+            while not finished(state, config):
+                if stop_now:
+                    self.save(ckpt.LAST)
+                    progress.close()
+                    raise TrainingInterrupted(stop.signal_name or "SIGTERM", state.num_updates,
+                                              self.save_dir)
+                micro_batches = prefetcher.take(state)
+                if not micro_batches:
+                    break
+                lr = set_learning_rate(self.optimizer, config, state.num_updates)
+                stats = train_step(step_module, micro_batches, self.optimizer, dist=dist,
+                                   clip_norm=config.optim.clip_norm, autocast=autocast,
+                                   stop_requested=stop.requested)
+                stop_now = stats.stop
+                if stats.skipped:
+                    skip_update(stats, state, config, self.say)
+                    continue
+                state.bad_in_row = 0
+                state.num_updates += 1
+                self.meter.add(stats)
+                progress.update(1)
+                if state.num_updates % config.train.log_interval == 0:
+                    record = self.log_train(lr)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                    if self.on_log is not None and dist.is_main:
+                        self.on_log(record)
+                if finished(state, config):
+                    break  # the final validation and save follow the loop
+                if _due(state, config.train.validate_interval_updates):
+                    self.validate_and_save()
+                elif _due(state, config.train.save_interval_updates):
+                    self.save(ckpt.LAST)
+            progress.close()
+            if below_min_lr(config.optim, state.num_updates):
+                self.say(f"stopped at update {state.num_updates}: the learning rate "
+                         f"{learning_rate(config.optim, state.num_updates):.3g} is at or below "
+                         f"--min-lr {config.optim.min_lr:g} (fairseq's rule)")
+            if state.num_updates > updates_at_start or restore is None:
+                result = self.validate_and_save()
+            else:  # the checkpoint was already finished: report, but write nothing new
+                result = validate(self.model, self.valid, dist, hard=self.hard)
+        self.model.eval()
+        # a finished checkpoint restored into a new --save-dir trains nothing and logs nothing
+        logged = dist.is_main and (self.save_dir / LOG_FILE).is_file()
+        return TrainResult(model=self.model, model_config=self.model_config, config=config,
+                           num_updates=state.num_updates, valid=result, save_dir=self.save_dir,
+                           history=read_history(self.save_dir) if logged else None)
+
+    def elapsed(self) -> float:
+        """Seconds spent training, over this process and the runs it resumed."""
+        return self.state.wall_time + time.perf_counter() - self.started
+
+    # ------------------------------------------------------------------ validation
+    def validate_and_save(self) -> ValidResult:
+        """Validate, log a `valid` line, save checkpoint_last (and checkpoint_best if improved)."""
+        state, dist = self.state, self.dist
+        result = validate(self.model, self.valid, dist, hard=self.hard)
+        counts = np.bincount(result.posterior.argmax(1),
+                             minlength=self.model_config.num_experts)
+        record = {
+            "kind": "valid", "update": state.num_updates, "epoch": state.epoch,
+            "loss": result.loss, "nll": result.nll, "ppl": result.ppl,
+            "num_tokens": result.num_tokens,
+            "posterior_mass": result.posterior.mean(0).tolist(),
+            "usage_entropy": _entropy(torch.from_numpy(counts / counts.sum())),
+            "nmi": result.nmi,
+            **result.confidence,
+            "skipped_updates": state.skipped_updates,
+            "wall": self.elapsed(),
+        }
+        improved = result.loss < state.best_valid_loss
+        if improved:
+            state.best_valid_loss = result.loss
+        if dist.is_main:
+            _log_io(self.save_dir, append_record, record)
+            nmi = "" if result.nmi is None else (
+                f" | nmi {result.nmi:.3f} (mean max posterior "
+                f"{result.confidence['mean_max_posterior']:.2f})")
+            self.say(f"valid | update {state.num_updates} | loss {result.loss:.4f} | "
+                     f"ppl {result.ppl:.2f}{nmi}")
+        # best before last: checkpoint_last is the commit point of a resume, so a kill between
+        # the two rewrites checkpoint_best identically on the rerun instead of losing it
+        self.save(ckpt.BEST if improved else None, ckpt.LAST)
+        if self.on_eval is not None and dist.is_main:
+            self.on_eval(record)
+        return result
+
+    # ------------------------------------------------------------------ logging
+    def log_train(self, lr: float) -> dict:
+        """Reduce the interval's sums over ranks into one log line (written by rank 0)."""
+        meter, state = self.meter, self.state
+        K = meter.num_experts
+        sums = all_reduce_sum(meter.sums.clone(), self.dist).cpu()
+        grad_norm_sum = float(meter.sums[4])  # identical on every rank (gradients all-reduced)
+        loss = float(sums[0] / sums[2])  # finite: skipped updates never reach the meter
+        elapsed = time.perf_counter() - meter.since
+        usage = sums[5 + K :] / sums[5 + K :].sum()
+        record = {
+            "kind": "train", "update": state.num_updates, "epoch": state.epoch,
+            "loss": loss, "nll": float(sums[1] / sums[2]), "ppl": _ppl(loss), "lr": lr,
+            "grad_norm": grad_norm_sum / meter.updates,
+            "tokens_per_s": meter.global_tokens / max(elapsed, 1e-9),
+            "posterior_mass": (sums[5 : 5 + K] / sums[3]).tolist(),
+            "usage_entropy": _entropy(usage),
+            "skipped_updates": state.skipped_updates,
+            "wall": self.elapsed(),
+        }
+        if self.dist.is_main:
+            _log_io(self.save_dir, append_record, record)
+        meter.reset()
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, *names: str | None) -> None:
+        """Every rank contributes its RNG state and meter (a collective); rank 0 writes the files.
+
+        checkpoint_last keeps its predecessor as checkpoint_last.prev.pt. Weights that are not
+        finite are never written: the run stops instead, leaving the last good checkpoint.
+        """
+        state = self.state
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise TrainingDiverged(
+                f"the weights at update {state.num_updates} are not finite (nan/inf), so no "
+                f"checkpoint was written; the last one in {self.save_dir} is good. Lower "
+                "--lr, raise --warmup-updates or set --clip-norm, then rerun to resume from it")
+        per_rank = gather_objects((ckpt.rng_state(), self.meter.state_dict()), self.dist)
+        if not self.dist.is_main:
+            return
+        checkpoint = build_checkpoint(
+            model=self.model, optimizer=self.optimizer, state=state, config=self.config,
+            model_config=self.model_config,
+            tokenizer={"sha256": self.train_ds.meta.get("tokenizer_sha256"),
+                       "vocab_size": self.train_ds.vocab_size},
+            rng=[r for r, _ in per_rank], meters=[m for _, m in per_rank],
+            world_size=self.dist.world_size, wall_time=self.elapsed())
+        for name in names:
+            if name is not None:
+                ckpt.save_checkpoint(self.save_dir / name, checkpoint,
+                                     keep_previous=name == ckpt.LAST)
+
+    def resume(self) -> Path | None:
+        """Prepare --save-dir and continue from its checkpoint, if any; -> the file resumed."""
+        if self.dist.is_main:
+            prepare_save_dir(self.save_dir, self.say)
+        restore = find_restore_file(self.config, self.say)
+        if restore is None and self.dist.is_main:
+            refuse_earlier_run(self.save_dir)
+        if restore is not None:
+            restore = self.restore_with_fallback(restore)
+            self.say(f"resumed from {restore} at update {self.state.num_updates} "
+                     f"(epoch {self.state.epoch})")
+        if self.dist.is_main:
+            _log_io(self.save_dir, truncate_history, self.state.num_updates)
+        return restore
+
+    def restore_with_fallback(self, path: Path) -> Path:
+        """restore, falling back to the previous checkpoint if this one is damaged; -> the file
+        restored.
+
+        Only an unreadable file falls back; one that does not fit this run (another K,
+        vocabulary or architecture) is an error, since its predecessor would not fit either.
+        """
+        try:
+            self.restore(path)
+            return path
+        except ckpt.UnreadableCheckpoint as e:
+            prev = ckpt.previous_path(path)
+            if not prev.is_file() or prev == path:
+                raise
+            self.restore(prev)
+            # set the damaged file aside, or the next save would keep it as the "previous" one
+            aside = path.with_name(path.name + ".damaged")
+            if self.dist.is_main and path.is_file():
+                os.replace(path, aside)
+            self.say(f"warning: {e}")
+            self.say(f"warning: resuming from the previous checkpoint {prev} instead (the "
+                     f"damaged file is now {aside.name}); the updates after it are trained again")
+            return prev
+
+    def restore(self, path: Path) -> None:
+        """Weights, optimizer, RNG, meter and data position, so the run continues exactly."""
+        checkpoint = ckpt.read_checkpoint(path, map_location=self.dist.device)
+        check_resumable(checkpoint, self.model_config,
+                        self.train_ds.meta.get("tokenizer_sha256"), path,
+                        method=self.config.model.method)
+        self.state, meter, note = restore_training(
+            checkpoint, path, self.model, self.optimizer, rank=self.dist.rank,
+            world_size=self.dist.world_size)
+        if note is not None:
+            self.say(f"note: {note}")
+        if meter is not None:
+            self.meter.load_state_dict(meter)
 
 
 class TrainingInterrupted(MoelabError):
@@ -576,31 +722,6 @@ class Meter:
         self.elapsed_before = float(state.get("elapsed", 0.0))
 
 
-def log_train(meter: Meter, state: TrainState, lr: float, dist: DistInfo, save_dir: Path,
-              started: float) -> dict:
-    """Reduce the interval's sums over ranks into one log line (written by rank 0)."""
-    K = meter.num_experts
-    sums = all_reduce_sum(meter.sums.clone(), dist).cpu()
-    grad_norm_sum = float(meter.sums[4])  # identical on every rank after the all-reduce of grads
-    loss = float(sums[0] / sums[2])  # finite: skipped updates never reach the meter
-    elapsed = time.perf_counter() - meter.since
-    usage = sums[5 + K :] / sums[5 + K :].sum()
-    record = {
-        "kind": "train", "update": state.num_updates, "epoch": state.epoch,
-        "loss": loss, "nll": float(sums[1] / sums[2]), "ppl": _ppl(loss), "lr": lr,
-        "grad_norm": grad_norm_sum / meter.updates,
-        "tokens_per_s": meter.global_tokens / max(elapsed, 1e-9),
-        "posterior_mass": (sums[5 : 5 + K] / sums[3]).tolist(),
-        "usage_entropy": _entropy(usage),
-        "skipped_updates": state.skipped_updates,
-        "wall": state.wall_time + time.perf_counter() - started,
-    }
-    if dist.is_main:
-        _log_io(save_dir, append_record, record)
-    meter.reset()
-    return record
-
-
 def _log_io(save_dir: Path, write: Callable, *args) -> None:
     """Write to train_log.jsonl; a full disk or lost permission is a message, not a traceback."""
     try:
@@ -635,15 +756,15 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
              hard: bool) -> ValidResult:
     """Objective per token on the valid split, and each document's posterior over experts.
 
-    Eval mode, no grad. A document's posterior sums log p(x | z) over its chunks and adds the
-    prior at the document start (empty context). Ranks take every world_size-th batch and the
-    sums are all-reduced, so every rank returns the same result.
+    Eval mode, no grad. The documents' scores (log p(x | z) summed over their chunks) and the
+    prior at a document's start go through moelab.evaluate.summarize, as eval-lm's do, so the
+    posterior, NMI and confidence logged here are eval-lm's at context window 0. Ranks take every
+    world_size-th batch and the sums are all-reduced, so every rank returns the same result.
     """
     was_training = model.training
     model.eval()
     K, device, ds = model.num_experts, dist.device, batches.ds
     doc_ll = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # sum_chunks log p(x|z)
-    doc_prior = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # log p(z | empty)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, tokens
     for n, position in enumerate(range(dist.rank, batches.batches_per_epoch, dist.world_size)):
         if n == 1:
@@ -661,167 +782,24 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
         sums += torch.stack([loss.double(), nll.double(),
                              batch.lengths.sum().double()])
         doc_ll.index_add_(0, batch.doc_ids, ll.double())
-        first = batch.context_lengths == 0  # the document's first chunk: prior at its start
-        doc_prior[batch.doc_ids[first]] = prior[first].double()
-    for t in (sums, doc_ll, doc_prior):
+    for t in (sums, doc_ll):
         all_reduce_sum(t, dist)
     model.train(was_training)
     sums = sums.cpu()
-    log_posterior = torch.log_softmax(doc_prior + doc_ll, dim=-1).cpu().numpy()  # (D, K)
-    posterior = np.exp(log_posterior)
-    loss = float(sums[0] / sums[2])
+    tokens = np.diff(np.asarray(ds.offsets, dtype=np.int64))
     domain_ids = np.asarray(ds.domain_ids, dtype=np.int64)
-    nmi = None
-    if len(set(domain_ids.tolist())) > 1:
-        from sklearn.metrics import normalized_mutual_info_score  # 1.4 s to import: only here
-
-        nmi = float(normalized_mutual_info_score(domain_ids, posterior.argmax(1)))
-    confidence = posterior_confidence(doc_ll.cpu().numpy(), log_posterior,
-                                      np.diff(np.asarray(ds.offsets, dtype=np.int64)))
+    summary = summarize(doc_ll.cpu().numpy(), start_log_prior(model).numpy(), tokens, domain_ids,
+                        list(ds.domains), tokens_per_sample=batches.tokens_per_sample,
+                        context_window=0)
+    clusters = summary.clusters
+    if math.isnan(clusters["nmi"]):  # no two known domains: no NMI, but still a confidence
+        nmi = None
+        posterior = summary.posteriors.to_numpy()
+        confidence = posterior_confidence(doc_ll.cpu().numpy(), np.log(posterior), tokens)
+    else:
+        nmi = float(clusters["nmi"])
+        confidence = {key: float(clusters[key]) for key in CONFIDENCE_KEYS}
+    loss = float(sums[0] / sums[2])
     return ValidResult(loss=loss, nll=float(sums[1] / sums[2]), ppl=_ppl(loss),
-                       num_tokens=int(sums[2]), posterior=posterior, domain_ids=domain_ids,
-                       nmi=nmi, confidence=confidence)
-
-
-def evaluate_and_save(model, optimizer, meter, state, config, mconf, valid, train_ds, dist, *,
-                      hard: bool, on_eval: Callback | None, started: float) -> ValidResult:
-    """Validate, log a `valid` line, save checkpoint_last (and checkpoint_best if improved)."""
-    result = validate(model, valid, dist, hard=hard)
-    counts = np.bincount(result.posterior.argmax(1), minlength=mconf.num_experts)
-    record = {
-        "kind": "valid", "update": state.num_updates, "epoch": state.epoch,
-        "loss": result.loss, "nll": result.nll, "ppl": result.ppl,
-        "num_tokens": result.num_tokens,
-        "posterior_mass": result.posterior.mean(0).tolist(),
-        "usage_entropy": _entropy(torch.from_numpy(counts / counts.sum())),
-        "nmi": result.nmi,
-        **result.confidence,
-        "skipped_updates": state.skipped_updates,
-        "wall": state.wall_time + time.perf_counter() - started,
-    }
-    improved = result.loss < state.best_valid_loss
-    if improved:
-        state.best_valid_loss = result.loss
-    if dist.is_main:
-        _log_io(Path(config.train.save_dir), append_record, record)
-        nmi = "" if result.nmi is None else (
-            f" | nmi {result.nmi:.3f} (mean max posterior "
-            f"{result.confidence['mean_max_posterior']:.2f})")
-        _printer(dist)(f"valid | update {state.num_updates} | loss {result.loss:.4f} | "
-                       f"ppl {result.ppl:.2f}{nmi}")
-    # best before last: checkpoint_last is the commit point of a resume, so a kill between the
-    # two rewrites checkpoint_best identically on the rerun instead of losing it
-    save(model, optimizer, meter, state, config, mconf, train_ds, dist, started,
-         ckpt.BEST if improved else None, ckpt.LAST)
-    if on_eval is not None and dist.is_main:
-        on_eval(record)
-    return result
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save(model, optimizer, meter: Meter, state: TrainState, config: RunConfig,
-         mconf: ModelConfig, train_ds: BinarizedDataset, dist: DistInfo, started: float,
-         *names: str | None) -> None:
-    """Every rank contributes its RNG state and meter (a collective); rank 0 writes the files.
-
-    checkpoint_last keeps its predecessor as checkpoint_last.prev.pt. Weights that are not
-    finite are never written: the run stops instead, leaving the last good checkpoint.
-    """
-    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-    if not bool(finite):
-        raise TrainingDiverged(
-            f"the weights at update {state.num_updates} are not finite (nan/inf), so no "
-            f"checkpoint was written; the last one in {config.train.save_dir} is good. Lower "
-            "--lr, raise --warmup-updates or set --clip-norm, then rerun to resume from it")
-    per_rank = gather_objects((ckpt.rng_state(), meter.state_dict()), dist)
-    if not dist.is_main:
-        return
-    rng, meters = [r for r, _ in per_rank], [m for _, m in per_rank]
-    checkpoint = {
-        "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": {"name": config.optim.lr_scheduler, "num_updates": state.num_updates},
-        "rng": rng,  # one entry per rank
-        "data_position": {"epoch": state.epoch, "batch": state.batch_in_epoch,
-                          "world_size": dist.world_size},
-        "num_updates": state.num_updates,
-        "skipped_updates": state.skipped_updates,
-        "meter": meters,  # one entry per rank: the sums of the log interval in progress
-        "best_valid_loss": state.best_valid_loss,
-        "wall_time": state.wall_time + time.perf_counter() - started,
-        "config": config.to_dict(),
-        "model_config": dataclasses.asdict(mconf),
-        "tokenizer": {"sha256": train_ds.meta.get("tokenizer_sha256"),
-                      "vocab_size": train_ds.vocab_size},
-    }
-    for name in names:
-        if name is not None:
-            ckpt.save_checkpoint(Path(config.train.save_dir) / name, checkpoint,
-                                 keep_previous=name == ckpt.LAST)
-
-
-def restore_with_fallback(path: Path, model: MixtureLM, optimizer: torch.optim.Optimizer,
-                          meter: Meter, mconf: ModelConfig, train_ds: BinarizedDataset,
-                          dist: DistInfo, say: Callable[[str], None], *, method: str
-                          ) -> tuple[TrainState, Path]:
-    """restore_checkpoint, falling back to the previous checkpoint if this one is damaged.
-
-    Only an unreadable file falls back; one that does not fit this run (another K, vocabulary
-    or architecture) is an error, since its predecessor would not fit either.
-    """
-    try:
-        return restore_checkpoint(path, model, optimizer, meter, mconf, train_ds, dist,
-                                  method=method), path
-    except ckpt.UnreadableCheckpoint as e:
-        prev = ckpt.previous_path(path)
-        if not prev.is_file() or prev == path:
-            raise
-        state = restore_checkpoint(prev, model, optimizer, meter, mconf, train_ds, dist,
-                                   method=method)
-        # set the damaged file aside, or the next save would keep it as the "previous" one
-        aside = path.with_name(path.name + ".damaged")
-        if dist.is_main and path.is_file():
-            os.replace(path, aside)
-        say(f"warning: {e}")
-        say(f"warning: resuming from the previous checkpoint {prev} instead (the damaged file is "
-            f"now {aside.name}); the updates after it are trained again")
-        return state, prev
-
-
-def restore_checkpoint(path: Path, model: MixtureLM, optimizer: torch.optim.Optimizer,
-                       meter: Meter, mconf: ModelConfig, train_ds: BinarizedDataset,
-                       dist: DistInfo, *, method: str) -> TrainState:
-    """Load weights, optimizer, RNG, meter and data position so the run continues exactly."""
-    checkpoint = ckpt.read_checkpoint(path, map_location=dist.device)
-    ckpt.check_compatible(checkpoint, mconf, train_ds.meta.get("tokenizer_sha256"), path,
-                          method=method)
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        rng = checkpoint["rng"]
-        position = checkpoint["data_position"]
-        same_world = position.get("world_size", 1) == dist.world_size
-        if not same_world:
-            _printer(dist)(f"note: {path} was written by {position.get('world_size')} "
-                           f"process(es) and this run has {dist.world_size}: the data order "
-                           "changes from here")
-            state = TrainState(epoch=position["epoch"] + (position["batch"] > 0))
-        else:
-            state = TrainState(epoch=position["epoch"], batch_in_epoch=position["batch"])
-        ckpt.set_rng_state(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
-        meters = checkpoint.get("meter")
-        if same_world and meters and len(meters) == dist.world_size:
-            meter.load_state_dict(meters[dist.rank])
-        state.num_updates = int(checkpoint["num_updates"])
-        state.skipped_updates = int(checkpoint.get("skipped_updates", 0))
-        state.best_valid_loss = float(checkpoint["best_valid_loss"])
-        state.wall_time = float(checkpoint.get("wall_time", 0.0))
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-        detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise ckpt.UnreadableCheckpoint(
-            f"checkpoint {path} is damaged: its training state cannot be restored ({detail}); "
-            "use another --save-dir or --restore-file") from None
-    return state
+                       num_tokens=int(sums[2]), posterior=summary.posteriors.to_numpy(),
+                       domain_ids=domain_ids, nmi=nmi, confidence=confidence)
