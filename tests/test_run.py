@@ -1,0 +1,127 @@
+"""A Run is a save folder: loaded from a folder or a file, checked against its data-bin, its
+evaluations cached on disk, and a checkpoint written before moelab.train.run existed still
+loads, scores the same and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelab.errors import MoelabError
+from moelab.train import Run, train
+from moelab.train.checkpoint import BEST, LAST, read_checkpoint
+
+OLD_RUN = Path(__file__).parent / "fixtures" / "run_v1"
+
+
+@pytest.fixture
+def old_run(tmp_path) -> Path:
+    """A copy of the fixture (a Run writes its evaluation cache beside the checkpoint)."""
+    shutil.copytree(OLD_RUN, tmp_path / "run_v1")
+    return tmp_path / "run_v1"
+
+
+def test_a_checkpoint_from_before_the_run_module_loads_and_scores_the_same(old_run):
+    run = Run.load(old_run / "run" / LAST, data_bin=old_run / "data-bin")
+    assert run.method == "hMoElp" and run.num_experts == 2 and run.num_updates == 4
+    assert not run.model.training
+    expected = json.loads((old_run / "expected.json").read_text())
+    result = run.evaluate("valid", progress=False)
+    for column, value in expected["perplexity"].items():
+        assert result.perplexity.loc["overall", column] == pytest.approx(value, rel=1e-5), column
+    assert result.log_prior.tolist() == pytest.approx(expected["log_prior"], rel=1e-5)
+    assert list(run.history["update"].dropna().astype(int))[-1] == 4
+    assert run.tokenizer.decode(run.tokenizer.encode("the of and")) == "the of and"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_checkpoint_from_before_the_run_module_resumes(old_run):
+    save_dir = old_run / "run"
+    result = train(str(old_run / "data-bin"), arch="tiny", method="hMoElp", num_experts=2,
+                   max_update=6, decoder_layers=1, tokens_per_sample=32, max_tokens=256,
+                   warmup_updates=2, lr=3e-3, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                   decoder_attention_heads=2, mean_pool_gating_network=True,
+                   mean_pool_gating_network_encoder_dim=16, dropout=0.0, save_dir=str(save_dir),
+                   device="cpu", progress_bar=False, log_interval=1,
+                   validate_interval_updates=2)
+    assert result.num_updates == 6
+    updates = read_checkpoint(save_dir / LAST)["num_updates"]
+    assert updates == 6
+    # the log goes on from the old run's lines, which stay as they were: 1..4 old, 5..6 new
+    old_lines = (OLD_RUN / "run" / "train_log.jsonl").read_text().splitlines()
+    lines = (save_dir / "train_log.jsonl").read_text().splitlines()
+    assert lines[: len(old_lines)] == old_lines
+    train_updates = [json.loads(line)["update"] for line in lines
+                     if json.loads(line)["kind"] == "train"]
+    assert train_updates == [1, 2, 3, 4, 5, 6]
+
+
+def test_load_takes_a_save_folder_or_a_file(old_run):
+    save_dir = old_run / "run"
+    shutil.copy(save_dir / LAST, save_dir / BEST)
+    from_folder = Run.load(save_dir, data_bin=old_run / "data-bin")
+    from_file = Run.load(save_dir / LAST, data_bin=old_run / "data-bin")
+    assert from_folder.checkpoint_path == save_dir / BEST
+    assert from_file.checkpoint_path == save_dir / LAST
+    assert from_folder.save_dir == from_file.save_dir == save_dir
+    with pytest.raises(Exception, match="does not exist"):
+        Run.load(save_dir, checkpoint="checkpoint_9.pt")
+
+
+def test_a_data_bin_with_another_tokenizer_is_refused(old_run, tiny_bin):
+    with pytest.raises(MoelabError, match="different tokenizers"):
+        Run.load(old_run / "run" / LAST, data_bin=tiny_bin)
+
+
+def test_evaluations_are_cached_on_disk_until_the_checkpoint_changes(old_run, monkeypatch):
+    import moelab.train.run as run_module
+
+    file = old_run / "run" / LAST
+    first = Run.load(file, data_bin=old_run / "data-bin").evaluate("valid", progress=False)
+    cache = old_run / "run" / "eval_checkpoint_last_valid_c0.npz"
+    assert cache.is_file()
+
+    calls = []
+    real = run_module.evaluate
+    monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = Run.load(file, data_bin=old_run / "data-bin").evaluate("valid", progress=False)
+    assert calls == []  # read from the cache, and the same tables
+    assert again.perplexity.equals(first.perplexity)
+    assert again.posteriors.equals(first.posteriors)
+
+    # a newer checkpoint (training went on) makes the cached scores stale
+    later = cache.stat().st_mtime + 10
+    os.utime(file, (later, later))
+    Run.load(file, data_bin=old_run / "data-bin").evaluate("valid", progress=False)
+    assert calls == [1]
+
+
+def test_train_returns_its_run(tiny_bin, tmp_path):
+    result = train(str(tiny_bin), arch="tiny", decoder_layers=1, decoder_embed_dim=32,
+                   decoder_ffn_embed_dim=64, decoder_attention_heads=2, tokens_per_sample=32,
+                   max_tokens=256, method="hMoEup", num_experts=2, max_update=2,
+                   save_dir=str(tmp_path), device="cpu", progress_bar=False)
+    run = result.run
+    assert run.model is result.model and run.num_updates == 2
+    assert run.checkpoint_path == tmp_path / LAST
+    loaded = Run.load(tmp_path, checkpoint=LAST)
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, run.model.state_dict()[name].cpu()), name
+
+
+def test_validation_reports_what_evaluation_measures(tiny_bin, tmp_path):
+    """The trainer's valid posterior, NMI and confidence are eval-lm's at context window 0."""
+    result = train(str(tiny_bin), arch="tiny", decoder_layers=1, decoder_embed_dim=32,
+                   decoder_ffn_embed_dim=64, decoder_attention_heads=2, tokens_per_sample=32,
+                   max_tokens=256, method="hMoElp", num_experts=3, max_update=6, lr=3e-3,
+                   warmup_updates=2, save_dir=str(tmp_path), device="cpu", progress_bar=False)
+    evaluated = result.run.evaluate("valid", progress=False, cache=False)
+    assert result.valid.posterior == pytest.approx(evaluated.posteriors.to_numpy(), abs=1e-6)
+    assert result.valid.nmi == pytest.approx(evaluated.clusters["nmi"], abs=1e-9)
+    for key, value in result.valid.confidence.items():
+        assert value == pytest.approx(evaluated.clusters[key], rel=1e-6), key
