@@ -165,8 +165,13 @@ def _doubt(row: pd.Series) -> list[str] | None:
     return flat_reasons(row["mean max posterior"], row["expert spread"], int(row["K"]))
 
 
-def reading(table: pd.DataFrame, max_update: int) -> list[str]:
-    """A short, honest reading of the method table, generated from its numbers."""
+def reading(table: pd.DataFrame, max_update: int,
+            heatmap: str = "figures/responsibilities.png") -> list[str]:
+    """A short, honest reading of the method table, generated from its numbers.
+
+    heatmap: where the reader finds the responsibility heatmap (the report's figure, or the
+    notebook that draws it).
+    """
     lines = []
     ppl = table["test ppl"]
     if "dense" in table.index and "hMoEup" in table.index:
@@ -187,7 +192,7 @@ def reading(table: pd.DataFrame, max_update: int) -> list[str]:
         nmi = row["NMI"]
         doubt = _doubt(row)
         used = (f"{int(row['experts used'])} of {int(row['K'])} experts win at least 1/(4K) of "
-                "the documents (see figures/responsibilities.png).")
+                f"the documents (see {heatmap}).")
         if doubt:  # a flat posterior is never a clean split, whatever its NMI
             lines.append(
                 f"- **Do the experts find the domains?** Not clearly: hMoEup's posterior is "

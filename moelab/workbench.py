@@ -255,3 +255,20 @@ class Workbench:
         return Sampler(run.model, run.tokenizer, title=f"{method} (K={run.num_experts})",
                        **kwargs)
 
+
+
+def notebook_workbench(parameters: dict[str, object], notebook: str) -> Workbench:
+    """The Workbench a notebook's parameters cell describes, in one call (`globals()` works).
+
+    Only the names that are Workbench options are read, so a notebook's own parameters (methods,
+    split, prompt, ...) may sit in the same cell. Exports go to `results_dir/<notebook>/`: each
+    notebook owns its folder, so none overwrites a figure or table that another exported.
+    """
+    options = {name: parameters[name] for name, f in Workbench.__dataclass_fields__.items()
+               if f.init and name in parameters}
+    options["results_dir"] = Path(options.get("results_dir", "results")) / notebook
+    wb = Workbench(**options)
+    trained = {**TRAIN_PRESETS[wb.preset], **wb.train_options}
+    print(f"preset {wb.preset!r} on {wb.device}, K = {wb.num_experts}; data-bin {wb.data_bin}, "
+          f"runs in {wb.runs_dir}, exports to {wb.results_dir}\ntraining options: {trained}")
+    return wb

@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ executes headless with small parameters and exports its files.
+"""Every notebook in notebooks/ reads as a study, executes headless with small parameters and
+exports its files into its own folder.
 
 nbclient runs each notebook in a kernel of the Python running the tests: a `python3` kernelspec
 naming sys.executable is written to a temporary folder put first on JUPYTER_PATH, so no other
@@ -9,6 +10,7 @@ injected papermill-style: a cell added right after the one tagged "parameters".
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,10 +18,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from moelab.workbench import notebook_workbench
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "python3"  # shadows any other python3 kernelspec: JUPYTER_PATH comes first
-pytestmark = pytest.mark.slow
 
 
 def write_kernelspec(folder: Path) -> Path:
@@ -95,9 +98,26 @@ def table_files(stem: str) -> list[str]:
     return [f"{stem}.{ext}" for ext in ("csv", "md", "tex")]
 
 
+def snapshot(folder: Path) -> dict[Path, int]:
+    """Every file under `folder` (relative path) with its modification time."""
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_exports_only_its_own(results: Path, before: dict[Path, int], notebook: str) -> None:
+    """The notebook added files under results/<its name>/ and rewrote none it found there."""
+    after = snapshot(results)
+    rewritten = sorted(str(p) for p, mtime in before.items() if after.get(p) != mtime)
+    assert not rewritten, f"{notebook} overwrote exports of another notebook: {rewritten}"
+    stray = sorted(str(p) for p in set(after) - set(before) if p.parts[0] != Path(notebook).stem)
+    assert not stray, f"{notebook} exported outside its own folder: {stray}"
+
+
+def notebooks() -> list[tuple[Path, nbformat.NotebookNode]]:
+    return [(path, nbformat.read(path, as_version=4)) for path in sorted(NOTEBOOKS.glob("*.ipynb"))]
+
+
 def test_notebooks_are_committed_without_outputs():
-    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
-        nb = nbformat.read(path, as_version=4)
+    for path, nb in notebooks():
         nbformat.validate(nb)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, f"{path.name} needs one cell tagged 'parameters'"
@@ -107,37 +127,117 @@ def test_notebooks_are_committed_without_outputs():
                     f"{path.name} has outputs: strip them before committing")
 
 
+def test_each_notebook_opens_with_the_question_it_answers():
+    for path, nb in notebooks():
+        first = nb.cells[0]
+        assert first.cell_type == "markdown" and "**Question:" in first.source, (
+            f"{path.name} must open with a markdown cell that states its **Question:**")
+        question = first.source.split("**Question:", 1)[1].split("**", 1)[0]
+        assert question.rstrip().endswith("?"), f"{path.name}: the question ends with '?'"
+
+
+def test_each_notebook_sets_up_with_one_call_into_its_own_export_folder():
+    """The parameters cell comes first (benchmarks/run_notebook.py overrides the first code
+    cell); after it one notebook_workbench call, named after the notebook, and no copied
+    Workbench(...) construction."""
+    for path, nb in notebooks():
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert "parameters" in code[0].metadata.get("tags", []), (
+            f"{path.name}: the parameters cell must be the first code cell")
+        calls = [c for c in code if "notebook_workbench(" in c.source]
+        assert len(calls) == 1, f"{path.name} must set up with one notebook_workbench call"
+        assert f'notebook_workbench(globals(), "{path.stem}")' in calls[0].source, (
+            f"{path.name} must export into its own folder, {path.stem}")
+        assert not any("Workbench(" in c.source for c in code), (
+            f"{path.name} builds a Workbench by hand instead of notebook_workbench")
+
+
+def test_every_figure_has_markdown_beside_it_that_says_what_to_look_for():
+    for path, nb in notebooks():
+        for i, cell in enumerate(nb.cells):
+            draws = cell.cell_type == "code" and any(
+                call in cell.source for call in ("save_figure(", "plt.subplots(", "LiveCurves("))
+            if draws:
+                before = nb.cells[i - 1]
+                assert before.cell_type == "markdown" and \
+                    "what to look for" in " ".join(before.source.lower().split()), (
+                        f"{path.name} cell {i} draws a figure without markdown before it "
+                        "saying what to look for")
+
+
+def test_notebook_workbench_reads_the_parameters_and_gives_each_notebook_its_folder(tmp_path):
+    parameters = {"data_bin": str(tmp_path / "bin"), "runs_dir": str(tmp_path / "runs"),
+                  "results_dir": str(tmp_path / "results"), "preset": "smoke",
+                  "num_experts": 3, "train_options": {"max_update": 2},
+                  "methods": ["hMoEup"], "split": "valid"}  # a notebook's own: not options
+    first = notebook_workbench(parameters, "01_train_experts")
+    second = notebook_workbench(parameters, "02_responsibilities")
+    assert (first.preset, first.num_experts, first.train_options) == ("smoke", 3,
+                                                                      {"max_update": 2})
+    assert first.data_bin == second.data_bin == tmp_path / "bin"
+    assert first.runs_dir == second.runs_dir == tmp_path / "runs"  # 02 reuses 01's runs
+    assert first.results_dir == tmp_path / "results" / "01_train_experts"
+    assert second.results_dir == tmp_path / "results" / "02_responsibilities"
+
+
+@pytest.mark.slow
+def test_how_it_works_runs_one_em_step_on_a_real_batch(tiny_bin, tmp_path, kernel):
+    nb = execute("00_how_it_works.ipynb", tmp_path, kernel, data_bin=str(tiny_bin),
+                 preset="smoke", num_experts=3)
+    assert outputs(nb, "image/png") == 1  # the posterior before and after the step
+    assert outputs(nb, "text/html") >= 4  # the batch, scores, prior, posterior tables
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    # the soft-EM loss is the marginal -log p(x | c) the notebook computes by hand, prior included
+    by_hand, soft = re.search(r"by hand .*?: (-?[\d.]+); sMoElp's loss: (-?[\d.]+)",
+                              printed).groups()
+    assert by_hand == soft
+    assert "gained responsibility on" in printed
+
+
+@pytest.mark.slow
 def test_notebooks_run_in_order_sharing_runs(tiny_bin, tmp_path, kernel):
-    """01 trains every method into runs/; 02-04 load them (no training of their own)."""
+    """01 trains every method into runs/; 02-04 load them (no training of their own); each
+    exports into results/<notebook>/ and rewrites no file another notebook exported."""
     params = smoke(tiny_bin)
     results = tmp_path / "results"
 
     nb = execute("01_train_experts.ipynb", tmp_path, kernel, **params)
+    assert_exports_only_its_own(results, {}, "01_train_experts")
     for method in ("dense", "hMoEup", "hMoElp", "sMoEup", "sMoElp"):
         assert (tmp_path / "runs" / method / "checkpoint_best.pt").is_file()
     assert outputs(nb, "image/png") >= 3  # the live plot and the two exported figures
-    assert_exported(results, figure_files("training_curves")
+    assert_exported(results / "01_train_experts", figure_files("training_curves")
                     + figure_files("expert_usage_training"))
 
+    before = snapshot(results)
     nb = execute("02_responsibilities.ipynb", tmp_path, kernel, **params)
+    assert_exports_only_its_own(results, before, "02_responsibilities")
     assert outputs(nb, "image/png") == 2
-    assert_exported(results, figure_files("responsibilities_valid")
-                    + table_files("expert_usage_valid"))
+    assert_exported(results / "02_responsibilities", figure_files("responsibilities_valid")
+                    + table_files("expert_usage_valid") + figure_files("expert_usage_training"))
 
+    before = snapshot(results)
     nb = execute("03_compare_methods.ipynb", tmp_path, kernel, **params)
-    assert_exported(results, figure_files("perplexity_by_domain")
-                    + table_files("method_comparison"))
-    md = (results / "method_comparison.md").read_text()
+    assert_exports_only_its_own(results, before, "03_compare_methods")
+    ours = results / "03_compare_methods"
+    assert_exported(ours, figure_files("perplexity_by_domain") + table_files("method_comparison")
+                    + figure_files("training_curves"))
+    md = (ours / "method_comparison.md").read_text()
     for method in ("dense", "hMoEup", "hMoElp", "sMoEup", "sMoElp"):
         assert f"| {method}" in md
     assert "not a density" in md
+    assert outputs(nb, "text/markdown") == 1  # the reading of this run, from its numbers
 
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("checkpoint_best.pt")}
+    before = snapshot(results)
     nb = execute("04_sample.ipynb", tmp_path, kernel, **params, method="sMoEup")
+    assert_exports_only_its_own(results, before, "04_sample")
     assert shows_widget(nb.cells[-1])  # the sampler
     assert mtimes == {p: p.stat().st_mtime for p in mtimes}, "02-04 must not retrain"
 
 
+@pytest.mark.slow
 def test_sampling_notebook_runs_alone_from_the_bundled_corpus(tmp_path, kernel):
     """Without data-bin or runs: a small bundled data-bin is built and one method trained."""
     nb = execute("04_sample.ipynb", tmp_path, kernel, data_bin="data-bin", runs_dir="runs",
