@@ -37,6 +37,7 @@ def _headless_display() -> None:
         ipython.display = types.ModuleType("IPython.display")
         ipython.display.display = lambda *args, **kwargs: None
         ipython.display.clear_output = lambda *args, **kwargs: None
+        ipython.display.Markdown = str  # shown by display(), which shows nothing here
         sys.modules["IPython"], sys.modules["IPython.display"] = ipython, ipython.display
 
 

@@ -30,10 +30,10 @@ def test_runs_figures_and_display_without_ipython_and_takes_parameters(tmp_path)
         "steps = 1\nname = 'a'\n",
         "%matplotlib inline\n"
         "from matplotlib.figure import Figure\n"
-        "from IPython.display import display\n"
+        "from IPython.display import Markdown, display\n"
         "fig = Figure()\n"
         "fig.add_subplot().plot([0, 1])\n"
-        "display(fig)\n"
+        "display(fig, Markdown('**read** this'))\n"
         "print('ran', steps, name)\n")
     done = run(notebook, "steps=3", "name=gpu")
     assert done.returncode == 0, done.stderr
