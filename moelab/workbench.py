@@ -27,37 +27,15 @@ from moelab.data import PreprocessConfig, bundled_corpus, preprocess, read_meta
 from moelab.data.preprocess import STAGING_PREFIX
 from moelab.errors import MoelabError
 from moelab.evaluate import EvalResult
+from moelab.presets import STUDIES
 from moelab.train import Run, train
 from moelab.train import checkpoint as ckpt
 from moelab.train.objectives import METHODS
 
-# `moelab train` options per preset (flag names with underscores).
-TRAIN_PRESETS: dict[str, dict] = {
-    # The seed's transformer_lm (6 layers, 512 wide) at the seed's lr, a few minutes on one GPU.
-    "gpu": dict(arch="transformer_lm", tokens_per_sample=512, max_tokens=16384, lr=7e-4,
-                warmup_updates=300, max_update=3000, dropout=0.1, log_interval=20,
-                validate_interval_updates=1000),
-    # Sized so that `moelab demo` trains and evaluates all five methods in about 15 minutes on 2
-    # cores: soft EM scores and backpropagates all K experts every update, which is what bounds
-    # the budget. Dropout 0: a few hundred updates underfit, so dropout would only slow learning.
-    "cpu": dict(arch="tiny", decoder_embed_dim=96, decoder_ffn_embed_dim=384,
-                decoder_attention_heads=4, mean_pool_gating_network_encoder_dim=96,
-                tokens_per_sample=128, max_tokens=1024, lr=3e-3, warmup_updates=50,
-                max_update=200, dropout=0.0, log_interval=10, validate_interval_updates=200),
-    "smoke": dict(arch="tiny", decoder_layers=1, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
-                  decoder_attention_heads=2, mean_pool_gating_network_encoder_dim=32,
-                  tokens_per_sample=32, max_tokens=256, lr=3e-3, warmup_updates=2, max_update=6,
-                  dropout=0.0, log_interval=1, validate_interval_updates=3),
-}
-# How each preset preprocesses the bundled corpus: a small vocabulary keeps the CPU model's
-# output layer cheap; small held-out shares keep the CPU evaluation within budget.
-DATA_PRESETS: dict[str, dict] = {
-    "gpu": dict(vocab_size=8000, valid_fraction=0.05, test_fraction=0.05),
-    "cpu": dict(vocab_size=2000, valid_fraction=0.02, test_fraction=0.04),
-    "smoke": dict(vocab_size=400, valid_fraction=0.2, test_fraction=0.2, documents_per_domain=8),
-}
-# Each preset's default K; the bundled corpus has 7 domains, the seed used 10.
-EXPERT_PRESETS: dict[str, int] = {"gpu": 10, "cpu": 7, "smoke": 2}
+# The presets' parts, by name (moelab.presets.STUDIES is where they are set).
+TRAIN_PRESETS: dict[str, dict] = {name: study.train for name, study in STUDIES.items()}
+DATA_PRESETS: dict[str, dict] = {name: study.data for name, study in STUDIES.items()}
+EXPERT_PRESETS: dict[str, int] = {name: study.num_experts for name, study in STUDIES.items()}
 CHECKPOINT = ckpt.BEST
 SUBSET_FILE = "bundled-subset.jsonl"  # the bundled documents a quick preset keeps
 DONE_FILE = "done.json"  # written when a run has reached its max_update with these options

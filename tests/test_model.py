@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab.model import PRESETS, MixtureLM, ModelConfig, config_from_preset
+from moelab.model import MixtureLM, ModelConfig, config_from_preset
+from moelab.presets import ARCHITECTURES
 
 V, K = 50, 3
 
@@ -29,7 +30,7 @@ def random_tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_config_validation_messages():
-    with pytest.raises(ValueError, match="divisible by n_head"):
+    with pytest.raises(ValueError, match="divisible by ModelConfig.n_head"):
         tiny_config(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="num_experts"):
         tiny_config(num_experts=0)
@@ -40,7 +41,7 @@ def test_config_validation_messages():
 
 
 def test_presets_and_overrides():
-    assert set(PRESETS) >= {"transformer_lm", "transformer_lm_gpt", "tiny"}
+    assert set(ARCHITECTURES) >= {"transformer_lm", "transformer_lm_gpt", "tiny"}
     cfg = config_from_preset("transformer_lm", vocab_size=100, num_experts=10)
     assert (cfg.n_layer, cfg.n_embd, cfg.ffn_dim, cfg.n_head) == (6, 512, 2048, 8)
     gpt = config_from_preset("transformer_lm_gpt", vocab_size=100)

@@ -3,12 +3,11 @@
 from moelab.model.gating import MeanPoolGating
 from moelab.model.mixture import MixtureLM
 from moelab.model.transformer import (
-    PRESETS,
     KVCache,
     ModelConfig,
     Transformer,
     config_from_preset,
 )
 
-__all__ = ["PRESETS", "KVCache", "MeanPoolGating", "MixtureLM", "ModelConfig", "Transformer",
+__all__ = ["KVCache", "MeanPoolGating", "MixtureLM", "ModelConfig", "Transformer",
            "config_from_preset"]

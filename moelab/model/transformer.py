@@ -15,12 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Architecture presets, named after fairseq's `--arch`. Values are ModelConfig fields.
-PRESETS: dict[str, dict] = {
-    "transformer_lm": dict(n_layer=6, n_embd=512, n_head=8, ffn_dim=2048, gating_dim=512),
-    "transformer_lm_gpt": dict(n_layer=12, n_embd=768, n_head=12, ffn_dim=3072, gating_dim=768),
-    "tiny": dict(n_layer=2, n_embd=128, n_head=4, ffn_dim=512, gating_dim=128),
-}
+from moelab.presets import ARCHITECTURES
 
 
 @dataclass
@@ -54,8 +49,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.num_experts (K) must be >= 1, got {self.num_experts}; "
                              "use num_experts=1 for a plain (dense) language model")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"ModelConfig.n_embd ({self.n_embd}) must be divisible by n_head "
-                             f"({self.n_head}); e.g. n_head={_divisor_hint(self.n_embd)}")
+            raise ValueError(f"ModelConfig.n_embd ({self.n_embd}) must be divisible by "
+                             f"ModelConfig.n_head ({self.n_head}); e.g. ModelConfig.n_head = "
+                             f"{_divisor_hint(self.n_embd)}")
         for name in ("dropout", "attention_dropout", "gating_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -84,9 +80,11 @@ def _divisor_hint(n: int) -> int:
 
 
 def config_from_preset(name: str, **overrides) -> ModelConfig:
-    """ModelConfig from a PRESETS name; overrides (vocab_size at least) win over the preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    """ModelConfig from an `--arch` name (moelab.presets.ARCHITECTURES); overrides (vocab_size at
+    least) win over the architecture's values."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: "
+                         f"{', '.join(ARCHITECTURES)}")
     valid = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
@@ -94,7 +92,7 @@ def config_from_preset(name: str, **overrides) -> ModelConfig:
                          f"valid: {', '.join(sorted(valid))}")
     if "vocab_size" not in overrides:
         raise ValueError("config_from_preset needs vocab_size=<tokenizer vocabulary size>")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return ModelConfig(**{**ARCHITECTURES[name], **overrides})
 
 
 class KVCache:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from moelab.model import PRESETS, ModelConfig
+from moelab.model import ModelConfig
+from moelab.presets import ARCHITECTURES, FAIRSEQ_MODEL_FLAGS, in_flag_names
 from moelab.train.objectives import ESTEP_DTYPES, METHODS, method_flags
 
 # The M-step's precision (--precision); auto is resolved per device when training starts.
@@ -70,7 +71,7 @@ class ModelArgs:
     """
 
     arch: str = field(default="transformer_lm",
-                      metadata=_help("model size preset", choices=tuple(PRESETS)))
+                      metadata=_help("model size preset", choices=tuple(ARCHITECTURES)))
     method: str = field(default="hMoEup", metadata=_help(
         "dense (K=1 LM), hMoEup/hMoElp (hard EM, uniform/learned prior), sMoEup/sMoElp (soft)",
         choices=METHODS))
@@ -94,8 +95,9 @@ class ModelArgs:
         default=0.0, metadata=_help("dropout inside the gating network"))
 
     def __post_init__(self) -> None:
-        if self.arch not in PRESETS:
-            raise ValueError(f"unknown --arch {self.arch!r}; choose one of {', '.join(PRESETS)}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown --arch {self.arch!r}; choose one of "
+                             f"{', '.join(ARCHITECTURES)}")
         _, uniform_prior = method_flags(self.method)  # raises with the valid names
         if self.method == "dense":
             if self.num_experts not in (None, 1):
@@ -115,29 +117,23 @@ class ModelArgs:
             self.mean_pool_gating_network = True
 
     def _check_shape(self) -> None:
-        """The checks ModelConfig makes, worded with the flags (the preset fills what is None)."""
-        preset = PRESETS[self.arch]
-        for name in ("decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim",
-                     "decoder_attention_heads", "mean_pool_gating_network_encoder_dim"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        _check_finite(self, "dropout", "attention_dropout", "mean_pool_gating_network_dropout")
-        for name in ("dropout", "attention_dropout", "mean_pool_gating_network_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got "
-                                 f"{getattr(self, name)}")
-        width = self.decoder_embed_dim or preset["n_embd"]
-        heads = self.decoder_attention_heads or preset["n_head"]
-        if width % heads:
-            raise ValueError(f"--decoder-embed-dim {width} must be divisible by "
-                             f"--decoder-attention-heads {heads} (--arch {self.arch} gives the "
-                             "one not set); change either")
+        """ModelConfig's own checks, worded with the flags: the shape is checked in one place."""
+        try:
+            model_config(self, vocab_size=8, pad_id=0, tokens_per_sample=1)
+        except ValueError as e:
+            raise ValueError(f"{in_flag_names(str(e))} (--arch {self.arch} gives what is not "
+                             "set)") from None
 
     @property
     def uses_gating(self) -> bool:
         """True when the learned prior is trained; a uniform prior never builds the network."""
         return not method_flags(self.method)[1]
+
+
+# ModelArgs fields whose None means "the --arch value"
+_SHAPE_FLAGS = ("decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim",
+                "decoder_attention_heads", "share_decoder_input_output_embed",
+                "mean_pool_gating_network_encoder_dim")
 
 
 def model_config(args: ModelArgs, *, vocab_size: int, pad_id: int, tokens_per_sample: int,
@@ -146,13 +142,10 @@ def model_config(args: ModelArgs, *, vocab_size: int, pad_id: int, tokens_per_sa
 
     input_only_ids: the tokenizer's unk and bos (never targets); default ModelConfig's.
     """
-    preset = {**dataclasses.asdict(ModelConfig(vocab_size=vocab_size)), **PRESETS[args.arch]}
-    overrides = {
-        "n_layer": args.decoder_layers, "n_embd": args.decoder_embed_dim,
-        "ffn_dim": args.decoder_ffn_embed_dim, "n_head": args.decoder_attention_heads,
-        "share_input_output_embed": args.share_decoder_input_output_embed,
-        "gating_dim": args.mean_pool_gating_network_encoder_dim,
-    }
+    preset = {**dataclasses.asdict(ModelConfig(vocab_size=vocab_size)),
+              **ARCHITECTURES[args.arch]}
+    # the shape flags a user gave (None: the architecture's value), in ModelConfig's names
+    overrides = {FAIRSEQ_MODEL_FLAGS[name]: getattr(args, name) for name in _SHAPE_FLAGS}
     values = {**preset, **{k: v for k, v in overrides.items() if v is not None}}
     values.update(
         vocab_size=vocab_size, pad_id=pad_id, num_experts=args.num_experts,

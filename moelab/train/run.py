@@ -27,6 +27,7 @@ from moelab.data import BinarizedDataset, Tokenizer, read_meta
 from moelab.errors import MoelabError
 from moelab.evaluate import EvalResult, evaluate, summarize
 from moelab.model import MixtureLM, ModelConfig
+from moelab.presets import flag_of
 from moelab.train.checkpoint import (
     BEST,
     FORMAT,
@@ -43,19 +44,9 @@ from moelab.train.history import read_history
 # What a resume reads besides the model (a file without them is not a training checkpoint).
 RESUME_KEYS = ("optimizer", "rng", "data_position", "num_updates", "best_valid_loss")
 
-# ModelConfig fields that make two models' weights interchangeable, with the flag to name.
-SHAPE_FIELDS = {
-    "num_experts": "--num-experts",
-    "vocab_size": "vocabulary size",
-    "n_layer": "--decoder-layers",
-    "n_embd": "--decoder-embed-dim",
-    "n_head": "--decoder-attention-heads",
-    "ffn_dim": "--decoder-ffn-embed-dim",
-    "max_seq_len": "--tokens-per-sample",
-    "share_input_output_embed": "--share-decoder-input-output-embed",
-    "gating": "learned prior (--method *lp)",
-    "gating_dim": "--mean-pool-gating-network-encoder-dim",
-}
+# ModelConfig fields that make two models' weights interchangeable.
+SHAPE_FIELDS = ("num_experts", "vocab_size", "n_layer", "n_embd", "n_head", "ffn_dim",
+                "max_seq_len", "share_input_output_embed", "gating", "gating_dim")
 
 
 @dataclass
@@ -112,13 +103,14 @@ def check_resumable(checkpoint: dict, model_config: ModelConfig, tokenizer_sha25
         raise UnreadableCheckpoint(f"checkpoint {path} cannot be resumed from: it lacks "
                                    f"{', '.join(missing)} (altered, or not written by `moelab "
                                    "train`); use another --save-dir or --restore-file")
-    for name, flag in SHAPE_FIELDS.items():
+    for name in SHAPE_FIELDS:
         if name == "gating_dim" and not model_config.gating:
             continue  # no gating network is built: its width does not matter
         ours = getattr(model_config, name)
         if saved.get(name) != ours:
             raise CheckpointError(
-                f"checkpoint {path} was trained with {flag} = {saved.get(name)} but this run has "
+                f"checkpoint {path} was trained with {flag_of(name)} = {saved.get(name)} but this "
+                f"run has "
                 f"{ours}; use another --save-dir (or --restore-file) for a different model, or "
                 "rerun with the checkpoint's settings"
             )
