@@ -126,3 +126,21 @@ def test_validation_reports_what_evaluation_measures(tiny_bin, tmp_path):
     assert result.valid.nmi == pytest.approx(evaluated.clusters["nmi"], abs=1e-6)
     for key, value in result.valid.confidence.items():
         assert value == pytest.approx(evaluated.clusters[key], rel=1e-4), key
+
+
+def test_the_readmes_python_example_runs(tiny_bin, tmp_path, monkeypatch, capsys):
+    """README's Python block as written, on the tiny data-bin and with a smaller model."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'train("data-bin/mix"' in code and "max_update=500" in code
+    code = code.replace('"data-bin/mix"', repr(str(tiny_bin))).replace(
+        "max_update=500", "max_update=2, decoder_layers=1, decoder_embed_dim=32, "
+        "decoder_ffn_embed_dim=64, decoder_attention_heads=2, tokens_per_sample=32, "
+        "max_tokens=256, device='cpu', progress_bar=False")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    run, scores = namespace["run"], namespace["scores"]
+    assert run.num_experts == 7 and len(run.history) > 0
+    assert list(scores.perplexity.index)[0] == "overall"
+    assert capsys.readouterr().out.strip()  # the generated text was printed
