@@ -1,8 +1,8 @@
 """The corpus that ships inside the package, so every command works with no data of the user's.
 
 Each domain is one ``<domain>.jsonl.xz`` file under ``moelab/data/bundled/`` (built from Debian
-packages by ``scripts/build_bundled_corpus.py``); ``MANIFEST.json`` names each domain's source
-package, version and licence.
+packages by ``scripts/build_bundled_corpus.py``, whose parsers are ``scripts/bundled_corpus/``);
+``MANIFEST.json`` names each domain's source package, version and licence.
 """
 
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""Rebuild moelab's bundled multi-domain corpus from pinned Debian packages.
+
+The command line of ``scripts/build_bundled_corpus.py``: ``build`` fetches, extracts and
+parses each domain's packages (``domains``), keeps and writes the documents (``output``),
+copies the licence file and writes ``MANIFEST.json``; ``check`` rebuilds into a temporary
+directory and compares with the committed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+
+from .debian import extract_deb, fetch_deb
+from .domains import DOMAINS, PINNED_PACKAGES
+from .output import CAP_BYTES, select_even, validate, write_jsonl_xz
+from .text import BuildError, log
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join(REPO_ROOT, "moelab", "data", "bundled")
+
+
+def build(out_dir: str, cache: str, only: Sequence[str] | None = None) -> dict:
+    os.makedirs(os.path.join(out_dir, "licences"), exist_ok=True)
+    work = tempfile.mkdtemp(prefix="moelab-corpus-")
+    manifest = {"domains": []}
+    try:
+        roots: dict[str, str] = {}
+        for domain in DOMAINS:
+            if only and domain.name not in only:
+                continue
+            t0 = time.monotonic()
+            for pkg in domain.packages:
+                if pkg not in roots:
+                    deb = fetch_deb(pkg, PINNED_PACKAGES[pkg], cache)
+                    roots[pkg] = extract_deb(deb, os.path.join(work, pkg))
+            pkg_roots = [roots[p] for p in domain.packages]
+            docs = domain.parser(pkg_roots if len(pkg_roots) > 1 else pkg_roots[0])
+            total = len(docs)
+            docs = select_even(docs, CAP_BYTES)
+            validate(domain.name, docs)
+            write_jsonl_xz(os.path.join(out_dir, f"{domain.name}.jsonl.xz"), docs)
+            copyright_path = os.path.join(
+                roots[domain.licence_package], "usr/share/doc", domain.licence_package, "copyright"
+            )
+            with (
+                open(os.path.realpath(copyright_path), "rb") as src,
+                open(os.path.join(out_dir, "licences", f"{domain.name}.copyright"), "wb") as dst,
+            ):
+                dst.write(src.read())
+            versions = sorted({PINNED_PACKAGES[p] for p in domain.packages})
+            entry = {
+                "name": domain.name,
+                "description": domain.description,
+                "package": ", ".join(domain.packages),
+                "version": ", ".join(versions),
+                "licence": domain.licence,
+                "licence_file": f"licences/{domain.name}.copyright",
+                "homepage": domain.homepage,
+                "documents": len(docs),
+                "characters": sum(len(d.text) for d in docs),
+                "bytes_utf8": sum(len(d.text.encode("utf-8")) for d in docs),
+                "unit": domain.unit,
+            }
+            manifest["domains"].append(entry)
+            log(
+                f"{domain.name}: kept {len(docs)} of {total} documents, "
+                f"{entry['bytes_utf8'] / 1e6:.2f} MB ({time.monotonic() - t0:.1f}s)"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with open(os.path.join(out_dir, "MANIFEST.json"), "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _expected_files(out_dir: str) -> list[str]:
+    files = ["MANIFEST.json"]
+    for domain in DOMAINS:
+        files.append(f"{domain.name}.jsonl.xz")
+        files.append(f"licences/{domain.name}.copyright")
+    return files
+
+
+def check(committed: str, cache: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="moelab-corpus-check-") as tmp:
+        build(tmp, cache)
+        problems = []
+        for rel in _expected_files(tmp):
+            a, b = os.path.join(tmp, rel), os.path.join(committed, rel)
+            if not os.path.exists(b):
+                problems.append(f"missing: {rel}")
+                continue
+            with open(a, "rb") as fa, open(b, "rb") as fb:
+                da, db = fa.read(), fb.read()
+            if da == db:
+                continue
+            if rel.endswith(".xz") and lzma.decompress(da) == lzma.decompress(db):
+                log(f"note: {rel}: same content, different xz encoding (liblzma version?)")
+                continue
+            problems.append(
+                f"differs: {rel} (rebuilt sha256 {hashlib.sha256(da).hexdigest()[:16]}, "
+                f"committed {hashlib.sha256(db).hexdigest()[:16]})"
+            )
+        for p in problems:
+            log(p)
+        if problems:
+            log("check FAILED")
+            return 1
+        log("check OK: the committed corpus matches a fresh rebuild")
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
+    ap.add_argument(
+        "--cache", help="directory for the downloaded .deb files (kept; reused when present)"
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="rebuild into a temporary directory and compare with --out",
+    )
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    tmp_cache = None
+    cache = args.cache
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        cache = os.path.abspath(cache)
+    else:
+        tmp_cache = tempfile.mkdtemp(prefix="moelab-debs-")
+        cache = tmp_cache
+    try:
+        if args.check:
+            rc = check(os.path.abspath(args.out), cache)
+        else:
+            build(os.path.abspath(args.out), cache)
+            rc = 0
+    except BuildError as exc:
+        log(f"error: {exc}")
+        rc = 2
+    finally:
+        if tmp_cache:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
+    log(f"done in {time.monotonic() - t0:.1f}s")
+    return rc
