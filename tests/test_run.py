@@ -142,5 +142,5 @@ def test_the_readmes_python_example_runs(tiny_bin, tmp_path, monkeypatch, capsys
     exec(compile(code, "README.md", "exec"), namespace)
     run, scores = namespace["run"], namespace["scores"]
     assert run.num_experts == 7 and len(run.history) > 0
-    assert list(scores.perplexity.index)[0] == "overall"
+    assert scores.perplexity.index[0] == "overall"
     assert capsys.readouterr().out.strip()  # the generated text was printed
