@@ -181,5 +181,9 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("moelab.cli.demo.run", interrupted)
-    assert main(["demo"]) == 130
+    try:
+        status = main(["demo"])
+    except KeyboardInterrupt:  # re-raised, it would stop the whole test session
+        pytest.fail("Ctrl-C escaped main instead of ending with status 130")
+    assert status == 130
     assert capsys.readouterr().err == "moelab demo: interrupted\n"
