@@ -9,7 +9,6 @@ last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import sys
@@ -286,31 +285,3 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
         samples.replace("# Samples", "## Samples", 1),
     ]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DemoConfig.__dataclass_fields__
-    parser.add_argument("--out", default=d["out"].default,
-                        help="report folder; also holds the data-bin and the runs, so a second "
-                             "run skips finished work (default: %(default)s)")
-    parser.add_argument("--preset", default="auto", choices=["auto", *TRAIN_PRESETS],
-                        help="cpu: a small model, about 15 minutes on 2 cores; gpu: the seed's "
-                             "transformer_lm with K = 10; smoke: seconds, for tests; auto: gpu "
-                             "when CUDA is available, else cpu")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated methods to run (default: %(default)s)")
-    parser.add_argument("--num-experts", type=int, default=None,
-                        help="K for the mixture methods (default: 7 on cpu, 10 on gpu)")
-    parser.add_argument("--seed", type=int, default=d["seed"].default, help="sampling seed")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    config = DemoConfig(out=args.out, preset=args.preset, num_experts=args.num_experts,
-                        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                        seed=args.seed)
-    path = demo(config)
-    print(f"moelab demo: done; read {path}")
-    return 0

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -554,64 +552,3 @@ def _check_flags(args: argparse.Namespace, checkpoint: dict, config: ModelConfig
         notes.append(f"--mean-pool-gating-network-dropout {dropout} has no effect at inference "
                      "(dropout is off)")
     return notes
-
-
-# ----------------------------------------------------------------------------- moelab eval-lm
-
-
-def add_eval_lm_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EvalConfig()
-    add_checkpoint_arguments(parser)
-    ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--gen-subset", default=d.gen_subset, choices=["train", "valid", "test"],
-                    help="split to evaluate (default: %(default)s)")
-    ev.add_argument("--tokens-per-sample", type=int, default=d.tokens_per_sample, metavar="T",
-                    help="window length (default: the model's context length)")
-    ev.add_argument("--context-window", type=int, default=d.context_window, metavar="C",
-                    help="tokens of context before the T - C new tokens of each later window "
-                         "(default: %(default)s)")
-    ev.add_argument("--max-sentences", "--batch-size", type=int, default=d.max_sentences,
-                    dest="max_sentences", metavar="N",
-                    help="windows per batch; each runs all K experts (default: %(default)s)")
-    ev.add_argument("--results-dir", default=None, metavar="DIR",
-                    help="write {split}_*.csv and {split}_eval.json here (created if needed; "
-                         "files of the same names are overwritten, other files are kept)")
-    ev.add_argument("--no-progress-bar", action="store_true", help="no tqdm progress bar")
-
-
-def run_eval_lm(args: argparse.Namespace) -> int:
-    try:
-        config = EvalConfig(tokens_per_sample=args.tokens_per_sample,
-                            context_window=args.context_window,
-                            max_sentences=args.max_sentences, gen_subset=args.gen_subset)
-    except ValueError as e:
-        raise MoelabError(str(e)) from None
-    loaded = load_for_inference(args, "eval-lm")
-    for note in loaded.notes:
-        print(f"moelab eval-lm: note: {note}", file=sys.stderr)
-    dataset = BinarizedDataset(args.data, config.gen_subset)
-    started = time.perf_counter()
-    try:
-        result = evaluate(loaded.model, dataset, tokens_per_sample=config.tokens_per_sample,
-                          context_window=config.context_window,
-                          max_sentences=config.max_sentences, progress=not args.no_progress_bar)
-    except ValueError as e:
-        raise MoelabError(str(e)) from None
-    seconds = time.perf_counter() - started
-    tokens = int(result.summary["tokens"])
-    title = f"moelab eval-lm: {config.gen_subset} split of {args.data}, checkpoint {args.path}"
-    print(format_result(result, title))
-    mixture = float(result.perplexity.loc["overall", "mixture"])
-    # fairseq-eval-lm's closing lines, for scripts that parse them
-    print(f"| Evaluated {tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.2f} "
-          "tokens/s)")
-    print(f"| Loss (base 2): {math.log2(mixture):.4f}, Perplexity: {mixture:.2f}")
-    if args.results_dir is not None:
-        settings = {"data": str(args.data), "path": str(args.path),
-                    "tokens_per_sample": int(result.summary["tokens_per_sample"]),
-                    "context_window": config.context_window,
-                    "max_sentences": config.max_sentences, "seconds": seconds}
-        written = write_results(result, args.results_dir, config.gen_subset, settings)
-        print(f"moelab eval-lm: wrote {len(written)} files to {args.results_dir}",
-              file=sys.stderr)
-    return 0

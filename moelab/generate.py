@@ -12,10 +12,8 @@ produce the same tokens.
 
 from __future__ import annotations
 
-import argparse
 import math
 import operator
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,13 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.data.tokenizer import EOS_ID, Tokenizer
-from moelab.errors import MoelabError
-from moelab.evaluate import (
-    add_checkpoint_arguments,
-    load_for_inference,
-    start_log_prior,
-    window_log_likelihoods,
-)
+from moelab.evaluate import start_log_prior, window_log_likelihoods
 from moelab.model import KVCache, MixtureLM
 
 
@@ -47,7 +39,7 @@ class GenerationConfig:
     top_p: float = 1.0  # --sampling-topp: nucleus mass; 1 (or fairseq's -1) keeps everything
     beam: int = 1  # --beam: beam width without --sampling
     min_len: int = 0  # --min-len: eos is not allowed before this many new tokens
-    seed: int | None = None  # --seed: a fixed seed gives the same samples
+    seed: int | None = 1  # --seed (fairseq's default 1): the same samples every run; None: unseeded
     use_cache: bool = True  # KV cache (off only to measure or to check it)
 
     def __post_init__(self) -> None:
@@ -321,103 +313,3 @@ def beam_search(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: 
         return ""
     best = max(finished, key=lambda f: f[0])[1]
     return tokenizer.decode(best)
-
-
-# ----------------------------------------------------------------------------- moelab interactive
-
-
-def add_interactive_arguments(parser: argparse.ArgumentParser) -> None:
-    d = GenerationConfig()
-    add_checkpoint_arguments(parser)
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--gen-expert", default="0", metavar="N|all|auto",
-                     help="expert to continue the prompt: an index, `all` (one continuation per "
-                          "expert) or `auto` (highest posterior given the prompt) "
-                          "(default: %(default)s)")
-    gen.add_argument("--prompt", default=None, metavar="TEXT",
-                     help="one prompt instead of reading stdin (one prompt per line)")
-    gen.add_argument("--beam", type=int, default=d.beam, metavar="N",
-                     help="beam width; beam search when N > 1 without --sampling")
-    gen.add_argument("--sampling", action="store_true", help="sample instead of greedy/beam")
-    gen.add_argument("--sampling-topp", type=float, default=-1.0, metavar="P",
-                     help="nucleus sampling mass (-1: off)")
-    gen.add_argument("--temperature", type=float, default=d.temperature, metavar="X")
-    gen.add_argument("--max-len-b", type=int, default=d.max_new_tokens, metavar="N",
-                     help="new tokens at most (default: %(default)s)")
-    gen.add_argument("--min-len", type=int, default=d.min_len, metavar="N",
-                     help="no eos before N new tokens (default: %(default)s)")
-    gen.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
-    gen.add_argument("--no-kv-cache", action="store_true",
-                     help="recompute the whole context every token (slow; for checks)")
-    gen.add_argument("--remove-bpe", nargs="?", const="sentencepiece", default=None,
-                     metavar="BPE", help="accepted for fairseq: output is always detokenized")
-
-
-def _parse_expert(value: str, K: int) -> list[int] | str:
-    if value in ("all", "auto"):
-        return list(range(K)) if value == "all" else "auto"
-    try:
-        k = int(value)
-    except ValueError:
-        k = None
-    if k is None or not 0 <= k < K:
-        raise MoelabError(f"--gen-expert {value} does not exist: the checkpoint has K={K} "
-                          f"experts; choose one of {', '.join(map(str, range(K)))}, all or auto")
-    return [k]
-
-
-def run_interactive(args: argparse.Namespace) -> int:
-    try:
-        config = GenerationConfig(max_new_tokens=args.max_len_b, sampling=args.sampling,
-                                  temperature=args.temperature, top_p=args.sampling_topp,
-                                  beam=args.beam, min_len=args.min_len, seed=args.seed,
-                                  use_cache=not args.no_kv_cache)
-    except ValueError as e:
-        raise MoelabError(str(e)) from None
-    loaded = load_for_inference(args, "interactive")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    experts = _parse_expert(args.gen_expert, model.num_experts)
-    for note in loaded.notes:
-        print(f"moelab interactive: note: {note}", file=sys.stderr)
-    generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
-    if args.prompt is not None:
-        prompts: list[str] | object = [args.prompt]
-    else:
-        if sys.stdin.isatty():
-            print("moelab interactive: type a prompt per line (empty: no prompt); Ctrl-D ends",
-                  file=sys.stderr)
-        prompts = (line.rstrip("\n").rstrip("\r") for line in sys.stdin)
-    for prompt in prompts:
-        _answer(model, tokenizer, prompt, experts, config, generator)
-    return 0
-
-
-def _answer(model: MixtureLM, tokenizer: Tokenizer, prompt: str, experts: list[int] | str,
-            config: GenerationConfig, generator: torch.Generator) -> None:
-    """Print one labelled continuation (prompt + new text) per chosen expert, streaming."""
-    if experts == "auto":
-        posterior = expert_posterior(model, tokenizer, prompt)
-        chosen = [int(posterior.argmax())]
-        labels = [f"[expert {chosen[0]}, posterior {float(posterior[chosen[0]]):.3f}]"]
-    else:
-        chosen = list(experts)
-        labels = [f"[expert {k}]" for k in chosen]
-    for k, label in zip(chosen, labels, strict=True):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PromptTruncatedWarning)
-            pieces = stream(model, tokenizer, prompt, expert=k, config=config,
-                            generator=generator)
-            first = next(pieces, "")
-        for w in caught:
-            print(f"moelab interactive: note: {w.message}", file=sys.stderr)
-        shown = tokenizer.decode(_encode_quietly(model, tokenizer, prompt))
-        print(f"{label} {shown}{first}", end="", flush=True)
-        for piece in pieces:
-            print(piece, end="", flush=True)
-        print(flush=True)
-
-
-def _encode_quietly(model: MixtureLM, tokenizer: Tokenizer, prompt: str) -> list[int]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PromptTruncatedWarning)
-        return encode_prompt(model, tokenizer, prompt)

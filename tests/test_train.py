@@ -1,4 +1,4 @@
-"""The trainer: schedule, configs and flags, gradient accumulation, the seed command, clustering."""
+"""The trainer: schedule, configs, gradient accumulation, the seed command, clustering."""
 
 from __future__ import annotations
 
@@ -84,44 +84,6 @@ def test_model_config_from_preset_and_overrides():
     up = model_config(ModelArgs(arch="tiny", mean_pool_gating_network=True), vocab_size=300,
                       pad_id=3, tokens_per_sample=96)
     assert up.gating is False  # a uniform prior builds no gating network
-
-
-def _parse(argv):
-    from moelab.cli import build_parser
-
-    return build_parser().parse_args(["train", *argv])
-
-
-def test_flags_share_the_dataclass_defaults():
-    from moelab.train.command import config_from_args
-
-    assert config_from_args(_parse(["bin", "--max-update", "5"])) == RunConfig.from_kwargs(
-        "bin", max_update=5)
-    args = _parse(["bin", "--max-update", "5", "--adam-betas", "(0.9, 0.99)", "--lr", "0.001",
-                   "--mean-pool-gating-network", "--batch-size", "8", "--no-progress-bar",
-                   "--no-share-decoder-input-output-embed"])
-    config = config_from_args(args)
-    assert config.optim.adam_betas == (0.9, 0.99) and config.optim.lr == 1e-3
-    assert config.data.max_sentences == 8 and config.train.progress_bar is False
-    assert config.model.share_decoder_input_output_embed is False
-
-
-def test_unknown_flag_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["train", "bin", "--max-update", "1", "--no-such-flag"])
-    assert e.value.code == 2
-    assert "--no-such-flag" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag, value, message", [
-    ("--optimizer", "sgd", "--optimizer sgd is not supported"),
-    ("--lr-scheduler", "cosine", "--lr-scheduler cosine is not supported"),
-    ("--criterion", "label_smoothed_cross_entropy", "--criterion label_smoothed"),
-    ("--task", "translation", "--task translation is not supported"),
-])
-def test_unsupported_fairseq_choices_are_clear_errors(tiny_bin, flag, value, message, capsys):
-    assert main(["train", str(tiny_bin), "--max-update", "1", flag, value]) == 2
-    assert message in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- one update

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass per concern (data, model, optimizer, run).
 
-`moelab train`'s flags are generated from these fields (moelab/train/command.py): a field
+`moelab train`'s flags are generated from these fields (moelab/cli/train.py): a field
 `warmup_updates` is the flag `--warmup-updates` with the same default, so Python and shell callers
 share one set of defaults. Field names are unique across the four classes, which lets
 `RunConfig.from_kwargs(data, lr=1e-3, num_experts=4)` route a flat keyword to its class.

@@ -1,0 +1,55 @@
+"""`moelab preprocess|train|...`: the seed's fairseq commands with `fairseq-` replaced by `moelab `.
+
+One module per command (moelab/cli/<command>.py) with `HELP`, `add_arguments(parser)` and
+`run(args) -> exit status`. Each command's flags are generated from its config dataclass
+(moelab/cli/flags.py), so shell and Python callers share one set of defaults. Errors a user can
+fix (MoelabError) print as one line and exit with status 2 (or the error's own exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from types import ModuleType
+
+from moelab import __version__
+from moelab.errors import MoelabError
+
+# The commands in the order `moelab --help` lists them; `eval-lm` lives in eval_lm.py.
+COMMANDS = ("preprocess", "train", "interactive", "eval-lm", "bench", "demo")
+
+
+def command_module(name: str) -> ModuleType:
+    """The module of one command, imported on demand so that `import moelab.cli` stays light."""
+    return importlib.import_module(f"moelab.cli.{name.replace('-', '_')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab",
+        description="Sequence-level mixture-of-experts language models trained by online EM.",
+    )
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        command = command_module(name)
+        p = sub.add_parser(name, help=command.HELP, description=command.HELP)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MoelabError as e:
+        if os.environ.get("MOELAB_DEBUG"):
+            raise
+        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)  # 143/130 after a SIGTERM/SIGINT stop
+    except KeyboardInterrupt:
+        print(f"moelab {args.command}: interrupted", file=sys.stderr)
+        return 130

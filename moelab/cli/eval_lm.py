@@ -1,0 +1,83 @@
+"""`moelab eval-lm DATA_BIN --path CKPT`: the seed's `fairseq-eval-lm` command.
+
+Perplexity per method (mixture, oracle, each expert), responsibilities and cluster agreement on
+one split; the closing lines are fairseq-eval-lm's, for scripts that parse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+from moelab.cli.flags import add_config_arguments, config_kwargs
+from moelab.data import BinarizedDataset
+from moelab.errors import MoelabError
+from moelab.evaluate import (
+    EvalConfig,
+    add_checkpoint_arguments,
+    evaluate,
+    format_result,
+    load_for_inference,
+    write_results,
+)
+
+HELP = "perplexity (mixture, oracle, per expert), responsibilities, clusters"
+
+FLAGS = {
+    "tokens_per_sample": dict(help="window length (default: the model's context length)",
+                              metavar="T"),
+    "context_window": dict(help="tokens of context before the T - C new tokens of each later "
+                                "window", metavar="C"),
+    "max_sentences": dict(help="windows per batch; each runs all K experts",
+                          aliases=("--batch-size",), metavar="N"),
+    "gen_subset": dict(help="split to evaluate", choices=["train", "valid", "test"]),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    ev = parser.add_argument_group("evaluation")
+    add_config_arguments(parser, EvalConfig, specs=FLAGS, group=ev)
+    # where the results go: no Python twin (evaluate() returns them), so no dataclass field
+    ev.add_argument("--results-dir", default=None, metavar="DIR",
+                    help="write {split}_*.csv and {split}_eval.json here (created if needed; "
+                         "files of the same names are overwritten, other files are kept)")
+    ev.add_argument("--no-progress-bar", action="store_true", help="no tqdm progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = EvalConfig(**config_kwargs(args, EvalConfig))
+    except ValueError as e:
+        raise MoelabError(str(e)) from None
+    loaded = load_for_inference(args, "eval-lm")
+    for note in loaded.notes:
+        print(f"moelab eval-lm: note: {note}", file=sys.stderr)
+    dataset = BinarizedDataset(args.data, config.gen_subset)
+    started = time.perf_counter()
+    try:
+        result = evaluate(loaded.model, dataset, tokens_per_sample=config.tokens_per_sample,
+                          context_window=config.context_window,
+                          max_sentences=config.max_sentences, progress=not args.no_progress_bar)
+    except ValueError as e:
+        raise MoelabError(str(e)) from None
+    seconds = time.perf_counter() - started
+    tokens = int(result.summary["tokens"])
+    title = f"moelab eval-lm: {config.gen_subset} split of {args.data}, checkpoint {args.path}"
+    print(format_result(result, title))
+    mixture = float(result.perplexity.loc["overall", "mixture"])
+    # fairseq-eval-lm's closing lines, for scripts that parse them
+    print(f"| Evaluated {tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.2f} "
+          "tokens/s)")
+    print(f"| Loss (base 2): {math.log2(mixture):.4f}, Perplexity: {mixture:.2f}")
+    if args.results_dir is not None:
+        settings = {"data": str(args.data), "path": str(args.path),
+                    "tokens_per_sample": int(result.summary["tokens_per_sample"]),
+                    "context_window": config.context_window,
+                    "max_sentences": config.max_sentences, "seconds": seconds}
+        written = write_results(result, args.results_dir, config.gen_subset, settings)
+        print(f"moelab eval-lm: wrote {len(written)} files to {args.results_dir}",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,125 @@
+"""`moelab interactive DATA_BIN --path CKPT`: the seed's `fairseq-interactive` command.
+
+Reads prompts from stdin (one per line) or --prompt and prints one labelled continuation per
+chosen expert, streaming as tokens arrive. The generation flags are GenerationConfig's fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+from moelab.cli.flags import add_config_arguments, config_kwargs
+from moelab.data.tokenizer import Tokenizer
+from moelab.errors import MoelabError
+from moelab.evaluate import add_checkpoint_arguments, load_for_inference
+from moelab.generate import (
+    GenerationConfig,
+    PromptTruncatedWarning,
+    encode_prompt,
+    expert_posterior,
+    stream,
+)
+from moelab.model import MixtureLM
+
+HELP = "sample continuations of prompts (stdin, one per line) per expert"
+
+FLAGS = {
+    "max_new_tokens": dict(help="new tokens at most", flag="--max-len-b", metavar="N"),
+    "sampling": dict(help="sample instead of greedy/beam"),
+    "temperature": dict(help="divides the logits before sampling", metavar="X"),
+    "top_p": dict(help="nucleus sampling mass (1, or fairseq's -1: off)", flag="--sampling-topp",
+                  metavar="P"),
+    "beam": dict(help="beam width; beam search when N > 1 without --sampling", metavar="N"),
+    "min_len": dict(help="no eos before N new tokens", metavar="N"),
+    "seed": dict(help="random seed of the sampling"),
+    "use_cache": dict(help="recompute the whole context every token (slow; for checks)",
+                      flag="--no-kv-cache"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    gen = parser.add_argument_group("generation")
+    # which expert and where prompts come from: choices of this command, not of GenerationConfig
+    gen.add_argument("--gen-expert", default="0", metavar="N|all|auto",
+                     help="expert to continue the prompt: an index, `all` (one continuation per "
+                          "expert) or `auto` (highest posterior given the prompt) "
+                          "(default: %(default)s)")
+    gen.add_argument("--prompt", default=None, metavar="TEXT",
+                     help="one prompt instead of reading stdin (one prompt per line)")
+    add_config_arguments(parser, GenerationConfig, specs=FLAGS, group=gen)
+    gen.add_argument("--remove-bpe", nargs="?", const="sentencepiece", default=None,
+                     metavar="BPE", help="accepted for fairseq: output is always detokenized")
+
+
+def parse_expert(value: str, K: int) -> list[int] | str:
+    """--gen-expert -> the experts to answer with, or "auto"."""
+    if value in ("all", "auto"):
+        return list(range(K)) if value == "all" else "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        k = None
+    if k is None or not 0 <= k < K:
+        raise MoelabError(f"--gen-expert {value} does not exist: the checkpoint has K={K} "
+                          f"experts; choose one of {', '.join(map(str, range(K)))}, all or auto")
+    return [k]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = GenerationConfig(**config_kwargs(args, GenerationConfig))
+    except ValueError as e:
+        raise MoelabError(str(e)) from None
+    loaded = load_for_inference(args, "interactive")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    experts = parse_expert(args.gen_expert, model.num_experts)
+    for note in loaded.notes:
+        print(f"moelab interactive: note: {note}", file=sys.stderr)
+    # one generator for the whole session: each prompt continues the seeded stream
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
+    if args.prompt is not None:
+        prompts: list[str] | object = [args.prompt]
+    else:
+        if sys.stdin.isatty():
+            print("moelab interactive: type a prompt per line (empty: no prompt); Ctrl-D ends",
+                  file=sys.stderr)
+        prompts = (line.rstrip("\n").rstrip("\r") for line in sys.stdin)
+    for prompt in prompts:
+        _answer(model, tokenizer, prompt, experts, config, generator)
+    return 0
+
+
+def _answer(model: MixtureLM, tokenizer: Tokenizer, prompt: str, experts: list[int] | str,
+            config: GenerationConfig, generator: torch.Generator) -> None:
+    """Print one labelled continuation (prompt + new text) per chosen expert, streaming."""
+    if experts == "auto":
+        posterior = expert_posterior(model, tokenizer, prompt)
+        chosen = [int(posterior.argmax())]
+        labels = [f"[expert {chosen[0]}, posterior {float(posterior[chosen[0]]):.3f}]"]
+    else:
+        chosen = list(experts)
+        labels = [f"[expert {k}]" for k in chosen]
+    for k, label in zip(chosen, labels, strict=True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            pieces = stream(model, tokenizer, prompt, expert=k, config=config,
+                            generator=generator)
+            first = next(pieces, "")
+        for w in caught:
+            print(f"moelab interactive: note: {w.message}", file=sys.stderr)
+        shown = tokenizer.decode(_encode_quietly(model, tokenizer, prompt))
+        print(f"{label} {shown}{first}", end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
+def _encode_quietly(model: MixtureLM, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        return encode_prompt(model, tokenizer, prompt)

@@ -1,0 +1,48 @@
+"""`moelab preprocess`: binarize a corpus, as the seed's `fairseq-preprocess` command does."""
+
+from __future__ import annotations
+
+import argparse
+
+from moelab.cli.flags import add_config_arguments, config_kwargs
+from moelab.data.preprocess import PreprocessConfig, preprocess
+
+HELP = "binarize a corpus: SentencePiece BPE + memory-mapped token arrays"
+
+_INPUT = "input (exactly one of --bundled, --data, --trainpref)"
+FLAGS = {
+    "destdir": dict(help="output folder (the data-bin)", metavar="DIR"),
+    "bundled": dict(help="the corpus that ships with moelab", group=_INPUT),
+    "data": dict(help="a folder with one sub-folder of text files per domain, or a .jsonl file "
+                      "with 'text' and optional 'domain'; split by the fractions below",
+                 metavar="PATH", group=_INPUT),
+    "trainpref": dict(help="train split: a fairseq-style .txt (documents separated by blank "
+                           "lines), a .jsonl, or a domain folder", metavar="PATH", group=_INPUT),
+    "validpref": dict(help="valid split (same forms as --trainpref)", metavar="PATH",
+                      group=_INPUT),
+    "testpref": dict(help="test split (same forms as --trainpref)", metavar="PATH", group=_INPUT),
+    "vocab_size": dict(help="SentencePiece vocabulary size", flag="--nwordssrc"),
+    "valid_fraction": dict(help="share of each domain held out for valid with --data/--bundled"),
+    "test_fraction": dict(help="share of each domain held out for test with --data/--bundled"),
+    "workers": dict(help="processes that encode the splits"),
+    "force": dict(help="write into an existing non-empty --destdir (other files are kept)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, PreprocessConfig, specs=FLAGS)
+    parser.add_argument("--bpe", default="sentencepiece", choices=["sentencepiece"],
+                        help="tokenizer: SentencePiece BPE, trained on the train split")
+    parser.add_argument("--only-source", action="store_true",
+                        help="accepted for fairseq compatibility: language-model data is always "
+                             "source-only")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = PreprocessConfig(**config_kwargs(args, PreprocessConfig))
+    meta = preprocess(config)
+    print(f"wrote {config.destdir}: vocabulary {meta['vocab_size']}, "
+          f"{len(meta['domains'])} domain(s) {meta['domains']}")
+    for split, stats in meta["splits"].items():
+        print(f"  {split:5s} {stats['documents']:7d} documents {stats['tokens']:10d} tokens")
+    return 0
