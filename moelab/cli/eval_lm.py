@@ -11,15 +11,14 @@ import math
 import sys
 import time
 
+from moelab.cli.checkpoint import add_checkpoint_arguments, load_run
 from moelab.cli.flags import add_config_arguments, config_kwargs
 from moelab.data import BinarizedDataset
 from moelab.errors import MoelabError
 from moelab.evaluate import (
     EvalConfig,
-    add_checkpoint_arguments,
     evaluate,
     format_result,
-    load_for_inference,
     write_results,
 )
 
@@ -52,13 +51,13 @@ def run(args: argparse.Namespace) -> int:
         config = EvalConfig(**config_kwargs(args, EvalConfig))
     except ValueError as e:
         raise MoelabError(str(e)) from None
-    loaded = load_for_inference(args, "eval-lm")
-    for note in loaded.notes:
+    run, notes = load_run(args, "eval-lm")
+    for note in notes:
         print(f"moelab eval-lm: note: {note}", file=sys.stderr)
     dataset = BinarizedDataset(args.data, config.gen_subset)
     started = time.perf_counter()
     try:
-        result = evaluate(loaded.model, dataset, tokens_per_sample=config.tokens_per_sample,
+        result = evaluate(run.model, dataset, tokens_per_sample=config.tokens_per_sample,
                           context_window=config.context_window,
                           max_sentences=config.max_sentences, progress=not args.no_progress_bar)
     except ValueError as e:

@@ -12,10 +12,10 @@ import warnings
 
 import torch
 
+from moelab.cli.checkpoint import add_checkpoint_arguments, load_run
 from moelab.cli.flags import add_config_arguments, config_kwargs
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import MoelabError
-from moelab.evaluate import add_checkpoint_arguments, load_for_inference
 from moelab.generate import (
     GenerationConfig,
     PromptTruncatedWarning,
@@ -75,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         config = GenerationConfig(**config_kwargs(args, GenerationConfig))
     except ValueError as e:
         raise MoelabError(str(e)) from None
-    loaded = load_for_inference(args, "interactive")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    run, notes = load_run(args, "interactive")
+    model, tokenizer = run.model, run.tokenizer
     experts = parse_expert(args.gen_expert, model.num_experts)
-    for note in loaded.notes:
+    for note in notes:
         print(f"moelab interactive: note: {note}", file=sys.stderr)
     # one generator for the whole session: each prompt continues the seeded stream
     generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
