@@ -18,7 +18,8 @@ from moelab.evaluate import evaluate
 from moelab.generate import GenerationConfig, generate
 from moelab.train import load_checkpoint, train
 from moelab.train.config import TrainConfig
-from moelab.train.objectives import em_loss
+from moelab.train.objectives import em_loss, em_step
+from moelab.train.scoring import ExpertScorer
 from moelab.train.trainer import valid_batches
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -30,7 +31,8 @@ def test_estep_is_float32_inside_the_m_steps_bf16_autocast():
     plain = em_loss(model, batch, hard=True, uniform_prior=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = em_loss(model, batch, hard=True, uniform_prior=False)
-        low = em_loss(model, batch, hard=True, uniform_prior=False, estep_dtype=torch.bfloat16)
+        low = em_step(ExpertScorer(model, estep_dtype=torch.bfloat16), batch, hard=True,
+                      uniform_prior=False)
     # the responsibilities are the float32 ones, bit for bit; only the M-step's loss is bf16
     torch.testing.assert_close(mixed.responsibilities, plain.responsibilities, rtol=0, atol=0)
     assert mixed.loss.item() != plain.loss.item()
@@ -45,7 +47,8 @@ def test_soft_em_does_not_read_its_estep_off_a_bf16_m_step():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = em_loss(model, batch, hard=False, uniform_prior=True)
         with pytest.raises(ValueError, match="autocast"):
-            em_loss(model, batch, hard=False, uniform_prior=True, reuse_estep=True)
+            em_step(ExpertScorer(model, reuse_estep=True), batch, hard=False,
+                    uniform_prior=True)
     torch.testing.assert_close(mixed.responsibilities, plain.responsibilities, rtol=0, atol=0)
 
 
