@@ -52,6 +52,21 @@ def test_soft_em_does_not_read_its_estep_off_a_bf16_m_step():
     torch.testing.assert_close(mixed.responsibilities, plain.responsibilities, rtol=0, atol=0)
 
 
+def test_an_fp16_estep_inside_the_m_steps_bf16_autocast_keeps_to_its_own_dtype():
+    """autocast caches its weight casts until the outermost autocast exits: an fp16 E-step
+    inside a bf16 M-step must not hand the M-step fp16 weights (it was a dtype error)."""
+    model = make_model(K=3).train()
+    batch = make_batch()
+    scorer = ExpertScorer(model, estep_dtype=torch.float16)
+    alone = em_step(scorer, batch, hard=True, uniform_prior=True)  # M-step float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = em_step(scorer, batch, hard=True, uniform_prior=True)
+    mixed.loss.backward()
+    torch.testing.assert_close(mixed.responsibilities, alone.responsibilities, rtol=0, atol=0)
+    assert mixed.loss.item() != alone.loss.item()  # the M-step did run in bf16
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_precision_flag_is_checked():
     with pytest.raises(ValueError, match="--precision"):
         TrainConfig(max_update=1, precision="float16")

@@ -94,9 +94,13 @@ class ExpertScorer:
                            reuse=self.reuses_estep(hard=hard))
 
     def estep_precision(self, device: str) -> contextlib.AbstractContextManager:
-        """The E-step's autocast: estep_dtype's, else none (float32) even inside the M-step's."""
+        """The E-step's autocast: estep_dtype's, else none (float32) even inside the M-step's.
+
+        Its weight casts are not cached: autocast keeps one cache until the outermost autocast
+        exits, so an fp16 E-step inside a bf16 M-step would hand the M-step fp16 weights.
+        """
         if self.estep_dtype is not None:
-            return torch.autocast(device, dtype=self.estep_dtype)
+            return torch.autocast(device, dtype=self.estep_dtype, cache_enabled=False)
         return torch.autocast(device, enabled=False)
 
 
