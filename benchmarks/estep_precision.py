@@ -12,7 +12,6 @@ change of the responsibilities, and the E-step's time against float32's in the s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -21,15 +20,16 @@ import torch
 
 from moelab.data import BinarizedDataset, TrainBatches
 from moelab.train import load_checkpoint
-from moelab.train.objectives import ESTEP_DTYPES
+from moelab.train.scoring import ESTEP_DTYPES, ExpertScorer
 
 
-def responsibilities(model, batch, autocast) -> torch.Tensor:
-    """r = p(z | x, c) (B, K) float32, as em_loss's E-step computes it."""
-    with torch.no_grad(), autocast():
-        scores = (model.log_prior(batch.context, batch.context_lengths)
-                  + model.expert_log_likelihoods(batch.tokens, batch.lengths))
-    return scores.float().softmax(dim=-1)
+def responsibilities(scorer: ExpertScorer, batch) -> torch.Tensor:
+    """r = p(z | x, c) (B, K) float32, by the E-step training runs (the scorer's precision).
+
+    The prior is the one the model was trained with: learned where it has a gating network.
+    """
+    scores = scorer.scores(batch, hard=True, uniform_prior=scorer.model.gating is None)
+    return scores.e_step().softmax(dim=-1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     T = model.config.max_seq_len
     batches = TrainBatches(BinarizedDataset(args.data_bin, args.split), tokens_per_sample=T,
                            max_tokens=args.max_tokens, shuffle=False)
-    formats = {"float32": contextlib.nullcontext}
+    formats = {"float32": ExpertScorer(model)}  # the default E-step, float32
     for name in args.dtype:
-        formats[name] = lambda dtype=ESTEP_DTYPES[name]: torch.autocast(device.type, dtype=dtype)
+        formats[name] = ExpertScorer(model, estep_dtype=ESTEP_DTYPES[name])
     seconds = dict.fromkeys(formats, 0.0)
     flips = dict.fromkeys(formats, 0)
     r_change = dict.fromkeys(formats, 0.0)
@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches.epoch(0):
         batch = batch.to(device)
         base = None
-        for name, autocast in formats.items():  # float32 first: the others compare with it
+        for name, scorer in formats.items():  # float32 first: the others compare with it
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            r = responsibilities(model, batch, autocast)
+            r = responsibilities(scorer, batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds[name] += time.perf_counter() - start

@@ -26,7 +26,7 @@ import torch
 from moelab.data import BinarizedDataset
 from moelab.evaluate import evaluate
 from moelab.train import load_checkpoint, read_history, train
-from moelab.train.objectives import ESTEP_DTYPES
+from moelab.train.scoring import ESTEP_DTYPES
 from moelab.workbench import DATA_PRESETS, EXPERT_PRESETS, TRAIN_PRESETS, ensure_data_bin
 
 

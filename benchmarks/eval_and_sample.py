@@ -1,6 +1,6 @@
 """Speed of `eval-lm` scoring and of sampling with and without the KV cache, in one run.
 
-The measurement lives in moelab/bench.py (`measure_eval_and_sample`, part of `moelab bench`):
+The measurement lives in moelab/bench/runner.py (`measure_eval_and_sample`, part of `moelab bench`):
 
     python benchmarks/eval_and_sample.py [--preset tiny] [--device cpu]
 """

@@ -1,6 +1,6 @@
 """Training-step speed of every method vs the fairseq-style reference: `moelab bench` per method.
 
-The reference, the timing and the per-technique ratios live in moelab/bench.py (`moelab bench`);
+The reference, the timing and the per-technique ratios live in moelab/bench/ (`moelab bench`);
 this script only loops over the methods and prints one JSON line each:
 
     python benchmarks/train_step.py                      # tiny preset, CPU

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_em import V, make_batch, make_model
 
+import moelab
 import moelab.bench as bench
 from moelab import cli
+from moelab.bench import harness, reference, runner
+from moelab.bench import techniques as ablations
 from moelab.model import MixtureLM, ModelConfig, loss
-from moelab.train.objectives import em_loss
+from moelab.model.mixture import ScoringFunctions
+from moelab.train.objectives import em_loss, em_step
+from moelab.train.scoring import ExpertScorer
 
 
 def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
@@ -33,9 +40,9 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
     # the figure is the formula (checked against FlopCounterMode below) for this step: the
     # preset's model at the batch's length, hard EM, no reused E-step
     preset = bench.BENCH_PRESETS["tiny"]
-    model = bench._model(bench.BenchConfig(preset="tiny", device="cpu"), preset,
-                         torch.device("cpu"), dropout=preset.dropout)
-    assert out["flops_per_token"] == bench.step_flops_per_token(
+    model = harness.bench_model(bench.BenchConfig(preset="tiny", device="cpu"), preset,
+                                torch.device("cpu"), dropout=preset.dropout)
+    assert out["flops_per_token"] == harness.step_flops_per_token(
         model, preset.tokens_per_sample, hard=True, reuse=False)
     assert out["num_experts"] == 3 and out["method"] == "hMoEup"
     assert {"batched_estep", "chunked_loss_estep", "chunked_loss_mstep",
@@ -44,12 +51,13 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
 
 def test_bench_techniques_run_under_the_m_steps_bf16_autocast(monkeypatch, capsys):
     # CUDA's bf16 M-step, with CPU autocast standing in: the reuse figure is then measured in
-    # float32 (em_loss refuses reuse under autocast) and says so in its name
+    # float32 (ExpertScorer refuses reuse under autocast) and says so in its name
     monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
         "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
         dropout=0.1))
-    monkeypatch.setattr(bench, "autocast_context", lambda device, precision="auto": (
-        lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    for module in (runner, ablations):
+        monkeypatch.setattr(module, "autocast_context", lambda device, precision="auto": (
+            lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
     assert cli.main(["bench", "--preset", "tiny", "--steps", "2", "--device", "cpu",
                      "--no-reference", "--no-eval-sample"]) == 0
     techniques = json.loads(capsys.readouterr().out)["techniques"]
@@ -72,13 +80,13 @@ def test_bench_without_the_reference_times_moelab_only(monkeypatch, capsys):
 
 def _counted_flops_per_token(model: MixtureLM, *, hard: bool, uniform_prior: bool, T: int,
                             **options) -> float:
-    """torch's FlopCounterMode over one real EM step (em_loss forward + backward), per target
+    """torch's FlopCounterMode over one real EM step (em_step forward + backward), per target
     token, on full-length rows (so every position is a target, as the formula assumes)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     B = 3
-    batch = bench.synthetic_batch(rows=B, seq_len=T, vocab_size=model.config.vocab_size,
+    batch = harness.synthetic_batch(rows=B, seq_len=T, vocab_size=model.config.vocab_size,
                                   pad_id=3, generator=torch.Generator().manual_seed(0))
     batch.lengths[:] = T
     batch.tokens = torch.randint(4, model.config.vocab_size, (B, T),
@@ -88,7 +96,8 @@ def _counted_flops_per_token(model: MixtureLM, *, hard: bool, uniform_prior: boo
     # the attention as 0); the math backend's matmuls are counted, as the full T x T, as the
     # formula does (PaLM's convention: no discount for the causal mask).
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = em_loss(model, batch, hard=hard, uniform_prior=uniform_prior, **options)
+        out = em_step(ExpertScorer(model, **options), batch, hard=hard,
+                      uniform_prior=uniform_prior)
         out.loss.backward()
     return counter.get_total_flops() / (B * T)
 
@@ -116,8 +125,8 @@ def test_step_flops_match_torchs_flop_counter(K, hard, reuse, estep_tokens):
     counted = _counted_flops_per_token(model, hard=hard, uniform_prior=True, T=T,
                                        reuse_estep=reuse, estep_tokens=estep_tokens)
     fraction = 1.0 if estep_tokens is None else estep_tokens / T
-    formula = bench.step_flops_per_token(model, T, hard=hard, reuse=reuse,
-                                         estep_fraction=fraction)
+    formula = harness.step_flops_per_token(model, T, hard=hard, reuse=reuse,
+                                           estep_fraction=fraction)
     assert formula == pytest.approx(counted, rel=1e-9)
 
 
@@ -130,7 +139,7 @@ def test_step_flops_leave_out_only_the_gating_network(hard):
     model = make_model(K=K).train()  # gating, d = g = 32
     counted = _counted_flops_per_token(model, hard=hard, uniform_prior=False, T=T,
                                        reuse_estep=False)
-    formula = bench.step_flops_per_token(model, T, hard=hard, reuse=False)
+    formula = harness.step_flops_per_token(model, T, hard=hard, reuse=False)
     d, g = model.config.n_embd, model.config.gating_dim
     gating = 4 * 2 * (d * g + g * K) / T  # per token: one chunk of T tokens per row
     assert counted - formula == pytest.approx(gating, rel=1e-9)
@@ -141,7 +150,7 @@ def test_mfu_peak_is_the_h200_dense_bf16_peak():
     with 4 tensor cores doing 512 dense bf16 multiply-adds per clock, at a 1.83 GHz boost:
     989.4 TFLOPS, NVIDIA's datasheet figure without sparsity."""
     peak = 132 * 4 * 512 * 2 * 1.83e9
-    assert pytest.approx(peak, rel=1e-3) == bench.PEAK_FLOPS
+    assert pytest.approx(peak, rel=1e-3) == harness.PEAK_FLOPS
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -213,13 +222,13 @@ def test_model_scores_equal_the_full_logits_formula():
     got = model.token_log_probs(batch.tokens, batch.lengths, experts)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # the fairseq-style reference (manual attention, full log-softmax) is the same function
-    ref = bench.reference_log_likelihood(model, batch.tokens, batch.lengths, experts)
+    ref = reference.reference_log_likelihood(model, batch.tokens, batch.lengths, experts)
     torch.testing.assert_close(ref, expected.sum(1), atol=1e-5, rtol=1e-5)
 
 
-def _loss_and_grads(model: MixtureLM, batch, **options):
+def _loss_and_grads(model: MixtureLM, batch, *, reuse_estep: bool, **flags):
     model.zero_grad(set_to_none=True)
-    out = em_loss(model, batch, **options)
+    out = em_step(ExpertScorer(model, reuse_estep=reuse_estep), batch, **flags)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -246,7 +255,8 @@ def test_reused_estep_gives_the_same_loss_and_gradients(hard, uniform_prior):
 def test_reused_estep_is_refused_with_dropout():
     model = make_model(K=3, dropout=0.1).train()
     with pytest.raises(ValueError, match="dropout"):
-        em_loss(model, make_batch(), hard=False, uniform_prior=True, reuse_estep=True)
+        em_step(ExpertScorer(model, reuse_estep=True), make_batch(), hard=False,
+                uniform_prior=True)
     # by default it is simply not used: the M-step keeps its own dropout pass
     a = em_loss(model, make_batch(), hard=False, uniform_prior=True)
     b = em_loss(model, make_batch(), hard=False, uniform_prior=True)
@@ -256,7 +266,7 @@ def test_reused_estep_is_refused_with_dropout():
 def test_estep_tokens_scores_the_responsibilities_on_a_prefix():
     model = make_model(K=3).train()
     batch = make_batch()
-    out = em_loss(model, batch, hard=True, uniform_prior=True, estep_tokens=4)
+    out = em_step(ExpertScorer(model, estep_tokens=4), batch, hard=True, uniform_prior=True)
     with torch.no_grad():
         ll = model.expert_log_likelihoods(batch.tokens[:, :4], batch.lengths.clamp(max=4))
     torch.testing.assert_close(out.responsibilities, ll.softmax(-1))
@@ -265,13 +275,14 @@ def test_estep_tokens_scores_the_responsibilities_on_a_prefix():
     full = model.log_likelihood(batch.tokens, batch.lengths, z)
     torch.testing.assert_close(out.nll, -full.detach().sum(), atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="estep_tokens"):
-        em_loss(model, batch, hard=True, uniform_prior=True, estep_tokens=0)
+        ExpertScorer(model, estep_tokens=0)
 
 
 def test_estep_dtype_casts_only_the_estep():
     model = make_model(K=3).eval()
     batch = make_batch()
-    out = em_loss(model, batch, hard=True, uniform_prior=True, estep_dtype=torch.bfloat16)
+    out = em_step(ExpertScorer(model, estep_dtype=torch.bfloat16), batch, hard=True,
+                  uniform_prior=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model.expert_log_likelihoods(batch.tokens, batch.lengths)
     torch.testing.assert_close(out.responsibilities, low.float().softmax(-1))
@@ -284,10 +295,9 @@ def test_estep_dtype_casts_only_the_estep():
     torch.testing.assert_close(out.nll, -full.detach().sum(), atol=1e-4, rtol=1e-5)
     assert out.loss.dtype == torch.float32 and out.loss.requires_grad
     with pytest.raises(ValueError, match="estep_dtype"):
-        em_loss(model, batch, hard=True, uniform_prior=True, estep_dtype=torch.float64)
+        ExpertScorer(model, estep_dtype=torch.float64)
     with pytest.raises(ValueError, match="reuse_estep needs"):
-        em_loss(model, batch, hard=False, uniform_prior=True, estep_dtype=torch.bfloat16,
-                reuse_estep=True)
+        ExpertScorer(model, estep_dtype=torch.bfloat16, reuse_estep=True)
 
 
 def test_estep_dtype_flag_is_checked_and_reaches_training(tiny_bin, tmp_path):
@@ -341,6 +351,33 @@ def test_compile_falls_back_when_the_compiled_call_raises(monkeypatch):
     assert len(calls) == n and n >= 1
 
 
+def test_scoring_functions_are_swapped_through_the_public_api():
+    """What compile_for_speed and the bench swap: the body and kernels every score goes
+    through, set by use_scoring / scoring_with and restored after the block, even on error."""
+    model = make_model(K=3).eval()
+    batch = make_batch()
+    eager = model.scoring
+    expected = model.expert_log_likelihoods(batch.tokens, batch.lengths)
+    calls = []
+
+    def manual(ids):
+        calls.append(tuple(ids.shape))
+        return reference.reference_hidden(model.transformer, ids)
+
+    with model.scoring_with(ScoringFunctions(manual)):
+        got = model.expert_log_likelihoods(batch.tokens, batch.lengths)
+    assert calls == [(12, 10)]  # one batched forward of B * K rows
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert model.scoring == eager
+    with pytest.raises(RuntimeError, match="boom"), model.scoring_with(ScoringFunctions(manual)):
+        raise RuntimeError("boom")
+    assert model.scoring == eager
+    model.use_scoring(ScoringFunctions(manual))
+    assert model.scoring.body is manual
+    model.use_scoring(None)
+    assert model.scoring == eager
+
+
 def test_model_without_dropout_reports_dropout_free():
     base = dict(vocab_size=V, num_experts=2, n_layer=1, n_embd=8, n_head=2, ffn_dim=8,
                 max_seq_len=8)
@@ -348,3 +385,81 @@ def test_model_without_dropout_reports_dropout_free():
     assert not MixtureLM(ModelConfig(**base, dropout=0.1)).dropout_free
     assert not MixtureLM(ModelConfig(**base, dropout=0.0, gating=True,
                                      gating_dropout=0.2)).dropout_free
+
+
+# ------------------------------------------------------------------ where speed work lives
+
+PACKAGE = Path(moelab.__file__).parent
+
+
+def _modules(*names: str) -> list[Path]:
+    paths = []
+    for name in names:
+        path = PACKAGE / name
+        paths += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return paths
+
+
+def _private_assignments(source: str) -> list[str]:
+    """`x._name = ...`, `x._name += ...` and `setattr(x, "_name", ...)` where x is not self/cls:
+    code that sets another object's private attribute."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            for t in ast.walk(target):
+                if (isinstance(t, ast.Attribute) and t.attr.startswith("_")
+                        and not t.attr.startswith("__")
+                        and not (isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))):
+                    found.append(f"line {t.lineno}: {ast.unparse(t)} = ...")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "setattr" and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and str(node.args[1].value).startswith("_")
+                and not (isinstance(node.args[0], ast.Name)
+                         and node.args[0].id in ("self", "cls"))):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_private_attribute_check_finds_what_it_looks_for():
+    assert _private_assignments("model._scoring = None") == ["line 1: model._scoring = ..."]
+    assert _private_assignments("a.b._c += 1\nsetattr(m, '_x', 1)") == [
+        "line 1: a.b._c = ...", "line 2: setattr(m, '_x', 1)"]
+    assert _private_assignments("self._x = 1\ncls._y = 2\nx.y = 3\nobj.__dict__ = {}") == []
+
+
+def test_no_code_in_moelab_sets_another_objects_private_attributes():
+    """A class's private attributes are its own: others use its public methods
+    (e.g. MixtureLM.use_scoring / scoring_with, not model._scoring = ...)."""
+    found = {str(path.relative_to(PACKAGE)): hits for path in _modules(".")
+             if (hits := _private_assignments(path.read_text(encoding="utf-8")))}
+    assert not found, found
+
+
+def _imports(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_the_core_never_imports_the_bench():
+    """Speed work (the reference step, the ablations) stays outside the path training,
+    evaluation and generation take."""
+    core = _modules("train", "model", "evaluate.py", "generate.py")
+    assert len(core) > 10
+    found = {str(path.relative_to(PACKAGE)): sorted(bench_imports)
+             for path in core
+             if (bench_imports := {n for n in _imports(path.read_text(encoding="utf-8"))
+                                   if n == "moelab.bench" or n.startswith("moelab.bench.")})}
+    assert not found, found
+    assert "moelab.bench.runner" in _imports("from moelab.bench import runner")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from moelab.model import MixtureLM, ModelConfig
-from moelab.train.objectives import METHODS, PosteriorLogSumExp, em_loss, method_flags
+from moelab.train.objectives import METHODS, PosteriorLogSumExp, em_loss, em_step, method_flags
+from moelab.train.scoring import ExpertScorer
 
 V = 50
 
@@ -168,6 +169,44 @@ def test_one_expert_uniform_prior_is_the_plain_lm():
 def test_learned_prior_without_gating_network_is_an_error():
     with pytest.raises(ValueError, match="gating=True"):
         em_loss(make_model(gating=False), make_batch(), hard=True, uniform_prior=False)
+
+
+def test_the_scorer_is_checked_once_when_a_training_step_is_built():
+    from moelab.train.trainer import EMStep
+
+    model = make_model()
+    with pytest.raises(ValueError, match="estep_tokens"):
+        EMStep(model, hard=True, uniform_prior=True, estep_tokens=0)
+    with pytest.raises(ValueError, match="estep_dtype"):
+        EMStep(model, hard=True, uniform_prior=True, estep_dtype=torch.float64)
+    with pytest.raises(ValueError, match="another model"):
+        em_loss(model, make_batch(), hard=True, uniform_prior=True,
+                scorer=ExpertScorer(make_model()))
+
+
+def test_the_scorer_reads_the_estep_off_the_m_step_where_exact_and_it_pays():
+    model = make_model(K=3).train()  # dropout 0: the M-step's forward is the E-step's
+    scorer = ExpertScorer(model)
+    assert scorer.reuses_estep(hard=False)  # soft EM: one forward of B*K rows instead of two
+    assert not scorer.reuses_estep(hard=True)  # hard EM: backward over B*K rows costs more
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not scorer.reuses_estep(hard=False)  # a bf16 M-step is not the float32 E-step
+        with pytest.raises(ValueError, match="autocast"):
+            ExpertScorer(model, reuse_estep=True).reuses_estep(hard=True)
+    assert ExpertScorer(model, reuse_estep=True).reuses_estep(hard=True)
+    assert not ExpertScorer(model, reuse_estep=False).reuses_estep(hard=False)
+    assert not ExpertScorer(model, estep_tokens=4).reuses_estep(hard=False)
+    with_dropout = make_model(K=3, dropout=0.1)
+    assert not ExpertScorer(with_dropout.train()).reuses_estep(hard=False)
+    assert ExpertScorer(with_dropout.eval()).reuses_estep(hard=False)  # eval: no dropout
+    with pytest.raises(ValueError, match="K > 1"):
+        ExpertScorer(make_model(K=1), reuse_estep=True)
+    # the EM step gives the same numbers either way (test_bench checks the gradients)
+    batch = make_batch()
+    reused = em_step(scorer, batch, hard=False, uniform_prior=False)
+    separate = em_step(ExpertScorer(model, reuse_estep=False), batch, hard=False,
+                       uniform_prior=False)
+    torch.testing.assert_close(reused.loss, separate.loss, atol=1e-5, rtol=1e-5)
 
 
 def test_uniform_prior_minus_log_k_is_in_the_hard_and_the_soft_loss():

@@ -18,7 +18,8 @@ from moelab.evaluate import evaluate
 from moelab.generate import GenerationConfig, generate
 from moelab.train import load_checkpoint, train
 from moelab.train.config import TrainConfig
-from moelab.train.objectives import em_loss
+from moelab.train.objectives import em_loss, em_step
+from moelab.train.scoring import ExpertScorer
 from moelab.train.trainer import valid_batches
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -30,7 +31,8 @@ def test_estep_is_float32_inside_the_m_steps_bf16_autocast():
     plain = em_loss(model, batch, hard=True, uniform_prior=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = em_loss(model, batch, hard=True, uniform_prior=False)
-        low = em_loss(model, batch, hard=True, uniform_prior=False, estep_dtype=torch.bfloat16)
+        low = em_step(ExpertScorer(model, estep_dtype=torch.bfloat16), batch, hard=True,
+                      uniform_prior=False)
     # the responsibilities are the float32 ones, bit for bit; only the M-step's loss is bf16
     torch.testing.assert_close(mixed.responsibilities, plain.responsibilities, rtol=0, atol=0)
     assert mixed.loss.item() != plain.loss.item()
@@ -45,8 +47,24 @@ def test_soft_em_does_not_read_its_estep_off_a_bf16_m_step():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = em_loss(model, batch, hard=False, uniform_prior=True)
         with pytest.raises(ValueError, match="autocast"):
-            em_loss(model, batch, hard=False, uniform_prior=True, reuse_estep=True)
+            em_step(ExpertScorer(model, reuse_estep=True), batch, hard=False,
+                    uniform_prior=True)
     torch.testing.assert_close(mixed.responsibilities, plain.responsibilities, rtol=0, atol=0)
+
+
+def test_an_fp16_estep_inside_the_m_steps_bf16_autocast_keeps_to_its_own_dtype():
+    """autocast caches its weight casts until the outermost autocast exits: an fp16 E-step
+    inside a bf16 M-step must not hand the M-step fp16 weights (it was a dtype error)."""
+    model = make_model(K=3).train()
+    batch = make_batch()
+    scorer = ExpertScorer(model, estep_dtype=torch.float16)
+    alone = em_step(scorer, batch, hard=True, uniform_prior=True)  # M-step float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = em_step(scorer, batch, hard=True, uniform_prior=True)
+    mixed.loss.backward()
+    torch.testing.assert_close(mixed.responsibilities, alone.responsibilities, rtol=0, atol=0)
+    assert mixed.loss.item() != alone.loss.item()  # the M-step did run in bf16
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_precision_flag_is_checked():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -14,8 +16,23 @@ from moelab.model.loss import KERNELS, target_log_probs
 from moelab.model.transformer import KVCache, ModelConfig, Transformer
 
 
+@dataclass(frozen=True)
+class ScoringFunctions:
+    """The two functions that turn a mixture's inputs into log-probabilities (`token_log_probs`).
+
+    body: input ids (B, T) -> hidden states (B, T, C), the Transformer's forward without the
+    output projection (`Transformer.hidden`, a compiled version of it, or another attention).
+    kernels: the chunked loss kernels of moelab.model.loss (KERNELS, or compiled versions).
+    Any replacement computes the same function; only its speed differs. Every scoring call of
+    the model uses them: the E-step, the M-step, validation and eval-lm alike.
+    """
+
+    body: Callable[[torch.Tensor], torch.Tensor]
+    kernels: tuple[Callable, Callable, Callable] = KERNELS
+
+
 class MixtureLM(nn.Module):
-    """A sequence-level mixture of K experts sharing one Transformer (DESIGN.md section 2).
+    """A sequence-level mixture of K experts sharing one Transformer (README: How it works).
 
     Expert z reads the chunk x_1..x_n as the input [<expert_z>, x_1, ..., x_{n-1}] with targets
     x_1..x_n; the expert token takes the place of a begin-of-sequence token.
@@ -36,9 +53,8 @@ class MixtureLM(nn.Module):
                            config.gating_dropout)
             if config.gating else None
         )
-        # (body, loss kernels) that scoring calls instead of the eager ones: set by
-        # `compile_for_speed` (benchmarks also swap in variants to time them)
-        self._scoring: tuple[Callable, tuple[Callable, ...]] | None = None
+        # the ScoringFunctions in use; None: the eager ones (see `scoring`, `use_scoring`)
+        self._scoring: ScoringFunctions | None = None
         # ids of the real vocabulary left out of the output softmax (a buffer: it follows .to())
         self.register_buffer("non_targets", torch.tensor(config.non_target_ids, dtype=torch.long),
                              persistent=False)
@@ -51,8 +67,34 @@ class MixtureLM(nn.Module):
         """
         body = CompiledOrEager(self.transformer.hidden, **compile_kwargs)
         kernels = tuple(CompiledOrEager(k, **compile_kwargs) for k in KERNELS)
-        self._scoring = body, kernels
+        self.use_scoring(ScoringFunctions(body, kernels))
         return body.active
+
+    @property
+    def scoring(self) -> ScoringFunctions:
+        """The body and loss kernels every scoring call uses: the eager ones unless
+        `compile_for_speed` or `use_scoring` replaced them (`.body.active` and `.body.error`
+        tell whether a compiled body is running)."""
+        return self._scoring or ScoringFunctions(self.transformer.hidden)
+
+    def use_scoring(self, scoring: ScoringFunctions | None) -> None:
+        """Score with these functions from now on (None: the eager ones again).
+
+        They must compute what the eager ones compute: parameters and state_dict are not
+        touched, so a checkpoint does not record them.
+        """
+        self._scoring = scoring
+
+    @contextlib.contextmanager
+    def scoring_with(self, scoring: ScoringFunctions) -> Iterator[MixtureLM]:
+        """`use_scoring(scoring)` inside the block, the functions before it afterwards
+        (`moelab bench` times one variant against another this way)."""
+        before = self._scoring
+        self._scoring = scoring
+        try:
+            yield self
+        finally:
+            self._scoring = before
 
     @property
     def dropout_free(self) -> bool:
@@ -107,13 +149,14 @@ class MixtureLM(nn.Module):
         B, T = tokens.shape
         expert_ids = self.config.vocab_size + experts.to(tokens.device)  # (B,)
         input_ids = torch.cat([expert_ids[:, None], tokens[:, :-1]], dim=1)  # (B, T)
-        body, kernels = self._scoring or (self.transformer.hidden, KERNELS)
-        hidden = body(input_ids)  # (B, T, C)
+        scoring = self.scoring
+        hidden = scoring.body(input_ids)  # (B, T, C)
         mask = torch.arange(T, device=tokens.device) < lengths.to(tokens.device)[:, None]
         # Only real targets are projected onto the vocabulary (the projection and its float32
         # log-softmax are most of the cost), a chunk of rows at a time: no (B, T, V+K) logits.
         logp = target_log_probs(hidden[mask], self.output_weight, tokens[mask],
-                                excluded=self.non_targets, kernels=kernels)  # (N,)
+                                excluded=self.non_targets,
+                                kernels=scoring.kernels)  # (N,)
         return torch.zeros(B, T, dtype=logp.dtype, device=logp.device).masked_scatter(
             mask, logp)  # (B, T)
 

@@ -44,7 +44,7 @@ from moelab.train import faults
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
-from moelab.train.objectives import em_loss, method_flags
+from moelab.train.objectives import ExpertScorer, em_loss, method_flags
 from moelab.train.prefetch import BatchPrefetcher
 from moelab.train.run import (
     Run,
@@ -510,7 +510,8 @@ class EMStep(nn.Module):
 
     The E-step inside em_loss scores all experts under no_grad, so it adds nothing to the graph;
     the M-step's graph is the one DDP's reducer expects, and the gradient all-reduce happens in
-    backward as usual. Returns a tuple so DDP finds the output tensors.
+    backward as usual. Returns a tuple so DDP finds the output tensors. The E-step options are
+    checked once, here, by the ExpertScorer they build.
     """
 
     def __init__(self, model: MixtureLM, *, hard: bool, uniform_prior: bool,
@@ -518,11 +519,11 @@ class EMStep(nn.Module):
         super().__init__()
         self.model = model
         self.hard, self.uniform_prior = hard, uniform_prior
-        self.estep_tokens, self.estep_dtype = estep_tokens, estep_dtype
+        self.scorer = ExpertScorer(model, estep_tokens=estep_tokens, estep_dtype=estep_dtype)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior,
-                      estep_tokens=self.estep_tokens, estep_dtype=self.estep_dtype)
+                      scorer=self.scorer)
         return out.loss, out.responsibilities, out.nll
 
 
