@@ -37,6 +37,7 @@ import torch
 
 from moelab.data import Batch
 from moelab.model import MixtureLM
+from moelab.presets import BENCHMARKS, BenchmarkPreset
 from moelab.train.config import ModelArgs, model_config
 from moelab.train.objectives import ESTEP_DTYPES, method_flags
 
@@ -46,24 +47,9 @@ from moelab.train.objectives import ESTEP_DTYPES, method_flags
 PEAK_FLOPS = 989.4e12
 
 
-@dataclass
-class BenchPreset:
-    arch: str  # moelab.model.PRESETS name
-    vocab_size: int  # tokenizer vocabulary (a real data-bin's, not the expert tokens)
-    num_experts: int  # K
-    tokens_per_sample: int  # T
-    max_tokens: int  # rows x T per batch (fairseq --max-tokens)
-    dropout: float  # the seed command's --dropout
-
-
-BENCH_PRESETS = {
-    # a laptop-sized run: the tiny model on a bundled-corpus-sized vocabulary (preprocess default)
-    "tiny": BenchPreset("tiny", vocab_size=8000, num_experts=4, tokens_per_sample=128,
-                        max_tokens=2048, dropout=0.1),
-    # the seed README's training command: transformer_lm, GPT-2 BPE vocabulary, K=10, T=512
-    "seed": BenchPreset("transformer_lm", vocab_size=50257, num_experts=10,
-                        tokens_per_sample=512, max_tokens=3584, dropout=0.1),
-}
+# The presets live with every other preset (moelab.presets); these are their names here.
+BenchPreset = BenchmarkPreset
+BENCH_PRESETS: dict[str, BenchmarkPreset] = BENCHMARKS
 
 
 @dataclass
