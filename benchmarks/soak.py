@@ -93,16 +93,16 @@ def inject_leak(kind: str) -> None:
     tiny model at --tokens-per-sample 32 --max-tokens 256 (backward frees the saved activations;
     the graph's nodes stay).
     """
-    from moelab.train import trainer
+    from moelab.train import update
 
     if kind == "graph":
-        forward = trainer.EMStep.forward
+        forward = update.EMStep.forward
 
         def leaking_forward(self, batch):
             out = forward(self, batch)
             LEAKED.append(out[0])  # the summed loss, grad_fn and all
             return out
-        trainer.EMStep.forward = leaking_forward
+        update.EMStep.forward = leaking_forward
     elif kind != "none":
         raise ValueError(f"--inject-leak must be one of {', '.join(LEAKS)}")
 

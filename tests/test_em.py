@@ -172,7 +172,7 @@ def test_learned_prior_without_gating_network_is_an_error():
 
 
 def test_the_scorer_is_checked_once_when_a_training_step_is_built():
-    from moelab.train.trainer import EMStep
+    from moelab.train.update import EMStep
 
     model = make_model()
     with pytest.raises(ValueError, match="estep_tokens"):

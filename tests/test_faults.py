@@ -29,6 +29,7 @@ from moelab.data import BinarizedDataset
 from moelab.errors import MoelabError
 from moelab.train import CheckpointError, load_checkpoint, train
 from moelab.train import trainer as trainer_module
+from moelab.train import update as update_module
 from moelab.train.checkpoint import previous_path, read_checkpoint, save_checkpoint
 from moelab.train.faults import parse
 
@@ -476,7 +477,7 @@ def test_out_of_memory_is_a_message(tiny_bin, tmp_path, monkeypatch):
 def _poison(monkeypatch, bad):
     """em_loss whose loss is NaN for the batches `bad(batch)` picks (by content, so a resumed
     run poisons the same ones)."""
-    real = trainer_module.em_loss
+    real = update_module.em_loss
 
     def em_loss(model, batch, **kwargs):
         out = real(model, batch, **kwargs)
@@ -484,7 +485,7 @@ def _poison(monkeypatch, bad):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "em_loss", em_loss)
+    monkeypatch.setattr(update_module, "em_loss", em_loss)
 
 
 def test_a_nan_update_is_skipped_without_touching_weights_or_adam(tiny_bin):
@@ -493,7 +494,7 @@ def test_a_nan_update_is_skipped_without_touching_weights_or_adam(tiny_bin):
     from moelab.train import RunConfig
     from moelab.train.config import model_config
     from moelab.train.distributed import DistInfo
-    from moelab.train.trainer import EMStep, autocast_context, build_optimizer, train_step
+    from moelab.train.update import EMStep, autocast_context, build_optimizer, train_step
 
     ds = BinarizedDataset(tiny_bin, "train")
     config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, num_experts=2, **TINY)

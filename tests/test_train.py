@@ -16,7 +16,7 @@ from moelab.train import RunConfig, read_history, train
 from moelab.train.config import ModelArgs, OptimConfig, TrainConfig, model_config
 from moelab.train.distributed import DistInfo
 from moelab.train.schedule import inverse_sqrt_lr
-from moelab.train.trainer import (
+from moelab.train.update import (
     EMStep,
     autocast_context,
     build_optimizer,
@@ -156,7 +156,8 @@ def test_train_logs_history_and_calls_back(tiny_bin, tmp_path):
 
 def test_validation_is_deterministic_and_matches_the_soft_objective(tiny_bin, tmp_path):
     """Valid loss for soft EM is the marginal NLL per token: recompute it by hand."""
-    from moelab.train.trainer import valid_batches, validate
+    from moelab.train.trainer import valid_batches
+    from moelab.train.validation import validate
 
     result = train(tiny_bin, method="sMoEup", num_experts=2, max_update=2, save_dir=tmp_path,
                    **TINY)

@@ -45,7 +45,7 @@ from moelab.model import MixtureLM
 from moelab.train.distributed import DistInfo
 from moelab.train.objectives import METHODS, method_flags
 from moelab.train.scoring import ESTEP_DTYPES, ExpertScorer
-from moelab.train.trainer import EMStep, autocast_context, train_step
+from moelab.train.update import EMStep, autocast_context, train_step
 
 
 def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.device, *,

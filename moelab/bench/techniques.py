@@ -35,7 +35,7 @@ from moelab.model.loss import KERNELS, TargetLogProbs, chunk_rows, plain_target_
 from moelab.model.mixture import ScoringFunctions
 from moelab.train.objectives import em_step, method_flags
 from moelab.train.scoring import ExpertScorer
-from moelab.train.trainer import autocast_context
+from moelab.train.update import autocast_context
 
 
 def _em_step(model: MixtureLM, batch: Batch, optimizer, *, hard: bool, uniform_prior: bool,

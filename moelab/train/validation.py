@@ -1,0 +1,84 @@
+"""Validation during training: the objective on the valid split, and each document's
+posterior summarized as eval-lm summarizes it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moelab.data import TrainBatches
+from moelab.evaluate import CONFIDENCE_KEYS, posterior_confidence, start_log_prior, summarize
+from moelab.model import MixtureLM
+from moelab.train import faults
+from moelab.train.distributed import DistInfo, all_reduce_sum
+from moelab.train.meter import perplexity
+
+
+@dataclass
+class ValidResult:
+    loss: float  # objective per target token (marginal NLL for soft EM), nats
+    nll: float  # -log p(x | z*) per token (hard) / marginal (soft)
+    ppl: float  # exp(loss)
+    num_tokens: int
+    posterior: np.ndarray  # (documents, K) p(z | whole document), prior at the document start
+    domain_ids: np.ndarray  # (documents,)
+    nmi: float | None  # argmax posterior vs domain labels; None with fewer than 2 domains
+    # how sure that clustering is (moelab.evaluate.posterior_confidence): read beside the NMI
+    confidence: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
+             hard: bool) -> ValidResult:
+    """Objective per token on the valid split, and each document's posterior over experts.
+
+    Eval mode, no grad. The documents' scores (log p(x | z) summed over their chunks) and the
+    prior at a document's start go through moelab.evaluate.summarize, as eval-lm's do, so the
+    posterior, NMI and confidence logged here are eval-lm's at context window 0. Ranks take every
+    world_size-th batch and the sums are all-reduced, so every rank returns the same result.
+    """
+    was_training = model.training
+    model.eval()
+    K, device, ds = model.num_experts, dist.device, batches.ds
+    doc_ll = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # sum_chunks log p(x|z)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, tokens
+    for n, position in enumerate(range(dist.rank, batches.batches_per_epoch, dist.world_size)):
+        if n == 1:
+            faults.hit("valid")  # testing hook: a kill in the middle of validation
+        batch = batches.batch(1, position).to(device)
+        # float32 on every device, as eval-lm scores: checkpoint_best is chosen on that number
+        ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)  # (B, K)
+        prior = model.log_prior(batch.context, batch.context_lengths)  # (B, K)
+        scores = prior + ll  # (B, K)
+        if hard:
+            z = scores.argmax(-1, keepdim=True)  # (B, 1)
+            loss, nll = -scores.gather(1, z).sum(), -ll.gather(1, z).sum()
+        else:
+            loss = nll = -torch.logsumexp(scores, dim=-1).sum()
+        sums += torch.stack([loss.double(), nll.double(),
+                             batch.lengths.sum().double()])
+        doc_ll.index_add_(0, batch.doc_ids, ll.double())
+    for t in (sums, doc_ll):
+        all_reduce_sum(t, dist)
+    model.train(was_training)
+    sums = sums.cpu()
+    tokens = np.diff(np.asarray(ds.offsets, dtype=np.int64))
+    domain_ids = np.asarray(ds.domain_ids, dtype=np.int64)
+    summary = summarize(doc_ll.cpu().numpy(), start_log_prior(model).numpy(), tokens, domain_ids,
+                        list(ds.domains), tokens_per_sample=batches.tokens_per_sample,
+                        context_window=0)
+    clusters = summary.clusters
+    if math.isnan(clusters["nmi"]):  # no two known domains: no NMI, but still a confidence
+        nmi = None
+        posterior = summary.posteriors.to_numpy()
+        confidence = posterior_confidence(doc_ll.cpu().numpy(), np.log(posterior), tokens)
+    else:
+        nmi = float(clusters["nmi"])
+        confidence = {key: float(clusters[key]) for key in CONFIDENCE_KEYS}
+    loss = float(sums[0] / sums[2])
+    return ValidResult(loss=loss, nll=float(sums[1] / sums[2]), ppl=perplexity(loss),
+                       num_tokens=int(sums[2]), posterior=summary.posteriors.to_numpy(),
+                       domain_ids=domain_ids, nmi=nmi, confidence=confidence)
