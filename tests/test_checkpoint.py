@@ -179,3 +179,44 @@ def test_restore_file_from_another_dir(tiny_bin, trained_dir, tmp_path):
     assert result.num_updates == 2
     assert list(read_history(tmp_path).query("kind == 'train'")["update"]) == []  # log_interval 100
     assert read_checkpoint(tmp_path / "checkpoint_last.pt")["num_updates"] == 2
+
+
+@pytest.mark.parametrize("name", ["checkpoint_last.pt", "checkpoint_7.pt"])
+def test_a_relative_restore_file_is_found_in_save_dir_before_the_cwd(tmp_path, monkeypatch,
+                                                                    name):
+    """fairseq's rule: a relative --restore-file means the one in --save-dir, even when the
+    working directory holds a file of that name (another run's, say)."""
+    from moelab.train import RunConfig
+    from moelab.train.save_dir import find_restore_file
+
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / name).write_bytes(b"the save dir's")
+    (tmp_path / name).write_bytes(b"the cwd's")
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig.from_kwargs("bin", max_update=1, save_dir=str(save_dir),
+                                   restore_file=name)
+    found = find_restore_file(config)
+    assert found is not None and found.read_bytes() == b"the save dir's"
+
+
+def test_resuming_without_a_gating_network_ignores_its_width(tiny_bin, trained_dir, tmp_path):
+    """A uniform prior builds no gating network, so --mean-pool-gating-network-encoder-dim
+    changes no weight: a resume that sets another one is the same model and goes on."""
+    save_dir = _copy(trained_dir, tmp_path)
+    saved = read_checkpoint(save_dir / "checkpoint_last.pt")["model_config"]
+    assert saved["gating"] is False and saved["gating_dim"] != 24
+    result = train(tiny_bin, method="hMoEup", num_experts=2, max_update=2, max_tokens=512,
+                   mean_pool_gating_network_encoder_dim=24, save_dir=save_dir, **TINY)
+    assert result.num_updates == 2  # resumed from update 1, not refused
+
+
+def test_checkpoint_wall_time_is_the_training_time_summed_over_resumes(tiny_bin, trained_dir,
+                                                                       tmp_path):
+    save_dir = _copy(trained_dir, tmp_path)
+    first = read_checkpoint(save_dir / "checkpoint_last.pt")["wall_time"]
+    assert first > 0
+    train(tiny_bin, method="hMoEup", num_experts=2, max_update=2, max_tokens=512,
+          save_dir=save_dir, **TINY)
+    resumed = read_checkpoint(save_dir / "checkpoint_last.pt")
+    assert resumed["num_updates"] == 2 and resumed["wall_time"] > first

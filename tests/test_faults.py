@@ -579,3 +579,40 @@ def test_non_finite_weights_are_never_saved(tiny_bin, tmp_path, monkeypatch):
     with pytest.raises(MoelabError, match="weights at update 1 are not finite"):
         train(tiny_bin, max_update=3, save_interval_updates=1, save_dir=tmp_path, **TINY)
     assert not (tmp_path / "checkpoint_last.pt").exists()
+
+
+def test_an_infinite_gradient_with_a_finite_loss_is_skipped(tiny_bin):
+    """The loss alone is not the check: a gradient that overflows while the loss is finite
+    would still put inf/NaN into the weights and Adam's moments."""
+    from moelab.data import TrainBatches
+    from moelab.model import MixtureLM
+    from moelab.train import RunConfig
+    from moelab.train.config import model_config
+    from moelab.train.distributed import DistInfo
+    from moelab.train.update import EMStep, autocast_context, build_optimizer, train_step
+
+    ds = BinarizedDataset(tiny_bin, "train")
+    config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, num_experts=2, **TINY)
+    model = MixtureLM(model_config(config.model, vocab_size=ds.vocab_size, pad_id=ds.pad_id,
+                                   tokens_per_sample=64))
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    batches = list(TrainBatches(ds, tokens_per_sample=64, max_tokens=512).epoch(1))[:2]
+    step = EMStep(model, hard=True, uniform_prior=True)
+    kw = dict(dist=DistInfo(), clip_norm=0.0, autocast=autocast_context(torch.device("cpu")))
+    assert not train_step(step, [batches[0]], optimizer, **kw).skipped
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state.items()}
+
+    hook = model.transformer.ln_f.weight.register_hook(
+        lambda grad: torch.full_like(grad, float("inf")))
+    try:
+        stats = train_step(step, [batches[1]], optimizer, **kw)
+    finally:
+        hook.remove()
+    assert torch.isfinite(stats.loss) and not torch.isfinite(stats.grad_norm)
+    assert stats.skipped
+    assert all(p.grad is None for p in model.parameters())  # gradients dropped
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for k, s in optimizer.state.items():
+        assert all(torch.equal(t, adam[k][n]) for n, t in s.items())  # no Adam step either

@@ -13,8 +13,12 @@ import pytest
 import torch
 
 from moelab.errors import MoelabError
-from moelab.train import Run, train
-from moelab.train.checkpoint import BEST, LAST, read_checkpoint
+from moelab.model import MixtureLM
+from moelab.train import Run, RunConfig, train
+from moelab.train.checkpoint import BEST, LAST, read_checkpoint, rng_state
+from moelab.train.config import model_config
+from moelab.train.run import TrainState, build_checkpoint, restore_training
+from moelab.train.update import build_optimizer
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run_v1"
 
@@ -76,6 +80,61 @@ def test_load_takes_a_save_folder_or_a_file(old_run):
 def test_a_data_bin_with_another_tokenizer_is_refused(old_run, tiny_bin):
     with pytest.raises(MoelabError, match="different tokenizers"):
         Run.load(old_run / "run" / LAST, data_bin=tiny_bin)
+
+
+def test_a_data_bin_of_another_vocabulary_size_is_refused_without_a_tokenizer_hash(old_run):
+    """An older data-bin has no tokenizer_sha256 to compare: its vocabulary size still tells
+    another tokenizer apart, and is checked."""
+    data_bin = old_run / "data-bin"
+    meta = json.loads((data_bin / "meta.json").read_text())
+    del meta["tokenizer_sha256"]
+    (data_bin / "meta.json").write_text(json.dumps(meta))
+    Run.load(old_run / "run" / LAST, data_bin=data_bin)  # the same size: accepted
+    meta["vocab_size"] += 1
+    (data_bin / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(MoelabError, match="different tokenizers"):
+        Run.load(old_run / "run" / LAST, data_bin=data_bin)
+
+
+def _checkpoint_at(epoch: int, batch: int, world_size: int) -> tuple[dict, MixtureLM,
+                                                                     torch.optim.Optimizer]:
+    """A checkpoint written by `world_size` ranks at (epoch, batch), and a model to restore it."""
+    config = RunConfig.from_kwargs("bin", max_update=10, arch="tiny", decoder_layers=1,
+                                   decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                                   decoder_attention_heads=2, num_experts=2)
+    mconf = model_config(config.model, vocab_size=40, pad_id=3, tokens_per_sample=16)
+    model = MixtureLM(mconf)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    state = TrainState(num_updates=7, epoch=epoch, batch_in_epoch=batch, best_valid_loss=3.5)
+    meter = {"sums": torch.zeros(9, dtype=torch.float64), "updates": 1, "global_tokens": 5,
+             "elapsed": 0.5}
+    checkpoint = build_checkpoint(model=model, optimizer=optimizer, state=state, config=config,
+                                  model_config=mconf, tokenizer={"sha256": None, "vocab_size": 40},
+                                  rng=[rng_state()] * world_size, meters=[meter] * world_size,
+                                  world_size=world_size, wall_time=12.0)
+    return checkpoint, model, optimizer
+
+
+@pytest.mark.parametrize("saved_by, epoch, batch, expected", [
+    (2, 3, 5, (4, 0)),  # mid-epoch, another world size: the next epoch from its start
+    (2, 3, 0, (3, 0)),  # at an epoch's start already: that epoch
+    (1, 3, 5, (3, 5)),  # the same world size: exactly where it stopped
+])
+def test_resuming_with_another_world_size_starts_the_next_epoch(saved_by, epoch, batch,
+                                                                 expected):
+    """Another number of ranks deals an epoch's batches out differently, so the rest of the
+    epoch in progress cannot be told apart from what was trained: a resume goes on from the
+    next epoch's start (and says so) instead of training batches twice."""
+    checkpoint, model, optimizer = _checkpoint_at(epoch, batch, world_size=saved_by)
+    state, meter, note = restore_training(checkpoint, "ck.pt", model, optimizer, rank=0,
+                                          world_size=1)
+    assert (state.epoch, state.batch_in_epoch) == expected
+    assert (state.num_updates, state.best_valid_loss, state.wall_time) == (7, 3.5, 12.0)
+    if saved_by == 1:
+        assert note is None and meter is not None
+    else:
+        assert "written by 2 process(es)" in note and "data order changes" in note
+        assert meter is None  # another world's interval sums are not this rank's
 
 
 def test_evaluations_are_cached_on_disk_until_the_checkpoint_changes(old_run, monkeypatch):

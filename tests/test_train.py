@@ -542,3 +542,83 @@ def test_validation_logs_the_posteriors_confidence_beside_its_nmi(tiny_bin, tmp_
     entropy = -(p * np.log(np.clip(p, 1e-300, None))).sum(1).mean()
     assert record["mean_posterior_entropy"] == pytest.approx(float(entropy))
     assert 0 < record["expert_spread"] < 1  # nats per token: two barely trained experts
+
+
+# --------------------------------------------------------------------------- config edges
+
+
+def test_max_bad_updates_below_one_is_refused():
+    with pytest.raises(ValueError, match="--max-bad-updates must be >= 1, got 0"):
+        TrainConfig(max_update=1, max_bad_updates=0)
+    assert TrainConfig(max_update=1, max_bad_updates=1).max_bad_updates == 1
+
+
+def test_max_tokens_equal_to_tokens_per_sample_is_a_valid_batch_size():
+    """One chunk of the longest length fills the batch exactly: that fits."""
+    from moelab.train.config import DataConfig
+
+    assert DataConfig(data="bin", max_tokens=64, tokens_per_sample=64).max_tokens == 64
+    with pytest.raises(ValueError, match=r"--max-tokens \(63\) must be >= --tokens-per-sample"):
+        DataConfig(data="bin", max_tokens=63, tokens_per_sample=64)
+
+
+# --------------------------------------------------------------------------- validation and meter
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_validate_gives_the_model_back_in_the_mode_it_came_in(tiny_bin):
+    """validate runs in eval mode but must not leave a training model there: the next updates
+    would run without dropout."""
+    from moelab.train.trainer import valid_batches
+    from moelab.train.validation import validate
+
+    config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, **FAST)
+    ds = BinarizedDataset(tiny_bin, "valid")
+    model = MixtureLM(model_config(config.model, vocab_size=ds.vocab_size, pad_id=ds.pad_id,
+                                   tokens_per_sample=64))
+    batches = valid_batches(ds, config)
+    model.train()
+    validate(model, batches, DistInfo(), hard=True)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    validate(model, batches, DistInfo(), hard=True)
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_meter_counts_argmax_wins_apart_from_responsibilities():
+    """Usage (argmax counts) and posterior mass (responsibility sums) are different figures:
+    soft responsibilities 0.6/0.4 on both chunks are 2 wins for expert 0, not 1.2 and 0.8."""
+    from moelab.train.meter import Meter
+    from moelab.train.update import StepStats
+
+    meter = Meter(num_experts=2, device=torch.device("cpu"))
+    stats = StepStats(loss=torch.tensor(5.0), nll=torch.tensor(4.0), num_tokens=10,
+                      global_tokens=10, responsibility_sum=torch.tensor([1.2, 0.8]),
+                      argmax_counts=torch.tensor([2, 0]), num_chunks=2,
+                      grad_norm=torch.tensor(0.5))
+    meter.add(stats)
+    meter.add(stats)
+    K = 2
+    assert meter.sums[5 : 5 + K].tolist() == pytest.approx([2.4, 1.6])
+    assert meter.sums[5 + K :].tolist() == [4.0, 0.0]
+    assert meter.sums[:5].tolist() == pytest.approx([10.0, 8.0, 20.0, 4.0, 1.0])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_log_grad_norm_is_the_mean_of_its_updates_norms(tiny_bin, tmp_path, monkeypatch):
+    from moelab.train import trainer
+
+    norms: list[float] = []
+    real_step = trainer.train_step
+
+    def recording_step(*args, **kwargs):
+        stats = real_step(*args, **kwargs)
+        norms.append(float(stats.grad_norm))
+        return stats
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    train(tiny_bin, max_update=4, log_interval=2, save_dir=tmp_path, **FAST)
+    assert len(norms) == 4 and min(norms) > 0
+    logged = list(read_history(tmp_path).query("kind == 'train'")["grad_norm"])
+    assert logged == pytest.approx([(norms[0] + norms[1]) / 2, (norms[2] + norms[3]) / 2],
+                                   rel=1e-6)
