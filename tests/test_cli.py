@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -187,3 +188,40 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
         pytest.fail("Ctrl-C escaped main instead of ending with status 130")
     assert status == 130
     assert capsys.readouterr().err == "moelab demo: interrupted\n"
+
+
+# --------------------------------------------------------------------------- help and devices
+
+
+def help_entry(command: str, flag: str, capsys) -> str:
+    """The help of one option of `moelab COMMAND --help`, on one line (wrapping undone)."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    entries = re.split(r"\n  (?=-)", capsys.readouterr().out)
+    found = [" ".join(entry.split()) for entry in entries if entry.startswith(flag + " ")]
+    assert len(found) == 1, f"{flag} not in `moelab {command} --help`"
+    return found[0]
+
+
+@pytest.mark.parametrize("command, flag", [("eval-lm", "--context-window"),
+                                           ("train", "--max-update")])
+def test_help_shows_a_zero_default(command, flag, capsys):
+    """0 is a value a user may need to read (C = 0, or no update limit), not a missing one."""
+    assert help_entry(command, flag, capsys).endswith("(default: 0)")
+
+
+def test_cpu_flag_loads_on_the_cpu_even_when_a_gpu_is_seen(tiny_bin, ckpt, monkeypatch):
+    """fairseq's --cpu wins over --device auto, which would pick the GPU."""
+    import moelab.cli.checkpoint as checkpoint_cli
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    resolved = []
+    real = checkpoint_cli.resolve_device
+    monkeypatch.setattr(checkpoint_cli, "resolve_device",
+                        lambda name: resolved.append(real(name)) or resolved[-1])
+    args = _parse("eval-lm", str(tiny_bin), "--path", str(ckpt), "--cpu")
+    run, _ = checkpoint_cli.load_run(args, "eval-lm")
+    assert [str(device) for device in resolved] == ["cpu"]
+    assert next(run.model.parameters()).device.type == "cpu"

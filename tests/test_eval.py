@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -351,6 +352,71 @@ def test_eval_lm_valid_subset_matches_python_api(tiny_bin, ckpt, model, valid, c
     out = capsys.readouterr().out
     api = evaluate(model, valid, context_window=16, progress=False)
     assert f"Perplexity: {api.perplexity.loc['overall', 'mixture']:.2f}" in out
+
+
+def closing_line(out: str) -> tuple[float, float]:
+    """The loss and perplexity of fairseq-eval-lm's last line, as printed."""
+    match = re.search(r"^\| Loss \(base 2\): (\S+), Perplexity: (\S+)$", out, re.MULTILINE)
+    assert match, out
+    return float(match[1]), float(match[2])
+
+
+def test_eval_lm_loss_is_the_base_2_log_of_its_perplexity(tiny_bin, ckpt, capsys):
+    """Scripts that parse fairseq's line read the loss in bits: log2(perplexity), not ln."""
+    assert main(["eval-lm", str(tiny_bin), "--path", str(ckpt), "--gen-subset", "valid",
+                 "--no-progress-bar"]) == 0
+    loss, perplexity = closing_line(capsys.readouterr().out)
+    assert perplexity > 2  # ln and log2 differ by more than the printed rounding
+    assert loss == pytest.approx(math.log2(perplexity), abs=1e-3)
+
+
+def test_eval_lm_test_subset_matches_python_api(tiny_bin, ckpt, model, valid, capsys):
+    """--gen-subset chooses the split scored, not only the title: test's perplexity is test's."""
+    assert main(["eval-lm", str(tiny_bin), "--path", str(ckpt), "--gen-subset", "test",
+                 "--no-progress-bar"]) == 0
+    _, perplexity = closing_line(capsys.readouterr().out)
+    test = evaluate(model, BinarizedDataset(tiny_bin, "test"), progress=False)
+    other = evaluate(model, valid, progress=False)
+    expected = test.perplexity.loc["overall", "mixture"]
+    assert round(expected, 2) != round(other.perplexity.loc["overall", "mixture"], 2)
+    assert perplexity == round(expected, 2)
+
+
+def test_eval_lm_results_record_the_settings_they_were_made_with(tiny_bin, ckpt, tmp_path):
+    """{split}_eval.json says how the numbers were made, context window included."""
+    results = tmp_path / "results"
+    assert main(["eval-lm", str(tiny_bin), "--path", str(ckpt), "--gen-subset", "valid",
+                 "--context-window", "16", "--max-sentences", "3", "--results-dir",
+                 str(results), "--no-progress-bar"]) == 0
+    settings = json.loads((results / "valid_eval.json").read_text())["settings"]
+    assert settings["context_window"] == 16
+    assert settings["tokens_per_sample"] == T and settings["max_sentences"] == 3
+    assert settings["path"] == str(ckpt) and settings["data"] == str(tiny_bin)
+
+
+@pytest.fixture(scope="module")
+def lp_ckpt(tiny_bin, tmp_path_factory) -> Path:
+    """A tiny hMoElp checkpoint whose gating network is 16 wide (one update is enough)."""
+    from moelab.train import train
+
+    save_dir = tmp_path_factory.mktemp("lp-run")
+    result = train(str(tiny_bin), arch="tiny", method="hMoElp", num_experts=2, max_update=1,
+                   decoder_layers=1, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                   decoder_attention_heads=2, tokens_per_sample=32, max_tokens=256,
+                   mean_pool_gating_network=True, mean_pool_gating_network_encoder_dim=16,
+                   save_dir=str(save_dir), device="cpu", progress_bar=False)
+    return result.run.checkpoint_path
+
+
+def test_eval_lm_refuses_a_gating_width_the_learned_prior_checkpoint_lacks(tiny_bin, lp_ckpt,
+                                                                           capsys):
+    argv = ["eval-lm", str(tiny_bin), "--path", str(lp_ckpt), "--gen-subset", "valid",
+            "--no-progress-bar", "--mean-pool-gating-network"]
+    assert main([*argv, "--mean-pool-gating-network-encoder-dim", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "--mean-pool-gating-network-encoder-dim 24" in err and "width 16" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*argv, "--mean-pool-gating-network-encoder-dim", "16"]) == 0  # its own width
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -614,3 +614,35 @@ def test_trained_experts_give_different_distributions_and_samples(distinct_exper
         config = GenerationConfig(max_new_tokens=12, min_len=12, sampling=True, seed=1)
         samples = [generate(model, tokenizer, prompt, expert=k, config=config) for k in range(K)]
         assert len(set(samples)) == K, samples  # one seed, K experts: K different texts
+
+
+# ----------------------------------------------------------------------------- interactive session
+
+
+def test_interactive_auto_answers_with_the_expert_of_highest_posterior(tiny_bin, ckpt, model,
+                                                                       tokenizer, monkeypatch,
+                                                                       capsys):
+    valid = BinarizedDataset(tiny_bin, "valid")
+    prompt = tokenizer.decode(valid.document(0)[:40].tolist())
+    posterior = expert_posterior(model, tokenizer, prompt)
+    assert float(posterior.max() - posterior.min()) > 0.01  # the argmax is not a tie
+    rc, out, _ = run_cli(["interactive", str(tiny_bin), "--path", str(ckpt), "--gen-expert",
+                          "auto", "--max-len-b", "2", "--prompt", prompt], "", monkeypatch,
+                         capsys)
+    assert rc == 0
+    label = re.match(r"\[expert (\d+), posterior ([\d.]+)\]", out)
+    assert label, out
+    best = int(posterior.argmax())
+    assert (int(label[1]), label[2]) == (best, f"{float(posterior[best]):.3f}")
+
+
+def test_interactive_samples_each_prompt_from_one_seeded_stream(tiny_bin, ckpt, monkeypatch,
+                                                                 capsys):
+    """As fairseq-interactive: one seed per session, so a repeated prompt gets a new sample
+    (a generator reseeded per prompt would repeat the first answer)."""
+    argv = ["interactive", str(tiny_bin), "--path", str(ckpt), "--sampling", "--max-len-b", "12"]
+    rc, out, _ = run_cli(argv, "the\nthe\n", monkeypatch, capsys)
+    assert rc == 0
+    first, second = [line for line in out.splitlines() if line.startswith("[expert 0]")]
+    assert first != second
+    assert run_cli(argv, "the\nthe\n", monkeypatch, capsys)[1] == out  # and the seed repeats it

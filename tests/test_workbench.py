@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from moelab.train import checkpoint as ckpt
-from moelab.workbench import DONE_FILE
+from moelab.workbench import DONE_FILE, TRAIN_PRESETS
 
 
 def test_retrain_starts_from_scratch_even_with_a_previous_checkpoint(smoke_workbench, tmp_path,
@@ -69,3 +69,48 @@ def test_a_folder_that_is_not_a_data_bin_is_never_written_into(tmp_path):
     with pytest.raises(MoelabError, match="not empty and holds no data-bin"):
         ensure_data_bin(tmp_path / "corpus", documents_per_domain=4, vocab_size=500)
     assert [p.name for p in (tmp_path / "corpus").iterdir()] == ["mine.txt"]
+
+
+@pytest.fixture
+def trained_copy(smoke_workbench, tmp_path):
+    """A Workbench on its own runs folder holding a copy of the session's trained hMoEup run,
+    for tests that retrain or delete files (the session's run is trained once and shared)."""
+    shared = smoke_workbench()
+    shared.train("hMoEup")
+    shutil.copytree(shared.save_dir("hMoEup"), tmp_path / "hMoEup")
+    return smoke_workbench(runs_dir=tmp_path)
+
+
+def test_evaluations_with_another_context_window_are_their_own(smoke_workbench):
+    wb = smoke_workbench()
+    plain = wb.evaluate("hMoEup", "valid", context_window=0)
+    windowed = wb.evaluate("hMoEup", "valid", context_window=16)
+    assert plain.summary["context_window"] == 0
+    assert windowed.summary["context_window"] == 16
+    assert wb.evaluate("hMoEup", "valid", context_window=16) is windowed  # cached in memory
+
+
+def test_retraining_drops_the_evaluations_kept_in_memory(trained_copy):
+    wb = trained_copy
+    before = wb.evaluate("hMoEup", "valid")
+    wb.train_options = {"max_update": 3}  # a different checkpoint, so its numbers differ
+    wb.train("hMoEup", retrain=True)
+    after = wb.evaluate("hMoEup", "valid")
+    assert after is not before
+    assert not after.perplexity.equals(before.perplexity)
+    assert wb.run("hMoEup").num_updates == 3
+
+
+def test_a_run_without_its_best_checkpoint_is_not_trained(trained_copy):
+    """Notebooks load checkpoint_best.pt: done.json alone would send them to a missing file."""
+    assert trained_copy.is_trained("hMoEup")
+    (trained_copy.save_dir("hMoEup") / ckpt.BEST).unlink()
+    assert not trained_copy.is_trained("hMoEup")
+
+
+def test_a_run_trained_for_another_max_update_is_not_trained(smoke_workbench):
+    smoke_workbench().train("hMoEup")
+    preset_updates = TRAIN_PRESETS["smoke"]["max_update"]
+    assert preset_updates != 9
+    assert smoke_workbench(train_options={"max_update": preset_updates}).is_trained("hMoEup")
+    assert not smoke_workbench(train_options={"max_update": 9}).is_trained("hMoEup")
