@@ -203,3 +203,16 @@ def test_the_readmes_python_example_runs(tiny_bin, tmp_path, monkeypatch, capsys
     assert run.num_experts == 7 and len(run.history) > 0
     assert scores.perplexity.index[0] == "overall"
     assert capsys.readouterr().out.strip()  # the generated text was printed
+
+
+def test_evaluations_with_another_window_length_are_cached_apart(old_run):
+    """A window length other than the model's is its own evaluation, on disk too."""
+    run = Run.load(old_run / "run" / LAST, data_bin=old_run / "data-bin")
+    default = run.evaluate("valid", progress=False)
+    shorter = run.evaluate("valid", tokens_per_sample=16, progress=False)
+    assert int(default.summary["tokens_per_sample"]) == 32
+    assert int(shorter.summary["tokens_per_sample"]) == 16
+    again = Run.load(old_run / "run" / LAST, data_bin=old_run / "data-bin")
+    assert int(again.evaluate("valid", tokens_per_sample=16, progress=False
+                              ).summary["tokens_per_sample"]) == 16
+    assert int(again.evaluate("valid", progress=False).summary["tokens_per_sample"]) == 32
