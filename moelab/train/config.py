@@ -22,6 +22,8 @@ from moelab.train.objectives import ESTEP_DTYPES, METHODS, method_flags
 
 # The M-step's precision (--precision); auto is resolved per device when training starts.
 PRECISIONS = ("auto", "float32", "bfloat16")
+# Where the first --init-updates assignments come from (moelab.train.warm_start).
+INIT_CLUSTERS = ("none", "tfidf")
 
 
 def _help(text: str, **extra) -> dict:
@@ -250,6 +252,12 @@ class TrainConfig:
     prefetch: bool = field(default=True, metadata=_help(
         "load each update's batches in place instead of on a thread during the previous "
         "update (the batches are the same)", flag="--no-prefetch"))
+    init_clusters: str = field(default="none", metadata=_help(
+        "warm start: tfidf clusters the train documents (tf-idf, balanced k-means, K clusters) "
+        "and each chunk trains its document's cluster's expert for the first --init-updates "
+        "updates, then EM decides", choices=INIT_CLUSTERS))
+    init_updates: int = field(default=0, metadata=_help(
+        "updates whose assignment comes from --init-clusters"))
 
     @property
     def estep_torch_dtype(self) -> torch.dtype | None:
@@ -282,10 +290,28 @@ class TrainConfig:
             except RuntimeError:
                 raise ValueError(f"--device {self.device!r} is not a device; use auto, cpu, "
                                  "cuda or cuda:N") from None
+        self._check_warm_start()
         for name in ("update_freq", "log_interval", "max_bad_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                                  f"{getattr(self, name)}")
+
+
+    def _check_warm_start(self) -> None:
+        if self.init_clusters not in INIT_CLUSTERS:
+            raise ValueError(f"--init-clusters must be one of {', '.join(INIT_CLUSTERS)}, got "
+                             f"{self.init_clusters!r}")
+        if self.init_updates < 0:
+            raise ValueError(f"--init-updates must be >= 0, got {self.init_updates}")
+        if self.init_updates > 0 and self.init_clusters == "none":
+            raise ValueError(f"--init-updates {self.init_updates} needs --init-clusters tfidf: "
+                             "without clusters nothing chooses the experts of those updates")
+        if self.init_clusters != "none" and self.init_updates == 0:
+            raise ValueError(f"--init-clusters {self.init_clusters} needs --init-updates N > 0: "
+                             "the clusters choose the experts of the first N updates only")
+        if 0 < self.max_update < self.init_updates:
+            raise ValueError(f"--init-updates {self.init_updates} is larger than --max-update "
+                             f"{self.max_update}: EM would never take over; lower it")
 
 
 CONFIG_CLASSES = {"data": DataConfig, "model": ModelArgs, "optim": OptimConfig,
@@ -300,6 +326,12 @@ class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)  # raises without max_update
+
+    def __post_init__(self) -> None:
+        if self.train.init_clusters != "none" and self.model.num_experts == 1:
+            raise ValueError(f"--init-clusters {self.train.init_clusters} needs K > 1 experts: "
+                             "with one (--method dense or --num-experts 1) every chunk already "
+                             "trains it")
 
     @classmethod
     def from_kwargs(cls, data: str | None = None, **kwargs) -> RunConfig:

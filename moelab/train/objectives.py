@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moelab.model import MixtureLM
 from moelab.train.scoring import ESTEP_DTYPES, ExpertScorer
@@ -59,7 +60,8 @@ class PosteriorLogSumExp(torch.autograd.Function):
         return -posterior * grad_out[:, None], None  # (B, K); no gradient for r
 
 
-def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool) -> EMOutput:
+def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
+            assignment: torch.Tensor | None = None) -> EMOutput:
     """One online-EM step on a batch, as Shen et al. (2019) write it; the caller calls backward.
 
     (Shen, Ott, Auli, Ranzato: "Mixture Models for Diverse Machine Translation: Tricks of the
@@ -68,11 +70,14 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool) -> 
     its score is l_z = log p(z | c) + log p(x | z), with the prior p(z | c) uniform (1/K) or
     learned from the context c. How the scores are computed (prefix or low-precision E-step,
     the E-step read off the M-step, compiled kernels) is the scorer's business, not the step's.
+    `assignment` (B,), a warm start's expert per chunk, replaces the E-step (moelab.train.
+    warm_start).
     """
     scores = scorer.scores(batch, hard=hard, uniform_prior=uniform_prior)
     # E-step: the posterior r_z = p(z | x, c) = softmax_z l_z, from a forward with dropout off
     # and without gradient: a fixed target for the M-step
-    r = scores.e_step().softmax(dim=-1)  # (B, K)
+    r = (scores.e_step().softmax(dim=-1) if assignment is None
+         else F.one_hot(assignment, scorer.model.num_experts).float())  # (B, K)
     if hard:  # M-step of hard EM: train the winner z* = argmax_z r_z alone on -log p(x, z* | c)
         z = r.argmax(dim=-1)  # (B,)
         log_prior, log_lik = scores.m_step(z)  # (B,) each, dropout on, with gradient
@@ -87,11 +92,12 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool) -> 
 
 
 def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
-            scorer: ExpertScorer | None = None) -> EMOutput:
+            scorer: ExpertScorer | None = None,
+            assignment: torch.Tensor | None = None) -> EMOutput:
     """`em_step` on `model`, scored by `scorer` (default: ExpertScorer(model), the exact
     float32 E-step on the whole chunk, read off the M-step where exact and it pays)."""
     if scorer is None:
         scorer = ExpertScorer(model)
     elif scorer.model is not model:
         raise ValueError("the scorer scores another model than the one passed to em_loss")
-    return em_step(scorer, batch, hard=hard, uniform_prior=uniform_prior)
+    return em_step(scorer, batch, hard=hard, uniform_prior=uniform_prior, assignment=assignment)

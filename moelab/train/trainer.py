@@ -66,6 +66,7 @@ from moelab.train.update import (
     wrap_for_training,
 )
 from moelab.train.validation import ValidResult, validate
+from moelab.train.warm_start import WarmStart, load_or_cluster
 
 Callback = Callable[[dict], None]
 
@@ -133,6 +134,7 @@ class Trainer:
         config, dist = self.config, self.dist
         restore = self.resume()
         state = self.state  # restored by resume()
+        warm_start = self.warm_start()
         if config.train.compile:
             self.model.compile_for_speed()  # warns and stays eager if compiling fails
         step_module = wrap_for_training(self.model, dist, hard=self.hard,
@@ -162,9 +164,12 @@ class Trainer:
                 if not micro_batches:
                     break
                 lr = set_learning_rate(self.optimizer, config, state.num_updates)
+                # warm start: the clusters, not the E-step, choose this update's experts
+                warm = warm_start is not None and warm_start.chooses(state.num_updates)
                 stats = train_step(step_module, micro_batches, self.optimizer, dist=dist,
                                    clip_norm=config.optim.clip_norm, autocast=autocast,
-                                   stop_requested=stop.requested)
+                                   stop_requested=stop.requested,
+                                   assign=warm_start.assignment if warm else None)
                 stop_now = stats.stop
                 if stats.skipped:
                     skip_update(stats, state, config, self.say)
@@ -203,6 +208,20 @@ class Trainer:
     def elapsed(self) -> float:
         """Seconds spent training, over this process and the runs it resumed."""
         return self.state.wall_time + time.perf_counter() - self.started
+
+    def warm_start(self) -> WarmStart | None:
+        """--init-clusters: the train documents' clusters, read from the save dir when a run
+        there made them (a resume continues with the assignment it started with)."""
+        t = self.config.train
+        if t.init_clusters == "none":
+            return None
+        try:
+            clusters = load_or_cluster(self.train_ds, self.save_dir,
+                                       self.model_config.num_experts, seed=t.seed,
+                                       write=self.dist.is_main, say=self.say)
+        except ValueError as e:
+            raise MoelabError(str(e)) from None
+        return WarmStart(torch.from_numpy(clusters).to(self.dist.device), t.init_updates)
 
     # ------------------------------------------------------------------ validation
     def validate_and_save(self) -> ValidResult:

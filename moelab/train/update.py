@@ -74,9 +74,10 @@ class EMStep(nn.Module):
         self.hard, self.uniform_prior = hard, uniform_prior
         self.scorer = ExpertScorer(model, estep_tokens=estep_tokens, estep_dtype=estep_dtype)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, assignment: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior,
-                      scorer=self.scorer)
+                      scorer=self.scorer, assignment=assignment)
         return out.loss, out.responsibilities, out.nll
 
 
@@ -110,7 +111,8 @@ class StepStats:
 
 def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: torch.optim.Optimizer,
                *, dist: DistInfo, clip_norm: float, autocast,
-               stop_requested: bool = False) -> StepStats:
+               stop_requested: bool = False,
+               assign: Callable[[Batch], torch.Tensor] | None = None) -> StepStats:
     """One optimizer update over `update_freq` micro-batches, normalized as fairseq does.
 
     Each micro-batch backpropagates its SUMMED loss scaled by 1 / (targets in the whole update,
@@ -121,6 +123,7 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     gradients, so NaN never reaches the weights or Adam's moments. Deciding that costs one
     device sync per update, before the optimizer step; the same all-reduce tells every rank
     whether any was asked to stop (`stop_requested`), so all stop at the same update.
+    `assign` (a warm start's chunk -> expert) replaces the E-step of this update.
     """
     device = dist.device
     tokens = [b.num_tokens for b in micro_batches]  # counted on CPU: no device sync
@@ -138,7 +141,7 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
         sync = contextlib.nullcontext() if last or not dist.distributed else step_module.no_sync()
         with sync:
             with autocast():
-                loss, r, nll = step_module(batch)
+                loss, r, nll = step_module(batch, None if assign is None else assign(batch))
             (loss * scale).backward()
         loss_sum += loss.detach().float()
         nll_sum += nll.float()
