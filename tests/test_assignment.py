@@ -54,7 +54,8 @@ def test_sinkhorn_plan_has_rows_one_and_columns_b_over_k():
 
 def test_sinkhorn_keeps_the_argmax_of_an_already_balanced_batch():
     K = 3
-    preferred = torch.arange(12) % K  # each expert preferred by 4 of 12 chunks
+    # each expert preferred by 4 of 12 chunks, in no order (a round robin would not pass)
+    preferred = torch.randperm(12, generator=torch.Generator().manual_seed(0)) % K
     scores = _scores(12, K, seed=1) * 0.3 + 4 * torch.nn.functional.one_hot(preferred, K)
     plan = sinkhorn(scores, iterations=20)
     assert torch.equal(plan.argmax(1), scores.argmax(1))
