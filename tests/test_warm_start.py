@@ -89,7 +89,7 @@ def _spy_em_steps(monkeypatch) -> list[dict]:
     real_step, real_m_step = objectives.em_step, scoring.BatchScores.m_step
 
     def em_step(scorer, batch, **kwargs):
-        calls.append({"doc_ids": batch.doc_ids.clone(), "assignment": kwargs.get("assignment")})
+        calls.append({"doc_ids": batch.doc_ids.clone(), "assignment": kwargs.get("experts")})
         out = real_step(scorer, batch, **kwargs)
         calls[-1]["r"] = out.responsibilities.clone()
         return out

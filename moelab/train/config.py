@@ -18,6 +18,7 @@ import torch
 
 from moelab.model import ModelConfig
 from moelab.presets import ARCHITECTURES, FAIRSEQ_MODEL_FLAGS, in_flag_names
+from moelab.train.assignment import BALANCES
 from moelab.train.objectives import ESTEP_DTYPES, METHODS, method_flags
 
 # The M-step's precision (--precision); auto is resolved per device when training starts.
@@ -258,6 +259,20 @@ class TrainConfig:
         "updates, then EM decides", choices=INIT_CLUSTERS))
     init_updates: int = field(default=0, metadata=_help(
         "updates whose assignment comes from --init-clusters"))
+    # the remedies against collapse (moelab.train.assignment): they reshape the posterior the
+    # M-step trains on, never the loss or evaluation; all off by default
+    balance: str = field(default="none", metadata=_help(
+        "sinkhorn: project each update's posterior onto equal expert shares (Sinkhorn-Knopp, "
+        "over all ranks); hard EM trains the balanced plan's argmax, soft EM its weights",
+        choices=BALANCES))
+    prior_bias_rate: float = field(default=0.0, metadata=_help(
+        "loss-free balancing of the learned prior: a per-expert bias on log p(z|c), used only "
+        "to choose, moved by this much after each update toward idle experts (0: off)"))
+    estep_temperature: float = field(default=1.0, metadata=_help(
+        "deterministic annealing: the E-step posterior is softmax(l / T), T going linearly "
+        "from this value to 1 over --anneal-updates, then 1"))
+    anneal_updates: int = field(default=0, metadata=_help(
+        "updates over which --estep-temperature goes linearly to 1 (0: no annealing)"))
 
     @property
     def estep_torch_dtype(self) -> torch.dtype | None:
@@ -295,6 +310,30 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
                                  f"{getattr(self, name)}")
+        self._check_remedies()
+
+    def _check_remedies(self) -> None:
+        """The remedies' own values; how they fit the method is RunConfig's check."""
+        _check_finite(self, "prior_bias_rate", "estep_temperature")
+        if self.balance not in BALANCES:
+            raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, got "
+                             f"{self.balance!r}")
+        if self.prior_bias_rate < 0:
+            raise ValueError(f"--prior-bias-rate must be >= 0 (0: off), got "
+                             f"{self.prior_bias_rate}")
+        if self.estep_temperature <= 0:
+            raise ValueError(f"--estep-temperature must be > 0 (the posterior is "
+                             f"softmax(l / T)), got {self.estep_temperature}")
+        if self.anneal_updates < 0:
+            raise ValueError(f"--anneal-updates must be >= 0, got {self.anneal_updates}")
+        if self.anneal_updates > 0 and self.estep_temperature == 1:
+            raise ValueError(f"--anneal-updates {self.anneal_updates} anneals nothing: the "
+                             "temperature starts at --estep-temperature 1; give a starting "
+                             "temperature, e.g. --estep-temperature 2")
+        if self.estep_temperature != 1 and self.anneal_updates == 0:
+            raise ValueError(f"--estep-temperature {self.estep_temperature} needs "
+                             "--anneal-updates N > 0: the temperature goes to 1 over N updates "
+                             "(with N = 0 it would be 1 from the start)")
 
 
     def _check_warm_start(self) -> None:
@@ -328,8 +367,21 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # raises without max_update
 
     def __post_init__(self) -> None:
-        if self.train.init_clusters != "none" and self.model.num_experts == 1:
-            raise ValueError(f"--init-clusters {self.train.init_clusters} needs K > 1 experts: "
+        """A remedy combined with a method where it means nothing is refused, saying why."""
+        t, m = self.train, self.model
+        if t.prior_bias_rate > 0 and not m.uses_gating:
+            raise ValueError(f"--prior-bias-rate biases the learned prior, and --method "
+                             f"{m.method} has a uniform prior: use hMoElp or sMoElp, or drop "
+                             "--prior-bias-rate")
+        if m.num_experts == 1:
+            for given, flag in ((t.balance != "none", f"--balance {t.balance}"),
+                                (t.anneal_updates > 0, "--estep-temperature")):
+                if given:
+                    raise ValueError(f"{flag} reshapes the posterior over experts, and with "
+                                     f"one expert (--method {m.method}, K = 1) it is always 1; "
+                                     "use K >= 2 or drop the flag")
+        if t.init_clusters != "none" and m.num_experts == 1:
+            raise ValueError(f"--init-clusters {t.init_clusters} needs K > 1 experts: "
                              "with one (--method dense or --num-experts 1) every chunk already "
                              "trains it")
 

@@ -82,6 +82,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum over ranks in place (a no-op for a world of one); returns the tensor."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's `obj`, in rank order (pickled; for small things like RNG states)."""
     if not info.distributed:

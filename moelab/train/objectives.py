@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.model import MixtureLM
+from moelab.train.assignment import Assignment
 from moelab.train.scoring import ESTEP_DTYPES, ExpertScorer
 
 __all__ = ["ESTEP_DTYPES", "METHODS", "EMOutput", "ExpertScorer", "PosteriorLogSumExp",
@@ -37,7 +38,9 @@ def method_flags(name: str) -> tuple[bool, bool]:
 @dataclass
 class EMOutput:
     loss: torch.Tensor  # scalar, SUM over the batch; the caller divides by num_tokens
-    responsibilities: torch.Tensor  # (B, K) posterior r from the dropout-free E-step, no grad
+    # (B, K) the posterior r the M-step trained on (dropout-free E-step, no grad): softmax(l),
+    # or the remedies' reshaped one
+    responsibilities: torch.Tensor
     num_tokens: int  # target tokens in the batch
     nll: torch.Tensor  # scalar, no grad: -log p(x|z*) (hard) or the marginal -log p(x|c) (soft)
 
@@ -61,7 +64,8 @@ class PosteriorLogSumExp(torch.autograd.Function):
 
 
 def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
-            assignment: torch.Tensor | None = None) -> EMOutput:
+            assignment: Assignment | None = None, experts: torch.Tensor | None = None
+            ) -> EMOutput:
     """One online-EM step on a batch, as Shen et al. (2019) write it; the caller calls backward.
 
     (Shen, Ott, Auli, Ranzato: "Mixture Models for Diverse Machine Translation: Tricks of the
@@ -70,14 +74,20 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
     its score is l_z = log p(z | c) + log p(x | z), with the prior p(z | c) uniform (1/K) or
     learned from the context c. How the scores are computed (prefix or low-precision E-step,
     the E-step read off the M-step, compiled kernels) is the scorer's business, not the step's.
-    `assignment` (B,), a warm start's expert per chunk, replaces the E-step (moelab.train.
-    warm_start).
+    `assignment`: the remedies against collapse (balance, prior bias, annealing), which reshape
+    the posterior the M-step trains on, never the loss (moelab.train.assignment); None: off.
+    `experts` (B,), a warm start's expert per chunk (moelab.train.warm_start), replaces
+    the E-step: those experts are trained as if the posterior were one-hot on them.
     """
     scores = scorer.scores(batch, hard=hard, uniform_prior=uniform_prior)
     # E-step: the posterior r_z = p(z | x, c) = softmax_z l_z, from a forward with dropout off
     # and without gradient: a fixed target for the M-step
-    r = (scores.e_step().softmax(dim=-1) if assignment is None
-         else F.one_hot(assignment, scorer.model.num_experts).float())  # (B, K)
+    if experts is not None:  # a warm start's clusters choose, not the E-step
+        r = F.one_hot(experts, scorer.model.num_experts).float()  # (B, K)
+    else:
+        log_joint = scores.e_step()  # (B, K) l_z
+        r = (log_joint.softmax(dim=-1) if assignment is None
+             else assignment.posterior(log_joint))  # (B, K)
     if hard:  # M-step of hard EM: train the winner z* = argmax_z r_z alone on -log p(x, z* | c)
         z = r.argmax(dim=-1)  # (B,)
         log_prior, log_lik = scores.m_step(z)  # (B,) each, dropout on, with gradient
@@ -92,12 +102,13 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
 
 
 def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
-            scorer: ExpertScorer | None = None,
-            assignment: torch.Tensor | None = None) -> EMOutput:
+            scorer: ExpertScorer | None = None, assignment: Assignment | None = None,
+            experts: torch.Tensor | None = None) -> EMOutput:
     """`em_step` on `model`, scored by `scorer` (default: ExpertScorer(model), the exact
     float32 E-step on the whole chunk, read off the M-step where exact and it pays)."""
     if scorer is None:
         scorer = ExpertScorer(model)
     elif scorer.model is not model:
         raise ValueError("the scorer scores another model than the one passed to em_loss")
-    return em_step(scorer, batch, hard=hard, uniform_prior=uniform_prior, assignment=assignment)
+    return em_step(scorer, batch, hard=hard, uniform_prior=uniform_prior, assignment=assignment,
+                   experts=experts)

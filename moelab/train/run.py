@@ -60,6 +60,9 @@ class TrainState:
     wall_time: float = 0.0  # seconds spent training, summed over resumed runs
     skipped_updates: int = 0  # updates dropped for a non-finite loss or gradient, in all
     bad_in_row: int = 0  # ... since the last good update (0 in every checkpoint)
+    # (K,) the loss-free balancing bias on the log prior (--prior-bias-rate), updated in place
+    # by moelab.train.assignment.PriorBias; None when the run has none
+    prior_bias: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- the schema
@@ -87,6 +90,8 @@ def build_checkpoint(*, model: MixtureLM, optimizer: torch.optim.Optimizer, stat
         "config": config.to_dict(),
         "model_config": dataclasses.asdict(model_config),
         "tokenizer": tokenizer,  # {"sha256", "vocab_size"} of the data-bin it was trained on
+        # only with --prior-bias-rate, so that other checkpoints keep their keys
+        **({} if state.prior_bias is None else {"prior_bias": state.prior_bias.detach().cpu()}),
     }
 
 
@@ -185,6 +190,9 @@ def restore_training(checkpoint: dict, path: str | Path, model: MixtureLM,
         state.skipped_updates = int(checkpoint.get("skipped_updates", 0))
         state.best_valid_loss = float(checkpoint["best_valid_loss"])
         state.wall_time = float(checkpoint.get("wall_time", 0.0))
+        bias = checkpoint.get("prior_bias")  # absent before --prior-bias-rate, or without it
+        state.prior_bias = None if bias is None else bias.float().to(
+            next(model.parameters()).device)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         raise UnreadableCheckpoint(
             f"checkpoint {path} is damaged: its training state cannot be restored "

@@ -35,6 +35,7 @@ from moelab.data import BinarizedDataset, TrainBatches
 from moelab.errors import MoelabError
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import checkpoint as ckpt
+from moelab.train.assignment import Assignment, build_assignment
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
@@ -127,6 +128,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config, dist.device)
         self.meter = Meter(self.model_config.num_experts, dist.device)
         self.state = TrainState()
+        self.assignment: Assignment | None = None  # built by fit, after a resume
         self.save_dir = Path(config.train.save_dir)
 
     # ------------------------------------------------------------------ the loop
@@ -137,10 +139,12 @@ class Trainer:
         warm_start = self.warm_start()
         if config.train.compile:
             self.model.compile_for_speed()  # warns and stays eager if compiling fails
+        self.assignment = self.build_assignment()
         step_module = wrap_for_training(self.model, dist, hard=self.hard,
                                         uniform_prior=self.uniform_prior,
                                         estep_tokens=config.train.estep_tokens,
-                                        estep_dtype=config.train.estep_torch_dtype)
+                                        estep_dtype=config.train.estep_torch_dtype,
+                                        assignment=self.assignment)
         batches = train_batches(self.train_ds, config, dist)
         autocast = autocast_context(dist.device, config.train.precision)
         progress = tqdm(total=config.train.max_update or None, initial=state.num_updates,
@@ -164,6 +168,8 @@ class Trainer:
                 if not micro_batches:
                     break
                 lr = set_learning_rate(self.optimizer, config, state.num_updates)
+                if self.assignment is not None:
+                    self.assignment.start_update(state.num_updates)
                 # warm start: the clusters, not the E-step, choose this update's experts
                 warm = warm_start is not None and warm_start.chooses(state.num_updates)
                 stats = train_step(step_module, micro_batches, self.optimizer, dist=dist,
@@ -175,6 +181,10 @@ class Trainer:
                     skip_update(stats, state, config, self.say)
                     continue
                 state.bad_in_row = 0
+                if self.assignment is not None and self.assignment.prior_bias is not None:
+                    # the load: chunks won (hard EM) or posterior mass (soft EM), all ranks
+                    load = stats.argmax_counts if self.hard else stats.responsibility_sum
+                    self.assignment.prior_bias.update(load, dist)
                 state.num_updates += 1
                 self.meter.add(stats)
                 progress.update(1)
@@ -204,6 +214,18 @@ class Trainer:
         return TrainResult(model=self.model, model_config=self.model_config, config=config,
                            num_updates=state.num_updates, valid=result, save_dir=self.save_dir,
                            history=read_history(self.save_dir) if logged else None)
+
+    def build_assignment(self) -> Assignment | None:
+        """The remedies against collapse, None when all are off; a new prior bias starts at 0,
+        a resumed one where its checkpoint left it (in self.state, which the bias updates)."""
+        t, state = self.config.train, self.state
+        if t.prior_bias_rate > 0 and state.prior_bias is None:
+            state.prior_bias = torch.zeros(self.model_config.num_experts, device=self.dist.device)
+        return build_assignment(balance=t.balance, prior_bias_rate=t.prior_bias_rate,
+                                estep_temperature=t.estep_temperature,
+                                anneal_updates=t.anneal_updates,
+                                bias=state.prior_bias if t.prior_bias_rate > 0 else None,
+                                dist=self.dist)
 
     def elapsed(self) -> float:
         """Seconds spent training, over this process and the runs it resumed."""
@@ -277,6 +299,7 @@ class Trainer:
             "usage_entropy": entropy(usage),
             "skipped_updates": state.skipped_updates,
             "wall": self.elapsed(),
+            **(self.assignment.log_fields() if self.assignment is not None else {}),
         }
         if self.dist.is_main:
             _log_io(self.save_dir, append_record, record)

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from moelab.data import Batch
 from moelab.model import MixtureLM
 from moelab.train import faults
+from moelab.train.assignment import Assignment
 from moelab.train.config import RunConfig
 from moelab.train.distributed import DistInfo, all_reduce_sum
 from moelab.train.objectives import ExpertScorer, em_loss
@@ -64,29 +65,35 @@ class EMStep(nn.Module):
     The E-step inside em_loss scores all experts under no_grad, so it adds nothing to the graph;
     the M-step's graph is the one DDP's reducer expects, and the gradient all-reduce happens in
     backward as usual. Returns a tuple so DDP finds the output tensors. The E-step options are
-    checked once, here, by the ExpertScorer they build.
+    checked once, here, by the ExpertScorer they build. `assignment` (the remedies against
+    collapse, None when off) is the trainer's own object: it sets its temperature and bias
+    between updates.
     """
 
     def __init__(self, model: MixtureLM, *, hard: bool, uniform_prior: bool,
-                 estep_tokens: int | None = None, estep_dtype: torch.dtype | None = None):
+                 estep_tokens: int | None = None, estep_dtype: torch.dtype | None = None,
+                 assignment: Assignment | None = None):
         super().__init__()
         self.model = model
         self.hard, self.uniform_prior = hard, uniform_prior
         self.scorer = ExpertScorer(model, estep_tokens=estep_tokens, estep_dtype=estep_dtype)
+        self.assignment = assignment
 
-    def forward(self, batch: Batch, assignment: torch.Tensor | None = None
+    def forward(self, batch: Batch, experts: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`experts` (B,): a warm start's choice per chunk, in place of the E-step."""
         out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior,
-                      scorer=self.scorer, assignment=assignment)
+                      scorer=self.scorer, assignment=self.assignment, experts=experts)
         return out.loss, out.responsibilities, out.nll
 
 
 def wrap_for_training(model: MixtureLM, dist: DistInfo, *, hard: bool,
                       uniform_prior: bool, estep_tokens: int | None = None,
-                      estep_dtype: torch.dtype | None = None) -> nn.Module:
+                      estep_dtype: torch.dtype | None = None,
+                      assignment: Assignment | None = None) -> nn.Module:
     model.train()
     step = EMStep(model, hard=hard, uniform_prior=uniform_prior, estep_tokens=estep_tokens,
-                  estep_dtype=estep_dtype)
+                  estep_dtype=estep_dtype, assignment=assignment)
     if not dist.distributed:
         return step
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None

@@ -1,0 +1,156 @@
+"""How the E-step's posterior assigns chunks to experts, when a remedy against collapse is on.
+
+Plain EM assigns with r = softmax(l). The remedies reshape that posterior, and only the
+posterior the M-step trains on (hard EM's argmax, soft EM's fixed weights); the loss and
+evaluation keep the model's own scores l. All of them are off by default.
+
+- annealing (`--estep-temperature T0 --anneal-updates N`): r = softmax(l / T), T going linearly
+  from T0 to 1 over the first N updates, then 1 (deterministic annealing EM, Ueda and Nakano
+  1998): a hot start keeps every expert in play while the experts are still alike;
+- prior bias (`--prior-bias-rate X`): b (K,) added to the log prior to choose, never to the loss,
+  raised for idle experts and lowered for busy ones after each update (Wang et al. 2024,
+  "Auxiliary-loss-free load balancing"); it is training state and goes into the checkpoint;
+- balance (`--balance sinkhorn`): the batch's posterior projected by Sinkhorn-Knopp iterations
+  onto a plan whose rows sum to 1 and whose columns (the experts' shares) are equal, as SwAV and
+  SeLa balance clusters; hard EM takes the plan's argmax, as BASE layers balance tokens. The
+  shares are over the whole update's batch, all ranks together.
+
+The order is the one the methods need: bias the scores, temper them, then balance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moelab.train.distributed import DistInfo, all_reduce_max, all_reduce_sum
+
+BALANCES = ("none", "sinkhorn")
+
+# SwAV's count: a few iterations move the shares most of the way, and each costs two small
+# all-reduces per micro-batch under DDP
+SINKHORN_ITERATIONS = 3
+
+
+def anneal_temperature(start: float, anneal_updates: int, num_updates: int) -> float:
+    """The E-step temperature of update `num_updates` (0-based): linear from `start` to 1 over
+    `anneal_updates` updates, then exactly 1 (so the posterior is exactly softmax(l) again)."""
+    if num_updates >= anneal_updates:
+        return 1.0
+    return start + (1.0 - start) * num_updates / anneal_updates
+
+
+def sinkhorn(log_scores: torch.Tensor, *, iterations: int = SINKHORN_ITERATIONS,
+             dist: DistInfo | None = None) -> torch.Tensor:
+    """The balanced plan of scores (B, K): rows sum to 1, the experts' columns to B_all / K.
+
+    B_all counts the chunks of every rank, and the column sums are all-reduced, so the shares
+    are global: a rank whose chunks all prefer one expert keeps them when another rank's
+    prefer the others. Log domain, float64: sequence scores differ by hundreds of nats, so a
+    losing expert's posterior underflows in probabilities and its column could not be scaled.
+    The last step normalizes the rows: each row is exactly a posterior, the columns approach
+    their share as the iterations grow.
+    """
+    dist = dist or DistInfo()
+    x = log_scores.double()  # (B, K)
+    K = x.shape[1]
+    chunks = all_reduce_sum(torch.tensor([float(x.shape[0])], dtype=torch.float64,
+                                         device=x.device), dist)
+    log_share = torch.log(chunks / K)  # (1,) log(B_all / K)
+    x = x - x.logsumexp(dim=1, keepdim=True)  # rows to 1 (the plan does not change: stability)
+    for _ in range(iterations):
+        x = x - (_column_logsumexp(x, dist) - log_share)  # (B, K): columns to B_all / K
+        x = x - x.logsumexp(dim=1, keepdim=True)  # rows to 1
+    return x.exp().to(log_scores.dtype)
+
+
+def _column_logsumexp(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """log sum_b exp(x_bk) over the chunks of every rank -> (K,)."""
+    peak = all_reduce_max(x.max(dim=0).values, dist)  # (K,) the global max, for stability
+    total = all_reduce_sum((x - peak).exp().sum(dim=0), dist)  # (K,)
+    return peak + total.log()
+
+
+class PriorBias:
+    """The loss-free balancing bias b (K,) on the log prior, used only to choose experts.
+
+    `bias` is updated in place, so the training state that holds it (TrainState.prior_bias)
+    is always current and a checkpoint saves it as it is.
+    """
+
+    def __init__(self, bias: torch.Tensor, rate: float):
+        self.bias, self.rate = bias, rate
+
+    def update(self, load: torch.Tensor, dist: DistInfo | None = None) -> None:
+        """b_k += rate * sign(mean load - load_k): idle experts rise, busy ones fall.
+
+        `load` (K,) is this rank's; the loads of all ranks are summed first, so every rank
+        takes the same step and the biases stay identical.
+        """
+        load = all_reduce_sum(load.detach().to(self.bias.dtype).clone(), dist or DistInfo())
+        self.bias += self.rate * torch.sign(load.mean() - load)
+
+    def spread(self) -> float:
+        """max b - min b: how far the bias pushes one expert over another (for the log)."""
+        return float(self.bias.max() - self.bias.min())
+
+
+@dataclass
+class Assignment:
+    """The remedies in force, and the posterior they turn the E-step's scores into."""
+
+    balance: str = "none"
+    prior_bias: PriorBias | None = None
+    estep_temperature: float = 1.0  # T0 of the annealing
+    anneal_updates: int = 0
+    dist: DistInfo = field(default_factory=DistInfo)
+    temperature: float = 1.0  # this update's, set by start_update
+
+    def start_update(self, num_updates: int) -> None:
+        """Set the temperature of update `num_updates` (0-based) before its E-steps."""
+        self.temperature = anneal_temperature(self.estep_temperature, self.anneal_updates,
+                                              num_updates)
+
+    def posterior(self, scores: torch.Tensor) -> torch.Tensor:
+        """E-step scores l (B, K) -> the posterior the M-step trains on (B, K), rows sum to 1."""
+        if self.prior_bias is not None:  # added to log p(z | c), and so to l, to choose only
+            scores = scores + self.prior_bias.bias
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.balance == "sinkhorn":
+            return sinkhorn(scores, dist=self.dist)
+        return scores.softmax(dim=-1)
+
+    def log_fields(self) -> dict[str, float]:
+        """What the remedies do now, for the train log line."""
+        fields = {}
+        if self.anneal_updates > 0:
+            fields["estep_temperature"] = self.temperature
+        if self.prior_bias is not None:
+            fields["prior_bias_spread"] = self.prior_bias.spread()
+        return fields
+
+
+def build_assignment(*, balance: str, prior_bias_rate: float, estep_temperature: float,
+                     anneal_updates: int, bias: torch.Tensor | None, dist: DistInfo
+                     ) -> Assignment | None:
+    """The Assignment of these options, or None when all are off (plain softmax(l), untouched).
+
+    `bias`: the prior bias to continue from (a resumed run's), required with a bias rate.
+    """
+    if balance == "none" and prior_bias_rate == 0 and anneal_updates == 0:
+        return None
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    if prior_bias_rate > 0 and bias is None:
+        raise ValueError("a prior bias rate needs the bias to update (zeros for a new run)")
+    prior_bias = PriorBias(bias, prior_bias_rate) if prior_bias_rate > 0 else None
+    return Assignment(balance=balance, prior_bias=prior_bias,
+                      estep_temperature=estep_temperature, anneal_updates=anneal_updates,
+                      dist=dist, temperature=anneal_temperature(estep_temperature,
+                                                                anneal_updates, 0))
+
+
+__all__ = ["BALANCES", "SINKHORN_ITERATIONS", "Assignment", "PriorBias", "anneal_temperature",
+           "build_assignment", "sinkhorn"]

@@ -1,0 +1,261 @@
+"""The remedies against collapse (moelab.train.assignment): Sinkhorn balance, the prior bias,
+annealing; how they reach the EM step, the flags, the checkpoint and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moelab.cli import main
+from moelab.train import RunConfig, read_history, train
+from moelab.train.assignment import (
+    Assignment,
+    PriorBias,
+    anneal_temperature,
+    build_assignment,
+    sinkhorn,
+)
+from moelab.train.checkpoint import LAST, read_checkpoint
+from moelab.train.distributed import DistInfo
+from moelab.train.objectives import em_step
+from moelab.train.scoring import ExpertScorer
+from tests.test_em import make_batch, make_model
+
+OLD_RUN = Path(__file__).parent / "fixtures" / "run_v1"
+TINY = dict(arch="tiny", decoder_layers=2, decoder_embed_dim=64, decoder_ffn_embed_dim=128,
+            decoder_attention_heads=4, tokens_per_sample=64, device="cpu", progress_bar=False)
+REMEDIES = dict(balance="sinkhorn", prior_bias_rate=0.05, estep_temperature=3.0,
+                anneal_updates=6)
+
+
+def _scores(B: int, K: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(B, K, generator=torch.Generator().manual_seed(seed)) * 3  # (B, K)
+
+
+# --------------------------------------------------------------------------- sinkhorn
+
+
+def test_sinkhorn_plan_has_rows_one_and_columns_b_over_k():
+    scores = _scores(12, 3)
+    plan = sinkhorn(scores, iterations=50)
+    torch.testing.assert_close(plan.sum(1), torch.ones(12))  # each row a posterior
+    torch.testing.assert_close(plan.sum(0), torch.full((3,), 12 / 3), atol=1e-4, rtol=0)
+    few = sinkhorn(scores)  # the default few iterations: rows exact, columns close
+    torch.testing.assert_close(few.sum(1), torch.ones(12))
+    assert (few.sum(0) - 4).abs().max() < (scores.softmax(-1).sum(0) - 4).abs().max()
+
+
+def test_sinkhorn_keeps_the_argmax_of_an_already_balanced_batch():
+    K = 3
+    # each expert preferred by 4 of 12 chunks, in no order (a round robin would not pass)
+    preferred = torch.randperm(12, generator=torch.Generator().manual_seed(0)) % K
+    scores = _scores(12, K, seed=1) * 0.3 + 4 * torch.nn.functional.one_hot(preferred, K)
+    plan = sinkhorn(scores, iterations=20)
+    assert torch.equal(plan.argmax(1), scores.argmax(1))
+    assert torch.equal(plan.argmax(1), preferred)
+
+
+def test_sinkhorn_spreads_a_collapsed_batch_over_the_experts():
+    """Every chunk prefers expert 0 by 300 nats (its rivals' posteriors underflow to 0 in
+    float32): the plan still gives each expert a share of the chunks."""
+    K, B = 3, 12
+    scores = _scores(B, K, seed=2)
+    scores[:, 0] += 300
+    assert (scores.softmax(-1).argmax(1) == 0).all()
+    won = torch.bincount(sinkhorn(scores).argmax(1), minlength=K)
+    assert (won >= B // (2 * K)).all(), won
+    assert torch.isfinite(sinkhorn(scores)).all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sinkhorn_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        scores = _scores(8, 2, seed=rank).abs()  # rank 0's chunks prefer expert 0, rank 1's 1
+        scores[:, rank] += 5
+        plan = sinkhorn(scores, iterations=20, dist=DistInfo(rank=rank, world_size=2))
+        torch.save(plan, os.path.join(out_dir, f"plan{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sinkhorn_shares_are_global_over_ddp_ranks(tmp_path):
+    """Two ranks with opposite preferences balance each other: each keeps its chunks on its
+    expert, where shares counted per rank would move half of them to the other."""
+    mp.spawn(_sinkhorn_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    plans = [torch.load(tmp_path / f"plan{r}.pt", weights_only=True) for r in range(2)]
+    for rank, plan in enumerate(plans):
+        assert (plan.argmax(1) == rank).all(), (rank, plan)
+    torch.testing.assert_close(plans[0].sum(0) + plans[1].sum(0), torch.full((2,), 8.0),
+                               atol=0.05, rtol=0)  # 16 chunks, 8 per expert over both ranks
+
+
+# --------------------------------------------------------------------------- prior bias
+
+
+def test_prior_bias_rises_for_idle_experts_and_falls_for_busy_ones():
+    bias = PriorBias(torch.zeros(4), rate=0.1)
+    bias.update(torch.tensor([10, 0, 2, 4]))  # mean load 4
+    torch.testing.assert_close(bias.bias, torch.tensor([-0.1, 0.1, 0.1, 0.0]))
+    bias.update(torch.tensor([10, 0, 2, 4]))
+    torch.testing.assert_close(bias.bias, torch.tensor([-0.2, 0.2, 0.2, 0.0]))
+    assert bias.spread() == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_prior_bias_chooses_but_is_not_in_the_loss(hard):
+    """A bias that makes every chunk choose expert 2 changes what is trained, never the loss:
+    hard EM's loss is expert 2's unbiased -l_2, soft EM's the unbiased marginal."""
+    model, batch = make_model(K=3), make_batch()
+    scorer = ExpertScorer(model)
+    plain = em_step(scorer, batch, hard=hard, uniform_prior=False)
+    biased = Assignment(prior_bias=PriorBias(torch.tensor([0.0, 0.0, 1e4]), rate=0.1))
+    out = em_step(scorer, batch, hard=hard, uniform_prior=False, assignment=biased)
+    assert (out.responsibilities.argmax(1) == 2).all()
+    assert not (plain.responsibilities.argmax(1) == 2).all()
+    if hard:
+        with torch.no_grad():
+            log_prior, log_lik = scorer.scores(batch, hard=True, uniform_prior=False).m_step()
+        torch.testing.assert_close(out.loss.detach(), -(log_prior + log_lik)[:, 2].sum())
+    else:
+        torch.testing.assert_close(out.loss.detach(), plain.loss.detach())
+
+
+# --------------------------------------------------------------------------- annealing
+
+
+def test_annealing_flattens_at_t0_and_is_exactly_softmax_at_update_n():
+    assert anneal_temperature(3.0, 10, 0) == 3.0
+    assert anneal_temperature(3.0, 10, 5) == pytest.approx(2.0)  # linear
+    assert anneal_temperature(3.0, 10, 10) == 1.0 and anneal_temperature(3.0, 10, 99) == 1.0
+    scores = _scores(6, 3)
+    assignment = build_assignment(balance="none", prior_bias_rate=0.0, estep_temperature=3.0,
+                                  anneal_updates=10, bias=None, dist=DistInfo())
+
+    def entropy(p: torch.Tensor) -> float:
+        return float(-(p * p.log()).sum())
+
+    assignment.start_update(0)
+    assert entropy(assignment.posterior(scores)) > entropy(scores.softmax(-1)) + 0.5
+    assignment.start_update(10)
+    assert torch.equal(assignment.posterior(scores), scores.softmax(-1))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="hMoEup", prior_bias_rate=0.1), "has a uniform prior"),
+    (dict(method="sMoEup", prior_bias_rate=0.1), "has a uniform prior"),
+    (dict(method="dense", balance="sinkhorn"), "with one expert"),
+    (dict(method="hMoElp", num_experts=1, estep_temperature=2.0, anneal_updates=4),
+     "with one expert"),
+    (dict(estep_temperature=0.0, anneal_updates=4), "must be > 0"),
+    (dict(estep_temperature=-1.0, anneal_updates=4), "must be > 0"),
+    (dict(anneal_updates=4), "anneals nothing"),
+    (dict(estep_temperature=2.0), "needs --anneal-updates"),
+    (dict(method="hMoElp", prior_bias_rate=-0.1), "must be >= 0"),
+    (dict(method="hMoElp", prior_bias_rate=float("nan")), "finite"),
+    (dict(balance="greedy"), "--balance must be one of none, sinkhorn"),
+])
+def test_a_remedy_where_it_means_nothing_is_refused_saying_why(options, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_kwargs("bin", max_update=1, **options)
+
+
+def test_the_remedies_are_train_flags_with_their_refusals(tiny_bin, capsys):
+    assert main(["train", str(tiny_bin), "--max-update", "1", "--method", "hMoEup",
+                 "--prior-bias-rate", "0.1"]) == 2
+    assert "--method hMoEup has a uniform prior" in capsys.readouterr().err
+    assert main(["train", str(tiny_bin), "--max-update", "1", "--balance", "sinkhorn",
+                 "--method", "dense"]) == 2
+    assert "with one expert" in capsys.readouterr().err
+
+
+def test_defaults_leave_every_number_unchanged(tiny_bin, tmp_path):
+    """Off by default: no Assignment, so em_step's posterior is softmax(l) itself, and neither
+    the checkpoint nor the log gains a key."""
+    t = RunConfig.from_kwargs("bin", max_update=1).train
+    assert build_assignment(balance=t.balance, prior_bias_rate=t.prior_bias_rate,
+                            estep_temperature=t.estep_temperature,
+                            anneal_updates=t.anneal_updates, bias=None, dist=DistInfo()) is None
+    model, batch = make_model(K=3), make_batch()
+    scorer = ExpertScorer(model)
+    expected = scorer.scores(batch, hard=True, uniform_prior=False).e_step().softmax(-1)
+    out = em_step(scorer, batch, hard=True, uniform_prior=False)
+    assert torch.equal(out.responsibilities, expected)
+    train(tiny_bin, method="hMoElp", num_experts=2, max_update=2, max_tokens=512,
+          log_interval=1, save_dir=tmp_path, **TINY)
+    assert "prior_bias" not in read_checkpoint(tmp_path / LAST)
+    assert not {"estep_temperature", "prior_bias_spread"} & set(read_history(tmp_path).columns)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train_log(save_dir: Path) -> list[tuple]:
+    rows = read_history(save_dir)
+    rows = rows[rows.kind == "train"]
+    return list(zip(rows["update"], rows.loss, rows.nll, rows.grad_norm, rows.estep_temperature,
+                    rows.prior_bias_spread, strict=True))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_with_the_remedies_is_exact(tiny_bin, tmp_path):
+    """N updates in one go == N/2, stop, restart: the prior bias comes back from the checkpoint
+    and the temperature from the update number (the restart is mid-annealing)."""
+    options = dict(TINY, method="hMoElp", num_experts=3, dropout=0.1, max_tokens=1024,
+                   warmup_updates=2, lr=3e-3, log_interval=1, seed=5, **REMEDIES)
+    full = train(tiny_bin, max_update=8, save_dir=tmp_path / "full", **options)
+    train(tiny_bin, max_update=4, save_dir=tmp_path / "split", **options)
+    resumed = train(tiny_bin, max_update=8, save_dir=tmp_path / "split", **options)
+
+    log = _train_log(tmp_path / "full")
+    assert log == _train_log(tmp_path / "split") and len(log) == 8
+    assert [row[4] for row in log] == [3.0, 3 - 2 / 6, 3 - 4 / 6, 2.0, 3 - 8 / 6, 3 - 10 / 6,
+                                       1.0, 1.0]
+    last = [read_checkpoint(tmp_path / d / LAST) for d in ("full", "split")]
+    assert torch.equal(last[0]["prior_bias"], last[1]["prior_bias"])
+    assert last[0]["prior_bias"].abs().sum() > 0  # it moved
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert full.valid.loss == resumed.valid.loss
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_checkpoint_without_a_prior_bias_resumes_with_one(tmp_path):
+    """A run written before --prior-bias-rate (tests/fixtures/run_v1) resumes with it: the bias
+    starts at zero and is saved from then on."""
+    shutil.copytree(OLD_RUN, tmp_path / "run_v1")
+    save_dir = tmp_path / "run_v1" / "run"
+    assert "prior_bias" not in read_checkpoint(save_dir / LAST)
+    train(str(tmp_path / "run_v1" / "data-bin"), arch="tiny", method="hMoElp", num_experts=2,
+          max_update=6, decoder_layers=1, tokens_per_sample=32, max_tokens=256,
+          warmup_updates=2, lr=3e-3, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+          decoder_attention_heads=2, mean_pool_gating_network=True,
+          mean_pool_gating_network_encoder_dim=16, dropout=0.0, save_dir=str(save_dir),
+          device="cpu", progress_bar=False, log_interval=1, prior_bias_rate=0.5)
+    bias = read_checkpoint(save_dir / LAST)["prior_bias"]
+    assert bias.shape == (2,)
+    assert set((bias / 0.5).tolist()) <= {-2.0, -1.0, 0.0, 1.0, 2.0}  # two steps from zero
+    lines = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
+    spreads = {r["update"]: r["prior_bias_spread"] for r in lines if "prior_bias_spread" in r}
+    assert list(spreads) == [5, 6] and max(spreads.values()) > 0  # it moved
