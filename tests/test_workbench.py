@@ -159,6 +159,7 @@ def test_attribution_labels_each_experts_samples(smoke_workbench):
     samples = wb.expert_samples("hMoEup", per_expert=2, max_new_tokens=8)
     assert sorted(samples) == [0, 1, 2] and all(len(s) == 2 for s in samples.values())
     assert samples == wb.expert_samples("hMoEup", per_expert=2, max_new_tokens=8)
+    assert any(len(set(texts)) > 1 for texts in samples.values())  # one generator goes on
     table = wb.attribution("hMoEup", samples=samples)
     owned = wb.evaluate("hMoEup", "valid").responsibilities.idxmax()
     assert table["owned domain"].to_dict() == owned.to_dict()
