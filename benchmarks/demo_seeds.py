@@ -1,10 +1,11 @@
 """The demo's comparison over several training seeds: mean and spread per method.
 
 One seed decides nothing (a change as small as the rounding of the loss moved a method's test
-perplexity by 20%), so every claim that one method beats another rests on this table. Each seed
-trains the demo's methods with the same preset on the same data-bin, in its own runs folder;
-seeds already trained are reused. Writes per-seed rows and the summary (CSV and Markdown) to
---out and prints the summary.
+perplexity by 20%), so every claim that one method beats another rests on this table. A thin
+caller of `Workbench(seeds=...)`: each seed trains the demo's methods with the same preset on the
+same data-bin (seed 1 in runs/<method>, seed k in runs/seed<k>/<method>); trained seeds are
+reused. Writes the table (each seed and the mean and std in CSV; mean ± std in Markdown) to
+--out and prints it. `moelab demo --seeds 3` gives the same table inside the full report.
 
     python benchmarks/demo_seeds.py --preset cpu --seeds 1 2 3 --out /tmp/moelab-seeds
 """
@@ -12,48 +13,11 @@ seeds already trained are reused. Writes per-seed rows and the summary (CSV and 
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 from pathlib import Path
-
-import pandas as pd
-import torch
 
 from moelab import report
 from moelab.train.objectives import METHODS
 from moelab.workbench import Workbench
-
-# column -> decimals; training speed is left out: it is only comparable on an idle machine
-COLUMNS = {"test ppl": 1, "test oracle ppl": 1, "experts used": 1, "NMI": 3, "ARI": 3,
-           "mean max posterior": 3, "expert spread": 3}
-
-
-def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± standard deviation over seeds per method, and in how many seeds the method's test
-    perplexity is below dense's of the same seed (a paired comparison)."""
-    columns = [c for c in COLUMNS if c in rows.columns]
-    grouped = rows.groupby(level=0, sort=False)[columns]
-    mean, std = grouped.mean(), grouped.std(ddof=1)
-    summary = pd.DataFrame({c: [f"{m:.{COLUMNS[c]}f} ± {s:.{COLUMNS[c]}f}"
-                                for m, s in zip(mean[c], std[c], strict=True)]
-                            for c in columns}, index=mean.index)
-    summary.insert(0, "seeds", rows.groupby(level=0, sort=False).size())
-    if "dense" in rows.index:
-        dense = rows.loc[["dense"]].set_index("seed")["test ppl"]
-        below = {m: int((g.set_index("seed")["test ppl"] < dense).sum())
-                 for m, g in rows.groupby(level=0, sort=False)}
-        summary["seeds below dense"] = [below[m] if m != "dense" else "" for m in summary.index]
-    return summary
-
-
-def run_seed(out: Path, preset: str, seed: int, methods: list[str]) -> pd.DataFrame:
-    wb = Workbench(data_bin=out / "data-bin", runs_dir=out / f"runs-seed{seed}",
-                   results_dir=out / f"results-seed{seed}", preset=preset,
-                   train_options={"seed": seed})
-    wb.train(methods)
-    table = report.method_table(wb.method_runs(methods))
-    table.insert(0, "seed", seed)
-    return table
 
 
 def main() -> None:
@@ -64,18 +28,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("moelab-seeds"))
     args = parser.parse_args()
     methods = args.methods.split(",")
-    started = time.perf_counter()
-    rows = pd.concat([run_seed(args.out, args.preset, s, methods) for s in args.seeds])
-    rows.index.name = "method"
-    rows.to_csv(args.out / "per_seed.csv")
-    summary = summarize(rows)
-    summary.to_csv(args.out / "summary.csv")
-    where = (f"torch {torch.__version__}, {platform.machine()}, "
-             f"{torch.get_num_threads()} threads, float32; preset {args.preset}; seeds "
-             f"{args.seeds}; {(time.perf_counter() - started) / 60:.1f} min")
-    text = f"{report.to_markdown(summary)}\n\nmean ± standard deviation over seeds; {where}\n"
-    (args.out / "summary.md").write_text(text, encoding="utf-8")
-    print(text)
+    wb = Workbench(data_bin=args.out / "data-bin", runs_dir=args.out / "runs",
+                   results_dir=args.out, preset=args.preset, seeds=args.seeds)
+    wb.train(methods)
+    table = wb.method_table(methods)
+    wb.export_table(table, "summary", formats=("csv", "md"))
+    print(report.to_markdown(report.mean_std(table) if len(wb.seeds) > 1 else table))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     num_experts: int | None = None  # K of the mixture methods (default: the preset's)
     seed: int = 1  # sampling seed
+    seeds: list[int] = field(default_factory=lambda: [1])  # training seeds of every method
+    attribution_samples: int = 3  # samples per expert the domain classifier reads; 0: none
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -44,6 +46,12 @@ class DemoConfig:
         if self.num_experts is not None and self.num_experts < 2:
             raise MoelabError(f"--num-experts must be >= 2 for the mixture methods, got "
                               f"{self.num_experts} (dense is always K = 1)")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise MoelabError(f"--seeds {','.join(map(str, self.seeds))}: give a number of seeds "
+                              "(3 means 1,2,3) or distinct seeds >= 0, comma-separated")
+        if self.attribution_samples < 0:
+            raise MoelabError(f"--attribution-samples must be >= 0, got "
+                              f"{self.attribution_samples}")
 
 
 def _say(message: str) -> None:
@@ -55,38 +63,44 @@ def demo(config: DemoConfig) -> Path:
     out = Path(config.out)
     try:
         wb = Workbench(data_bin=out / "data-bin", runs_dir=out / "runs", results_dir=out,
-                       preset=config.preset, num_experts=config.num_experts)
+                       preset=config.preset, num_experts=config.num_experts, seeds=config.seeds)
     except ValueError as e:
         raise MoelabError(str(e)) from None
     started = time.perf_counter()
     _say(f"preset {wb.preset} on {wb.device}: {', '.join(config.methods)}; "
-         f"K = {wb.num_experts}; output in {out}")
+         f"K = {wb.num_experts}; training seeds {', '.join(map(str, wb.seeds))}; "
+         f"{torch.get_num_threads()} torch threads; output in {out}")
     wb.ensure_data_bin()
     timings = {}
-    for method in config.methods:
-        t = time.perf_counter()
-        wb.train([method])
-        timings[method] = time.perf_counter() - t
+    for seed in wb.seeds:
+        for method in config.methods:
+            t = time.perf_counter()
+            wb.train([method], seeds=[seed])
+            timings[method, seed] = time.perf_counter() - t
     _say("evaluating every method on valid and test")
-    runs = wb.method_runs(config.methods)
+    runs = wb.method_runs(config.methods)  # the first seed's: samples and expert figures
     _say("writing tables, figures and samples")
-    table = report_tables(wb, runs)
-    figures = report_figures(wb, runs)
+    table = report_tables(wb, runs, config.methods)
+    figures = report_figures(wb, runs, config.methods)
     samples = sample_experts(wb, config)
     (out / "samples.md").write_text(samples, encoding="utf-8")
+    attribution = report_attribution(wb, config)
     path = out / "report.md"
     path.write_text(report_markdown(wb, runs, table, figures, samples,
-                                    time.perf_counter() - started), encoding="utf-8")
+                                    time.perf_counter() - started, attribution),
+                    encoding="utf-8")
     return path
 
 
 # ----------------------------------------------------------------------------- the report
 
 
-def report_tables(wb: Workbench, runs: list) -> pd.DataFrame:
+def report_tables(wb: Workbench, runs: list, methods: list[str]) -> pd.DataFrame:
+    """tables/methods (over the seeds when there are several) and tables/clusters (the first
+    seed's: expert k of one seed is not expert k of another)."""
     from moelab import report
 
-    table = report.method_table(runs)
+    table = wb.method_table(methods)
     wb.export_table(table, "tables/methods")
     mixtures = {run.name: run.test for run in runs if run.name != "dense"}
     if mixtures:
@@ -102,17 +116,26 @@ FIGURE_CAPTIONS = {
 }
 
 
-def report_figures(wb: Workbench, runs: list) -> list[str]:
-    """Write the figures under figures/; -> the names written (no mixture: no expert plots)."""
+def report_figures(wb: Workbench, runs: list, methods: list[str]) -> list[str]:
+    """Write the figures under figures/; -> the names written (no mixture: no expert plots).
+
+    Over several seeds, perplexities and curves show the mean with one standard deviation; the
+    expert figures show the first seed (experts are numbered apart in each seed)."""
     import matplotlib.pyplot as plt
 
     from moelab import report
 
     mixtures = {run.name: run.test for run in runs if run.name != "dense"}
+    if len(wb.seeds) == 1:
+        tests = {run.name: run.test for run in runs}
+        histories = {run.name: run.history for run in runs}
+    else:
+        tests = {m: [wb.evaluate(m, "test", seed=s) for s in wb.seeds] for m in methods}
+        histories = {m: [wb.run(m, s).history for s in wb.seeds] for m in methods}
     figures = {
         "perplexity_by_domain": report.perplexity_by_domain(
-            {run.name: run.test for run in runs}, title=FIGURE_CAPTIONS["perplexity_by_domain"]),
-        "training_curves": report.training_curves({run.name: run.history for run in runs}),
+            tests, title=FIGURE_CAPTIONS["perplexity_by_domain"]),
+        "training_curves": report.training_curves(histories),
     }
     if mixtures:
         figures["responsibilities"] = report.responsibility_heatmap(mixtures)
@@ -145,6 +168,50 @@ def sample_experts(wb: Workbench, config: DemoConfig) -> str:
     return "\n".join(lines)
 
 
+def report_attribution(wb: Workbench, config: DemoConfig) -> pd.DataFrame | None:
+    """Per mixture method and training seed, each expert's owned domain against the domain its
+    samples read as (moelab.attribution); exported as tables/attribution. None: not asked for."""
+    from moelab.attribution import attribution_score
+
+    mixtures = [m for m in config.methods if m != "dense"]
+    if not config.attribution_samples or not mixtures:
+        return None
+    _say("attributing each expert's samples to a domain")
+    parts = []
+    for seed in wb.seeds:
+        for method in mixtures:
+            table = wb.attribution(method, seed=seed, per_expert=config.attribution_samples,
+                                   max_new_tokens=SAMPLE_TOKENS[wb.preset],
+                                   sampling_seed=config.seed)
+            parts.append(table.assign(method=method, seed=seed,
+                                      score=attribution_score(table)).reset_index())
+    rows = pd.concat(parts).set_index("method")[["seed", "expert", "owned domain",
+                                                 "samples read as", "share", "match", "score"]]
+    rows.attrs["notes"] = [
+        *table.attrs["notes"], f"{config.attribution_samples} samples per expert "
+        f"({SAMPLE_TOKENS[wb.preset]} tokens at most, seed {config.seed}); score: the share of "
+        "the method's experts that match."]
+    wb.export_table(rows, "tables/attribution", formats=("csv",))
+    return rows
+
+
+def attribution_lines(rows: pd.DataFrame, seeds: list[int]) -> list[str]:
+    """The report's section: the score per method (mean ± std over seeds), then the first
+    seed's experts."""
+    scores = rows.groupby(["method", "seed"], sort=False)["score"].first()
+    lines = []
+    for method, per_seed in scores.groupby(level=0, sort=False):
+        values = per_seed.to_numpy(float)
+        spread = f" ± {values.std(ddof=1):.2f} over {len(values)} seeds" if len(values) > 1 else ""
+        first = rows[(rows.index == method) & (rows["seed"] == seeds[0])]
+        experts = "; ".join(f"{r['expert'].removeprefix('expert_')} owns {r['owned domain']}, "
+                            f"reads as {r['samples read as'] or '(no text)'}"
+                            for _, r in first.iterrows())
+        lines.append(f"- **{method}**: {values.mean():.2f}{spread} of its experts write the "
+                     f"domain they own (seed {seeds[0]}: {experts}).")
+    return lines
+
+
 def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
@@ -165,11 +232,11 @@ def _doubt(row: pd.Series) -> list[str] | None:
 
 
 def reading(table: pd.DataFrame, max_update: int,
-            heatmap: str = "figures/responsibilities.png") -> list[str]:
+            heatmap: str = "figures/responsibilities.png", seeds: int = 1) -> list[str]:
     """A short, honest reading of the method table, generated from its numbers.
 
     heatmap: where the reader finds the responsibility heatmap (the report's figure, or the
-    notebook that draws it).
+    notebook that draws it). seeds: how many training seeds the table's numbers are means of.
     """
     lines = []
     ppl = table["test ppl"]
@@ -178,9 +245,12 @@ def reading(table: pd.DataFrame, max_update: int,
         verdict = ("beats" if moe < dense else "does not beat")
         lines.append(
             f"- **hMoEup vs dense.** hMoEup's mixture perplexity on test is {_fmt(moe)} against "
-            f"dense's {_fmt(dense)}: in this one training seed it {verdict} the dense baseline "
-            f"at an equal number of updates ({max_update}); seeds move these numbers a lot, so "
-            "compare over several (`python benchmarks/demo_seeds.py --seeds 1 2 3`)." + (
+            + (f"dense's {_fmt(dense)}: in this one training seed it {verdict} the dense "
+               f"baseline at an equal number of updates ({max_update}); seeds move these numbers "
+               "a lot, so compare over several (`moelab demo --seeds 3`)." if seeds == 1 else
+               f"dense's {_fmt(dense)}, means over {seeds} training seeds: on average it "
+               f"{verdict} the dense baseline at an equal number of updates ({max_update}); the "
+               "standard deviations are in the table.") + (
                 "" if moe < dense else
                 " Every update of a mixture trains each expert on only the chunks it wins, and "
                 "the mixture pays log K nats per document for not knowing the domain; in a short "
@@ -250,8 +320,8 @@ def reading(table: pd.DataFrame, max_update: int,
 
 
 def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: list[str],
-                    samples: str, seconds: float) -> str:
-    from moelab.report import to_markdown
+                    samples: str, seconds: float, attribution: pd.DataFrame | None = None) -> str:
+    from moelab.report import mean_std, to_markdown
 
     options = {**TRAIN_PRESETS[wb.preset], **wb.train_options}  # what actually trained
     device = (torch.cuda.get_device_name() if wb.device == "cuda" else
@@ -262,26 +332,44 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
     # the precision each run trained in, as its checkpoint records it
     trained_in = sorted({wb.run(r.name).config.train.precision for r in runs})
     estep = sorted({wb.run(r.name).config.train.estep_dtype or "float32" for r in runs})
+    several = len(wb.seeds) > 1
+    means = table[table["seed"] == "mean"].drop(columns="seed") if several else table
+    trained_threads = sorted({str(wb.training_threads(r.name, s)) for r in runs
+                              for s in wb.seeds})
     lines = [
         "# moelab demo report", "",
         f"moelab {__version__}, torch {torch.__version__}, on {device}; preset `{wb.preset}` "
         f"({size}); K = {wb.num_experts} for the mixtures; the whole run took "
         f"{seconds / 60:.1f} minutes (cached stages excluded). Precision: M-step "
-        f"{'/'.join(trained_in)}, E-step {'/'.join(estep)}, validation and evaluation float32.",
+        f"{'/'.join(trained_in)}, E-step {'/'.join(estep)}, validation and evaluation float32. "
+        f"Training seed{'s' * several} {', '.join(map(str, wb.seeds))}; torch threads "
+        f"{'/'.join(trained_threads)} in training, {torch.get_num_threads()} in evaluation (the "
+        "same seed, thread count and machine give the same numbers).",
         "",
-        "## Reading", "", *reading(table, options["max_update"]), "",
+        "## Reading", "", *reading(means, options["max_update"], seeds=len(wb.seeds)), "",
         "## Methods", "",
         "Mixture (`ppl`) and oracle perplexity on valid and test; per-domain mixture perplexity, "
         "experts used, usage entropy and NMI/ARI on test with the posterior's confidence beside "
         "them (mean max posterior, posterior entropy, expert spread: a flat posterior's NMI is "
-        "not a clean split); training speed and time.", "",
-        to_markdown(table), "",
+        "not a clean split); training speed and time."
+        + (" Mean ± standard deviation over the training seeds; each seed's row is in "
+           "`tables/methods.csv`." if several else ""), "",
+        to_markdown(mean_std(table) if several else table), "",
         "Also as `tables/methods.csv` and `tables/methods.tex`; cluster agreement per method in "
         "`tables/clusters.*`.", "",
         "## Figures", "",
         *(f"![{FIGURE_CAPTIONS[name]}](figures/{name}.png)\n" for name in FIGURE_CAPTIONS
           if name in figures),
-        "Each figure is also saved as SVG and PDF.", "",
+        "Each figure is also saved as SVG and PDF."
+        + (" Perplexities and curves: mean with one standard deviation over the seeds; the "
+           f"expert figures show seed {wb.seeds[0]} (each seed numbers its experts apart)."
+           if several else ""), "",
+        *(["## Samples you can attribute", "",
+           "A tf-idf domain classifier fit on the training documents labels each expert's "
+           "samples; an expert owns the domain of its highest mean responsibility on valid. The "
+           "score is the share of experts whose samples read as the domain they own "
+           "(`tables/attribution.csv`).", "",
+           *attribution_lines(attribution, wb.seeds), ""] if attribution is not None else []),
         samples.replace("# Samples", "## Samples", 1),
     ]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,12 @@ on demand, so each notebook also runs alone:
   (notebook 01 trains them all; 02-04 reuse them);
 - figures and tables are exported into results_dir.
 
+Several training seeds are one idea here: `Workbench(seeds=[1, 2, 3])` trains and evaluates every
+method once per seed. The first seed the options give (the preset's, 1) keeps the single-seed
+layout runs_dir/<method>, so existing runs are that seed's; another seed k trains into
+runs_dir/seed<k>/<method>. `method_table` then gives each seed's row and their mean and standard
+deviation.
+
 Training sizes come from a preset: `gpu` (picked by `auto` when CUDA is available), `cpu` (a few
 minutes per method on a laptop) and `smoke` (seconds; for CI).
 """
@@ -30,6 +36,7 @@ from moelab.evaluate import EvalResult
 from moelab.presets import STUDIES
 from moelab.train import Run, train
 from moelab.train import checkpoint as ckpt
+from moelab.train.config import TrainConfig
 from moelab.train.objectives import METHODS
 
 # The presets' parts, by name (moelab.presets.STUDIES is where they are set).
@@ -103,8 +110,10 @@ class Workbench:
     vocab_size: int | None = None  # SentencePiece vocabulary of a new data_bin; None: preset's
     train_options: dict = field(default_factory=dict)  # override preset options, e.g. max_update
     device: str = "auto"  # where models train and evaluate
+    seeds: Sequence[int] | None = None  # training seeds of every method; None: the options' one
     _runs: dict = field(default_factory=dict, init=False, repr=False)
     _evals: dict = field(default_factory=dict, init=False, repr=False)
+    _classifier: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_bin, self.runs_dir = Path(self.data_bin), Path(self.runs_dir)
@@ -114,53 +123,78 @@ class Workbench:
             self.num_experts = EXPERT_PRESETS[self.preset]
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.seeds = [self.home_seed] if self.seeds is None else [int(s) for s in self.seeds]
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds {self.seeds}: give one or more distinct seeds >= 0")
+
+    @property
+    def home_seed(self) -> int:
+        """The seed the preset and train_options give (TrainConfig's 1 unless set): its runs keep
+        the single-seed layout runs_dir/<method>."""
+        return int({**TRAIN_PRESETS[self.preset], **self.train_options}.get(
+            "seed", TrainConfig.seed))
 
     # ------------------------------------------------------------------ training
-    def save_dir(self, method: str) -> Path:
-        return self.runs_dir / method
+    def _seed(self, seed: int | None) -> int:
+        return self.seeds[0] if seed is None else int(seed)
 
-    def train_options_for(self, method: str) -> dict:
+    def save_dir(self, method: str, seed: int | None = None) -> Path:
+        """runs_dir/<method> for the home seed (the single-seed layout), else
+        runs_dir/seed<k>/<method>; seed None: the workbench's first seed."""
+        seed = self._seed(seed)
+        return self.runs_dir / method if seed == self.home_seed else (
+            self.runs_dir / f"seed{seed}" / method)
+
+    def train_options_for(self, method: str, seed: int | None = None) -> dict:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         options = {**TRAIN_PRESETS[self.preset], **self.train_options, "method": method,
-                   "save_dir": str(self.save_dir(method)), "device": self.device}
+                   "save_dir": str(self.save_dir(method, seed)), "device": self.device}
         if method != "dense":
             options["num_experts"] = self.num_experts
+        if self._seed(seed) != self.home_seed:  # the home seed's options stay as they were
+            options["seed"] = self._seed(seed)
         return options
 
-    def train(self, methods: Sequence[str] | str, *, live=None, retrain: bool = False
-              ) -> dict[str, Path]:
-        """Train each method whose save dir has no checkpoint yet; -> {method: save dir}.
+    def train(self, methods: Sequence[str] | str, *, live=None, retrain: bool = False,
+              seeds: Sequence[int] | None = None) -> dict[str, Path]:
+        """Train each method, for each seed (default: the workbench's), whose save dir has no
+        finished run yet; -> {method: save dir of the first seed}.
 
         `live` (e.g. moelab.report.LiveCurves) receives every log line to plot as it comes.
         """
         methods = [methods] if isinstance(methods, str) else list(methods)
         data_bin = self.ensure_data_bin()
-        done = {}
-        for method in methods:
-            save_dir = self.save_dir(method)
-            options = self.train_options_for(method)
-            if self.is_trained(method) and not retrain:
-                print(f"{method}: using the trained run in {save_dir} (delete it to retrain)")
+        seeds = self.seeds if seeds is None else [int(s) for s in seeds]
+        for seed in seeds:
+            for method in methods:
+                self._train_one(data_bin, method, seed, live=live, retrain=retrain)
+        return {method: self.save_dir(method, seeds[0]) for method in methods}
+
+    def _train_one(self, data_bin: Path, method: str, seed: int, *, live, retrain: bool) -> None:
+        save_dir = self.save_dir(method, seed)
+        options = self.train_options_for(method, seed)
+        if self.is_trained(method, seed) and not retrain:
+            print(f"{method}: using the trained run in {save_dir} (delete it to retrain)")
+        else:
+            resumable = any((save_dir / name).is_file()
+                            for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST)))
+            # retrain, or a run of the workbench's own killed before its first checkpoint:
+            # clear its files (the .prev fallback too, or training would resume from it)
+            if retrain or not resumable:
+                for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST), CHECKPOINT,
+                             "train_log.jsonl", DONE_FILE):
+                    (save_dir / name).unlink(missing_ok=True)
             else:
-                resumable = any((save_dir / name).is_file()
-                                for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST)))
-                # retrain, or a run of the workbench's own killed before its first checkpoint:
-                # clear its files (the .prev fallback too, or training would resume from it)
-                if retrain or not resumable:
-                    for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST), CHECKPOINT,
-                                 "train_log.jsonl", DONE_FILE):
-                        (save_dir / name).unlink(missing_ok=True)
-                else:
-                    print(f"{method}: resuming the unfinished run in {save_dir}")
-                callbacks = live.callbacks(method) if live is not None else {}
-                result = train(str(data_bin), **options, **callbacks)
-                (save_dir / DONE_FILE).write_text(json.dumps(
-                    {"num_updates": result.num_updates, "options": options}) + "\n")
-                self._runs.pop(method, None)
-                self._evals = {k: v for k, v in self._evals.items() if k[0] != method}
-            done[method] = save_dir
-        return done
+                print(f"{method}: resuming the unfinished run in {save_dir}")
+            callbacks = live.callbacks(method) if live is not None else {}
+            result = train(str(data_bin), **options, **callbacks)
+            # the thread count is part of what makes a CPU run repeat bit for bit
+            (save_dir / DONE_FILE).write_text(json.dumps(
+                {"num_updates": result.num_updates, "options": options,
+                 "threads": torch.get_num_threads()}) + "\n")
+            self._runs.pop((method, seed), None)
+            self._evals = {k: v for k, v in self._evals.items() if k[:2] != (method, seed)}
 
     def ensure_data_bin(self) -> Path:
         data = {"documents_per_domain": None, **DATA_PRESETS[self.preset]}
@@ -170,9 +204,9 @@ class Workbench:
             data["documents_per_domain"] = self.corpus_documents
         return ensure_data_bin(self.data_bin, **data)
 
-    def is_trained(self, method: str) -> bool:
+    def is_trained(self, method: str, seed: int | None = None) -> bool:
         """Finished with the current options (an interrupted or re-sized run is not)."""
-        save_dir = self.save_dir(method)
+        save_dir = self.save_dir(method, seed)
         if not (save_dir / DONE_FILE).is_file() or not (save_dir / CHECKPOINT).is_file():
             return False
         done = json.loads((save_dir / DONE_FILE).read_text())
@@ -181,36 +215,91 @@ class Workbench:
         def what(options: dict) -> dict:
             return {k: v for k, v in options.items() if k not in ("device", "save_dir")}
         return what(done.get("options") or {}) == what(
-            json.loads(json.dumps(self.train_options_for(method))))
+            json.loads(json.dumps(self.train_options_for(method, seed))))
 
-    def run(self, method: str) -> Run:
+    def training_threads(self, method: str, seed: int | None = None) -> int | None:
+        """The torch thread count the run trained with (None: trained before it was kept)."""
+        done = self.save_dir(method, seed) / DONE_FILE
+        return json.loads(done.read_text()).get("threads") if done.is_file() else None
+
+    def run(self, method: str, seed: int | None = None) -> Run:
         """The trained run of `method` (trained first when missing), loaded once."""
-        if method not in self._runs:
-            if not self.is_trained(method):
-                self.train([method])
-            self._runs[method] = Run.load(self.save_dir(method), device=self.device)
-        return self._runs[method]
+        key = (method, self._seed(seed))
+        if key not in self._runs:
+            if not self.is_trained(*key):
+                self.train([method], seeds=[key[1]])
+            self._runs[key] = Run.load(self.save_dir(*key), device=self.device)
+        return self._runs[key]
 
     def histories(self, methods: Sequence[str]) -> dict[str, pd.DataFrame]:
         return {m: self.run(m).history for m in methods}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, method: str, split: str = "valid", *, context_window: int = 0
-                 ) -> EvalResult:
+    def evaluate(self, method: str, split: str = "valid", *, context_window: int = 0,
+                 seed: int | None = None) -> EvalResult:
         """Perplexities, responsibilities and clusters of one method on one split (cached in
         memory here, and on disk by the Run)."""
-        key = (method, split, context_window)
+        key = (method, self._seed(seed), split, context_window)
         if key not in self._evals:
-            self._evals[key] = self.run(method).evaluate(split, context_window=context_window)
+            self._evals[key] = self.run(method, seed).evaluate(split,
+                                                               context_window=context_window)
         return self._evals[key]
 
-    def method_runs(self, methods: Sequence[str], *, context_window: int = 0) -> list:
+    def method_runs(self, methods: Sequence[str], *, context_window: int = 0,
+                    seed: int | None = None) -> list:
         """One moelab.report.MethodRun per method: valid and test evaluation plus the log."""
         from moelab.report import MethodRun
 
-        return [MethodRun(name=m, valid=self.evaluate(m, "valid", context_window=context_window),
-                          test=self.evaluate(m, "test", context_window=context_window),
-                          history=self.run(m).history) for m in methods]
+        return [MethodRun(name=m, valid=self.evaluate(m, "valid", context_window=context_window,
+                                                      seed=seed),
+                          test=self.evaluate(m, "test", context_window=context_window, seed=seed),
+                          history=self.run(m, seed).history) for m in methods]
+
+    def method_table(self, methods: Sequence[str], *, context_window: int = 0) -> pd.DataFrame:
+        """moelab.report.method_table of every seed: with one seed, that table; with several,
+        each seed's rows then each method's mean and standard deviation (moelab.report.
+        over_seeds). Its notes say the torch threads the runs trained and evaluate with."""
+        from moelab import report
+
+        tables = {seed: report.method_table(self.method_runs(methods, seed=seed,
+                                                             context_window=context_window))
+                  for seed in self.seeds}
+        table = tables[self.seeds[0]] if len(tables) == 1 else report.over_seeds(tables)
+        trained = sorted({str(self.training_threads(m, s)) for m in methods for s in self.seeds})
+        table.attrs["threads"] = torch.get_num_threads()
+        table.attrs["notes"] = [*table.attrs.get("notes", []),
+                                f"torch threads: {'/'.join(trained)} in training (None: not "
+                                f"recorded), {torch.get_num_threads()} in evaluation."]
+        return table
+
+    # ------------------------------------------------------------------ samples
+    def domain_classifier(self):
+        """moelab.attribution's tf-idf classifier of the data-bin's domains (fit once)."""
+        from moelab.attribution import fit_domain_classifier
+
+        if self._classifier is None:
+            self._classifier = fit_domain_classifier(self.ensure_data_bin())
+        return self._classifier
+
+    def expert_samples(self, method: str, *, per_expert: int = 3, max_new_tokens: int = 48,
+                       sampling_seed: int = 1, seed: int | None = None) -> dict[int, list[str]]:
+        """expert -> `per_expert` continuations of the empty prompt (moelab.attribution)."""
+        from moelab.attribution import expert_samples
+
+        run = self.run(method, seed)
+        return expert_samples(run.model, run.tokenizer, per_expert=per_expert,
+                              max_new_tokens=max_new_tokens, seed=sampling_seed)
+
+    def attribution(self, method: str, *, seed: int | None = None,
+                    samples: dict[int, list[str]] | None = None, **sampling) -> pd.DataFrame:
+        """Per expert: the domain it owns on valid, the domain its samples read as, and whether
+        they match (moelab.attribution.attribute_samples); `sampling` goes to expert_samples."""
+        from moelab.attribution import attribute_samples
+
+        if samples is None:
+            samples = self.expert_samples(method, seed=seed, **sampling)
+        return attribute_samples(self.domain_classifier(), samples,
+                                 self.evaluate(method, "valid", seed=seed).responsibilities)
 
     # ------------------------------------------------------------------ exports
     def save_figure(self, fig, name: str, formats: Sequence[str] = ("png", "svg", "pdf")

@@ -146,3 +146,32 @@ def test_reading_calls_a_sharp_split_of_near_identical_experts_flat():
     assert table.loc["hMoEup", "mean max posterior"] > 0.99
     text = "\n".join(reading(table, max_update=200))
     assert "line up with the domains" not in text and "0.0020 nats/token" in text
+
+
+def test_seeds_flag_takes_a_count_or_a_list():
+    from moelab.cli.demo import _seeds
+
+    assert _seeds("3") == [1, 2, 3]
+    assert _seeds("1,4,7") == [1, 4, 7]
+    assert _seeds("5,") == [5]
+    with pytest.raises(MoelabError, match="distinct seeds"):
+        DemoConfig(seeds=[2, 2])
+    with pytest.raises(SystemExit):
+        main(["demo", "--seeds", "two"])
+
+
+def test_demo_over_seeds_gives_mean_std_each_seed_and_attribution(tmp_path, one_thread):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--methods", "dense,hMoEup",
+                 "--seeds", "2", "--attribution-samples", "2"]) == 0
+    report = (out / "report.md").read_text()
+    assert "Training seeds 1, 2; torch threads 1 in training, 1 in evaluation" in report
+    table = pd.read_csv(out / "tables/methods.csv", index_col=0)
+    assert list(table["seed"].astype(str)) == ["1", "1", "2", "2", "mean", "mean", "std", "std"]
+    assert (out / "runs" / "seed2" / "hMoEup" / "checkpoint_best.pt").is_file()
+    assert " ± " in (out / "tables/methods.md").read_text() and " ± " in report
+    assert "means over 2 training seeds" in report
+    attribution = pd.read_csv(out / "tables/attribution.csv", index_col=0)
+    experts = int(table.loc["hMoEup", "K"].iloc[0])
+    assert sorted(set(attribution["seed"])) == [1, 2] and len(attribution) == 2 * experts
+    assert "## Samples you can attribute" in report and "over 2 seeds of its experts" in report

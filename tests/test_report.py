@@ -253,3 +253,44 @@ def test_method_and_cluster_tables_show_the_confidence_beside_the_clustering(res
         assert "not a clean split" in notes
     md = report.to_markdown(cluster)
     assert "| mean max posterior |" in md.replace("  ", " ") and "not a clean split" in md
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def seed_tables(seeds=(1, 2, 3)) -> dict[int, pd.DataFrame]:
+    return {s: report.method_table([report.MethodRun("dense", fake_result(1, s)),
+                                    report.MethodRun("hMoEup", fake_result(3, s + 10, 0.9))])
+            for s in seeds}
+
+
+def test_over_seeds_keeps_each_seed_and_gives_mean_and_std(tmp_path):
+    tables = seed_tables()
+    long = report.over_seeds(tables)
+    assert list(long["seed"]) == [1, 1, 2, 2, 3, 3, "mean", "mean", "std", "std"]
+    values = np.array([t.loc["hMoEup", "valid ppl"] for t in tables.values()])
+    rows = long.loc["hMoEup"].set_index("seed")["valid ppl"]
+    assert rows["mean"] == pytest.approx(values.mean())
+    assert rows["std"] == pytest.approx(values.std(ddof=1))
+    csv, md, tex = report.export_table(long, tmp_path / "methods")
+    back = pd.read_csv(csv, index_col=0)
+    assert list(back["seed"].astype(str)) == ["1", "1", "2", "2", "3", "3", "mean", "mean",
+                                              "std", "std"]
+    text = md.read_text()
+    assert f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" in text
+    assert "| hMoEup |     3 |" in text and "seeds 1, 2, 3" in text
+    assert "±" in tex.read_text()
+
+
+def test_a_figure_over_seeds_has_error_bars():
+    per_seed = {"hMoEup": [fake_result(3, s, 0.9) for s in range(3)], "dense": fake_result(1)}
+    fig = report.perplexity_by_domain(per_seed)
+    bars = [c for c in fig.axes[0].collections if c.get_segments()]
+    ppl = np.array([r.perplexity.loc["overall", "mixture"] for r in per_seed["hMoEup"]])
+    spans = [np.ptp(seg[:, 1]) for c in bars for seg in c.get_segments()]
+    assert any(span == pytest.approx(2 * ppl.std(ddof=1)) for span in spans)
+    curves = report.training_curves({"hMoEup": [fake_history(3), fake_history(3, 4)]})
+    assert any(type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")
+               for c in curves.axes[0].collections)
+    single = report.training_curves({"hMoEup": fake_history(3)})
+    assert not single.axes[0].collections  # one seed: no band

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pandas as pd
 import pytest
 
 from moelab.train import checkpoint as ckpt
@@ -114,3 +115,52 @@ def test_a_run_trained_for_another_max_update_is_not_trained(smoke_workbench):
     assert preset_updates != 9
     assert smoke_workbench(train_options={"max_update": preset_updates}).is_trained("hMoEup")
     assert not smoke_workbench(train_options={"max_update": 9}).is_trained("hMoEup")
+
+
+def test_the_home_seed_keeps_the_single_seed_layout_and_options(smoke_workbench, tmp_path):
+    single = smoke_workbench(runs_dir=tmp_path)
+    seeded = smoke_workbench(runs_dir=tmp_path, seeds=[1, 2])
+    assert single.seeds == [1] and seeded.home_seed == 1
+    assert seeded.save_dir("hMoEup", 1) == single.save_dir("hMoEup") == tmp_path / "hMoEup"
+    assert seeded.train_options_for("hMoEup", 1) == single.train_options_for("hMoEup")
+    assert "seed" not in single.train_options_for("hMoEup")  # existing runs stay trained
+    assert seeded.save_dir("hMoEup", 2) == tmp_path / "seed2" / "hMoEup"
+    assert seeded.train_options_for("hMoEup", 2)["seed"] == 2
+    with pytest.raises(ValueError, match="distinct seeds"):
+        smoke_workbench(seeds=[2, 2])
+
+
+def test_several_seeds_give_each_seeds_row_and_mean_and_std(smoke_workbench, one_thread):
+    from moelab import report
+
+    wb = smoke_workbench(seeds=[1, 2])
+    table = wb.method_table(["hMoEup"])
+    assert list(table["seed"]) == [1, 2, "mean", "std"]
+    by_seed = table.set_index("seed")["test ppl"]
+    assert by_seed[1] != by_seed[2]  # another seed is another run
+    assert by_seed["mean"] == pytest.approx((by_seed[1] + by_seed[2]) / 2)
+    assert by_seed["std"] == pytest.approx(abs(by_seed[1] - by_seed[2]) / 2 ** 0.5)
+    assert table.attrs["threads"] == 1 and "torch threads" in table.attrs["notes"][-1]
+    assert wb.training_threads("hMoEup", 2) == 1
+    one = report.method_table(wb.method_runs(["hMoEup"], seed=2))
+    assert one.loc["hMoEup", "test ppl"] == by_seed[2]
+
+
+def test_the_same_seed_and_threads_give_identical_numbers(smoke_workbench, tmp_path, one_thread):
+    first = smoke_workbench(runs_dir=tmp_path / "a", seeds=[3])
+    again = smoke_workbench(runs_dir=tmp_path / "b", seeds=[3])
+    a, b = (wb.method_table(["hMoEup"]) for wb in (first, again))
+    columns = [c for c in a.columns if c not in ("tokens/s", "train time (s)")]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+
+
+def test_attribution_labels_each_experts_samples(smoke_workbench):
+    wb = smoke_workbench()
+    samples = wb.expert_samples("hMoEup", per_expert=2, max_new_tokens=8)
+    assert sorted(samples) == [0, 1, 2] and all(len(s) == 2 for s in samples.values())
+    assert samples == wb.expert_samples("hMoEup", per_expert=2, max_new_tokens=8)
+    assert any(len(set(texts)) > 1 for texts in samples.values())  # one generator goes on
+    table = wb.attribution("hMoEup", samples=samples)
+    owned = wb.evaluate("hMoEup", "valid").responsibilities.idxmax()
+    assert table["owned domain"].to_dict() == owned.to_dict()
+    assert set(table["samples read as"]) <= {*wb.domain_classifier().domains, ""}

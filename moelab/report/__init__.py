@@ -20,11 +20,14 @@ from moelab.report.tables import (
     cluster_table,
     export_table,
     format_value,
+    mean_std,
     method_table,
+    over_seeds,
     to_latex,
     to_markdown,
 )
 
 __all__ = ["METHOD_COLORS", "LiveCurves", "MethodRun", "cluster_table", "expert_usage",
-           "export_table", "format_value", "method_table", "perplexity_by_domain",
+           "export_table", "format_value", "mean_std", "method_table",
+           "over_seeds", "perplexity_by_domain",
            "responsibility_heatmap", "save_figure", "to_latex", "to_markdown", "training_curves"]

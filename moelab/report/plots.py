@@ -128,7 +128,24 @@ def responsibility_heatmap(responsibilities: EvalResult | pd.DataFrame
 # ----------------------------------------------------------------------------- perplexity
 
 
-def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame], *,
+def _perplexity_table(result: EvalResult | pd.DataFrame) -> pd.DataFrame:
+    return result.perplexity if isinstance(result, EvalResult) else result
+
+
+def _over_seeds(result) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """One result, or a list of one per training seed -> (mean table, std table or None)."""
+    if isinstance(result, (EvalResult, pd.DataFrame)):
+        return _perplexity_table(result), None
+    tables = [_perplexity_table(r) for r in result]
+    if len(tables) == 1:
+        return tables[0], None
+    stacked = pd.concat(tables, keys=range(len(tables)))
+    return (stacked.groupby(level=1, sort=False).mean().reindex(tables[0].index),
+            stacked.groupby(level=1, sort=False).std(ddof=1).reindex(tables[0].index))
+
+
+def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame
+                                          | Sequence[EvalResult | pd.DataFrame]], *,
                          title: str | None = None, log_scale: bool | None = None) -> Figure:
     """Mixture perplexity of each method, grouped by domain (overall first), as a dot plot.
 
@@ -136,10 +153,11 @@ def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame], *,
     joined to it by a thin line, is the oracle (best single expert per document), a bound and
     labelled as one. Dots rather than bars: perplexities of methods are close and far from zero,
     so the axis starts near the data. It is logarithmic when perplexities span more than a
-    factor of 3 (unless log_scale says).
+    factor of 3 (unless log_scale says). A method given a list of results (one per training
+    seed) is drawn at its mean with error bars of one standard deviation over the seeds.
     """
-    tables = {name: (r.perplexity if isinstance(r, EvalResult) else r)
-              for name, r in results.items()}
+    spreads = {name: _over_seeds(r) for name, r in results.items()}
+    tables = {name: mean for name, (mean, _) in spreads.items()}
     if not tables:
         raise ValueError("perplexity_by_domain needs at least one method's results")
     groups = list(next(iter(tables.values())).index)
@@ -159,6 +177,11 @@ def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame], *,
         ax.vlines(at, oracle, mixture, colors=color, linewidth=1.2, alpha=0.7, zorder=2)
         ax.plot(at, mixture, linestyle="none", marker="o", markersize=6, color=color, label=name,
                 zorder=3)
+        std = spreads[name][1]
+        if std is not None:  # one standard deviation over the training seeds
+            ax.errorbar(at, mixture, yerr=std.reindex(groups)["mixture"].to_numpy(float),
+                        fmt="none", ecolor=color, elinewidth=1.2, capsize=3, zorder=3)
+            high = max(high, np.nanmax(mixture + std.reindex(groups)["mixture"].to_numpy(float)))
         # a ring, drawn on top: it stays visible when the oracle equals the mixture (dense)
         ax.plot(at, oracle, linestyle="none", marker="o", markersize=11, markerfacecolor="none",
                 markeredgecolor=color, markeredgewidth=1.3, zorder=4)
@@ -197,21 +220,35 @@ def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame], *,
 # ----------------------------------------------------------------------------- training logs
 
 
-def training_curves(histories: Mapping[str, pd.DataFrame], *, metric: str = "loss",
-                    title: str | None = None) -> Figure:
+def training_curves(histories: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame]], *,
+                    metric: str = "loss", title: str | None = None) -> Figure:
     """Training (left) and validation (right) `metric` per method against updates.
 
-    `histories` maps a method to its `read_history` DataFrame (TrainResult.history).
+    `histories` maps a method to its `read_history` DataFrame (TrainResult.history), or to a
+    list of them, one per training seed: the mean at each update, in a band of one standard
+    deviation over the seeds.
     """
     fig = Figure(figsize=(9.5, 3.8), layout="constrained")
     ax_train, ax_valid = fig.subplots(1, 2, sharey=True)
     for i, (name, history) in enumerate(histories.items()):
         color = method_color(name, i)
+        seeds = [history] if isinstance(history, pd.DataFrame) else list(history)
         for ax, kind, style in ((ax_train, "train", {}), (ax_valid, "valid", {"marker": "o"})):
-            part = history[history["kind"] == kind] if "kind" in history else history.iloc[:0]
-            if metric in part and len(part):
-                ax.plot(part["update"], part[metric], color=color, label=name,
+            parts = [h[h["kind"] == kind] if "kind" in h else h.iloc[:0] for h in seeds]
+            parts = [p[["update", metric]] for p in parts if metric in p and len(p)]
+            if not parts:
+                continue
+            if len(parts) == 1:  # one seed: its log as it is
+                ax.plot(parts[0]["update"], parts[0][metric], color=color, label=name,
                         markersize=4, **style)
+                continue
+            by_update = pd.concat(parts).groupby("update")[metric]
+            mean = by_update.mean()
+            ax.plot(mean.index, mean.to_numpy(float), color=color, label=name, markersize=4,
+                    **style)
+            std = by_update.std(ddof=1)  # one standard deviation over the training seeds
+            ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.2,
+                            linewidth=0)
     unit = " (nats per token)" if metric in ("loss", "nll") else ""
     ax_train.set_ylabel(metric + unit)
     for ax, name in ((ax_train, "training"), (ax_valid, "validation")):

@@ -145,6 +145,59 @@ def cluster_table(results: Mapping[str, EvalResult]) -> pd.DataFrame:
     return df
 
 
+# ----------------------------------------------------------------------------- seeds
+
+SEED_MEAN, SEED_STD = "mean", "std"  # the "seed" of the summary rows of over_seeds
+
+
+def over_seeds(tables: Mapping[int, pd.DataFrame]) -> pd.DataFrame:
+    """One table per training seed (same rows and columns) -> each seed's rows, then per row name
+    the mean and the standard deviation (ddof 1; NaN with one seed) over seeds.
+
+    The result keeps the index (method) and puts a `seed` column first: seed k's rows carry k,
+    the summary rows "mean" and "std". Non-numeric columns take the first seed's value in the
+    summary rows. `export_table` writes it whole to CSV and as mean ± std to Markdown and LaTeX.
+    """
+    if not tables:
+        raise ValueError("over_seeds needs the table of at least one seed")
+    first = next(iter(tables.values()))
+    per_seed = pd.concat([t.assign(seed=seed) for seed, t in tables.items()])
+    numeric = [c for c in first.columns if pd.api.types.is_numeric_dtype(first[c])]
+    grouped = per_seed.groupby(level=0, sort=False)[numeric]
+    summary = []
+    for name, values in ((SEED_MEAN, grouped.mean()), (SEED_STD, grouped.std(ddof=1))):
+        rows = first.copy()
+        rows[numeric] = values.reindex(first.index)
+        summary.append(rows.assign(seed=name))
+    long = pd.concat([per_seed, *summary])
+    long["seed"] = long["seed"].astype(object)
+    long = long[["seed", *first.columns]]
+    long.index.name = first.index.name
+    long.attrs = {**first.attrs, "seeds": list(tables),
+                  "notes": [*first.attrs.get("notes", []),
+                            f"Over training seeds {', '.join(map(str, tables))}: mean ± "
+                            "standard deviation (ddof 1); each seed's row is in the CSV."]}
+    return long
+
+
+def mean_std(long: pd.DataFrame) -> pd.DataFrame:
+    """An over_seeds table as a reader wants it: one row per method, `mean ± std` cells."""
+    mean = long[long["seed"] == SEED_MEAN].drop(columns="seed")
+    std = long[long["seed"] == SEED_STD].drop(columns="seed")
+    shown = pd.DataFrame(index=mean.index)
+    per_seed = long[~long["seed"].isin([SEED_MEAN, SEED_STD])]
+    shown.insert(0, "seeds", per_seed.groupby(level=0, sort=False).size().reindex(mean.index))
+    for column in mean.columns:
+        if not pd.api.types.is_numeric_dtype(mean[column]):
+            shown[column] = mean[column]
+            continue
+        decimals = _column_decimals(mean[column].astype(float))
+        shown[column] = [f"{format_value(m, decimals)} ± {format_value(d, decimals)}"
+                         for m, d in zip(mean[column], std[column], strict=True)]
+    shown.attrs = dict(long.attrs)
+    return shown
+
+
 # ----------------------------------------------------------------------------- formatting
 
 
@@ -245,15 +298,19 @@ def to_latex(df: pd.DataFrame, *, caption: str | None = None, label: str | None 
 def export_table(df: pd.DataFrame, path_stem: str | Path,
                  formats: Sequence[str] = ("csv", "md", "tex"), *,
                  caption: str | None = None) -> list[Path]:
-    """Write path_stem.csv (full precision), .md and .tex (rounded for reading); -> files."""
+    """Write path_stem.csv (full precision), .md and .tex (rounded for reading); -> files.
+
+    An over_seeds table goes whole (each seed, mean, std) to CSV and as mean ± std to .md/.tex.
+    """
+    shown = mean_std(df) if "seeds" in df.attrs else df
     written = []
     for fmt, path in output_paths(path_stem, formats, allowed=("csv", "md", "tex"),
                                   kind="table"):
         if fmt == "csv":
             df.to_csv(path)
         elif fmt == "md":
-            path.write_text(to_markdown(df), encoding="utf-8")
+            path.write_text(to_markdown(shown), encoding="utf-8")
         else:
-            path.write_text(to_latex(df, caption=caption), encoding="utf-8")
+            path.write_text(to_latex(shown, caption=caption), encoding="utf-8")
         written.append(path)
     return written
