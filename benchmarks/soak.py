@@ -98,8 +98,8 @@ def inject_leak(kind: str) -> None:
     if kind == "graph":
         forward = update.EMStep.forward
 
-        def leaking_forward(self, batch):
-            out = forward(self, batch)
+        def leaking_forward(self, batch, *args, **kwargs):
+            out = forward(self, batch, *args, **kwargs)
             LEAKED.append(out[0])  # the summed loss, grad_fn and all
             return out
         update.EMStep.forward = leaking_forward
