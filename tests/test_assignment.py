@@ -19,6 +19,7 @@ from moelab.train.assignment import (
     Assignment,
     PriorBias,
     anneal_temperature,
+    balanced_choice,
     build_assignment,
     sinkhorn,
 )
@@ -72,6 +73,29 @@ def test_sinkhorn_spreads_a_collapsed_batch_over_the_experts():
     won = torch.bincount(sinkhorn(scores).argmax(1), minlength=K)
     assert (won >= B // (2 * K)).all(), won
     assert torch.isfinite(sinkhorn(scores)).all()
+
+
+def test_hard_em_spreads_a_batch_of_alike_chunks_with_each_expert_capped():
+    """Identical chunks that all prefer expert 0: the balanced plan is uniform, so its argmax
+    alone would send every chunk to expert 0; the capped choice gives each expert B / K."""
+    K, B = 4, 12
+    scores = torch.zeros(B, K)
+    scores[:, 0] = 50.0
+    balanced = Assignment(balance="sinkhorn", hard=True)
+    r = balanced.posterior(scores)
+    assert torch.equal(r.sum(1), torch.ones(B))  # one expert per chunk
+    assert torch.bincount(r.argmax(1), minlength=K).tolist() == [B // K] * K
+    # soft EM keeps the plan itself
+    plan = Assignment(balance="sinkhorn").posterior(scores)
+    assert torch.allclose(plan.sum(0), torch.full((K,), B / K, dtype=plan.dtype), atol=1e-4)
+
+
+def test_the_capped_choice_is_the_argmax_where_the_plan_already_balances():
+    plan = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    assert balanced_choice(plan).tolist() == [0, 1, 0, 1]
+    # over capacity, the weakest claims move: expert 0 takes its two strongest chunks
+    crowded = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7]])
+    assert balanced_choice(crowded).tolist() == [0, 1, 0, 1]
 
 
 def _free_port() -> int:
@@ -259,3 +283,26 @@ def test_a_checkpoint_without_a_prior_bias_resumes_with_one(tmp_path):
     lines = [json.loads(line) for line in (save_dir / "train_log.jsonl").read_text().splitlines()]
     spreads = {r["update"]: r["prior_bias_spread"] for r in lines if "prior_bias_spread" in r}
     assert list(spreads) == [5, 6] and max(spreads.values()) > 0  # it moved
+
+
+def test_training_hard_em_with_balance_trains_the_capped_choice(tiny_bin, tmp_path, monkeypatch):
+    """Through the trainer: hard EM's responsibilities are the one-hot capped choice, each
+    expert at most ceil(B / K) chunks of a micro-batch."""
+    from moelab.train import update
+
+    seen = []
+    real = update.em_loss
+
+    def spy(model, batch, **kwargs):
+        out = real(model, batch, **kwargs)
+        seen.append(out.responsibilities.detach().clone())
+        return out
+
+    monkeypatch.setattr(update, "em_loss", spy)
+    train(tiny_bin, method="hMoEup", num_experts=3, max_update=2, balance="sinkhorn",
+          save_dir=tmp_path, **TINY)
+    assert seen
+    for r in seen:
+        B, K = r.shape
+        assert torch.equal(r, torch.nn.functional.one_hot(r.argmax(1), K).to(r.dtype))
+        assert torch.bincount(r.argmax(1), minlength=K).max() <= -(-B // K)

@@ -12,8 +12,11 @@ evaluation keep the model's own scores l. All of them are off by default.
   "Auxiliary-loss-free load balancing"); it is training state and goes into the checkpoint;
 - balance (`--balance sinkhorn`): the batch's posterior projected by Sinkhorn-Knopp iterations
   onto a plan whose rows sum to 1 and whose columns (the experts' shares) are equal, as SwAV and
-  SeLa balance clusters; hard EM takes the plan's argmax, as BASE layers balance tokens. The
-  shares are over the whole update's batch, all ranks together.
+  SeLa balance clusters; hard EM then gives each chunk one expert with every expert's count
+  capped at ceil(B / K) on each rank, the plan's strongest pairs first (a greedy form of the
+  balanced assignment BASE layers solve for tokens): the plan's argmax alone would send a batch
+  of alike chunks, whose plan is uniform, all to one expert. The plan's shares are over the
+  whole update's batch, all ranks together.
 
 The order is the one the methods need: bias the scores, temper them, then balance.
 """
@@ -65,6 +68,26 @@ def sinkhorn(log_scores: torch.Tensor, *, iterations: int = SINKHORN_ITERATIONS,
     return x.exp().to(log_scores.dtype)
 
 
+def balanced_choice(plan: torch.Tensor) -> torch.Tensor:
+    """One expert per chunk (B,) from a plan (B, K), each expert taking at most ceil(B / K)
+    chunks: the (chunk, expert) pairs are taken in decreasing plan value (ties in index order),
+    skipping a chunk already placed or an expert already full."""
+    B, K = plan.shape
+    capacity = -(-B // K)
+    order = torch.sort(plan.flatten().double(), descending=True, stable=True).indices.tolist()
+    choice, load = [-1] * B, [0] * K
+    placed = 0
+    for pair in order:
+        chunk, expert = divmod(pair, K)
+        if choice[chunk] < 0 and load[expert] < capacity:
+            choice[chunk] = expert
+            load[expert] += 1
+            placed += 1
+            if placed == B:
+                break
+    return torch.tensor(choice, dtype=torch.long, device=plan.device)
+
+
 def _column_logsumexp(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     """log sum_b exp(x_bk) over the chunks of every rank -> (K,)."""
     peak = all_reduce_max(x.max(dim=0).values, dist)  # (K,) the global max, for stability
@@ -106,6 +129,7 @@ class Assignment:
     anneal_updates: int = 0
     dist: DistInfo = field(default_factory=DistInfo)
     temperature: float = 1.0  # this update's, set by start_update
+    hard: bool = False  # hard EM: a balanced plan becomes a capacity-capped choice per chunk
 
     def start_update(self, num_updates: int) -> None:
         """Set the temperature of update `num_updates` (0-based) before its E-steps."""
@@ -119,7 +143,11 @@ class Assignment:
         if self.temperature != 1.0:
             scores = scores / self.temperature
         if self.balance == "sinkhorn":
-            return sinkhorn(scores, dist=self.dist)
+            plan = sinkhorn(scores, dist=self.dist)
+            if self.hard:  # the one-hot of the choice: em_step's argmax takes it as it is
+                return torch.nn.functional.one_hot(balanced_choice(plan), plan.shape[1]
+                                                   ).to(plan.dtype)
+            return plan
         return scores.softmax(dim=-1)
 
     def log_fields(self) -> dict[str, float]:
@@ -133,8 +161,8 @@ class Assignment:
 
 
 def build_assignment(*, balance: str, prior_bias_rate: float, estep_temperature: float,
-                     anneal_updates: int, bias: torch.Tensor | None, dist: DistInfo
-                     ) -> Assignment | None:
+                     anneal_updates: int, bias: torch.Tensor | None, dist: DistInfo,
+                     hard: bool = False) -> Assignment | None:
     """The Assignment of these options, or None when all are off (plain softmax(l), untouched).
 
     `bias`: the prior bias to continue from (a resumed run's), required with a bias rate.
@@ -149,8 +177,8 @@ def build_assignment(*, balance: str, prior_bias_rate: float, estep_temperature:
     return Assignment(balance=balance, prior_bias=prior_bias,
                       estep_temperature=estep_temperature, anneal_updates=anneal_updates,
                       dist=dist, temperature=anneal_temperature(estep_temperature,
-                                                                anneal_updates, 0))
+                                                                anneal_updates, 0), hard=hard)
 
 
 __all__ = ["BALANCES", "SINKHORN_ITERATIONS", "Assignment", "PriorBias", "anneal_temperature",
-           "build_assignment", "sinkhorn"]
+           "balanced_choice", "build_assignment", "sinkhorn"]

@@ -225,7 +225,7 @@ class Trainer:
                                 estep_temperature=t.estep_temperature,
                                 anneal_updates=t.anneal_updates,
                                 bias=state.prior_bias if t.prior_bias_rate > 0 else None,
-                                dist=self.dist)
+                                dist=self.dist, hard=self.hard)
 
     def elapsed(self) -> float:
         """Seconds spent training, over this process and the runs it resumed."""
