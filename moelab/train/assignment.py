@@ -12,10 +12,10 @@ evaluation keep the model's own scores l. All of them are off by default.
   "Auxiliary-loss-free load balancing"); it is training state and goes into the checkpoint;
 - balance (`--balance sinkhorn`): the batch's posterior projected by Sinkhorn-Knopp iterations
   onto a plan whose rows sum to 1 and whose columns (the experts' shares) are equal, as SwAV and
-  SeLa balance clusters; hard EM then gives each chunk one expert with every expert's count
-  capped at ceil(B / K) on each rank, the plan's strongest pairs first (a greedy form of the
-  balanced assignment BASE layers solve for tokens): the plan's argmax alone would send a batch
-  of alike chunks, whose plan is uniform, all to one expert. The plan's shares are over the
+  SeLa balance clusters; hard EM then gives each chunk one expert, the experts' counts equal up
+  to one on each rank (so at most ceil(B / K)), the plan's strongest pairs first (a greedy form
+  of the balanced assignment BASE layers solve for tokens): the plan's argmax alone would send a
+  batch of alike chunks, whose plan is uniform, all to one expert. The plan's shares are over the
   whole update's batch, all ranks together.
 
 The order is the one the methods need: bias the scores, temper them, then balance.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from moelab.train.distributed import DistInfo, all_reduce_max, all_reduce_sum
@@ -68,24 +69,38 @@ def sinkhorn(log_scores: torch.Tensor, *, iterations: int = SINKHORN_ITERATIONS,
     return x.exp().to(log_scores.dtype)
 
 
-def balanced_choice(plan: torch.Tensor) -> torch.Tensor:
-    """One expert per chunk (B,) from a plan (B, K), each expert taking at most ceil(B / K)
-    chunks: the (chunk, expert) pairs are taken in decreasing plan value (ties in index order),
-    skipping a chunk already placed or an expert already full."""
-    B, K = plan.shape
-    capacity = -(-B // K)
-    order = torch.sort(plan.flatten().double(), descending=True, stable=True).indices.tolist()
-    choice, load = [-1] * B, [0] * K
-    placed = 0
-    for pair in order:
-        chunk, expert = divmod(pair, K)
-        if choice[chunk] < 0 and load[expert] < capacity:
-            choice[chunk] = expert
-            load[expert] += 1
-            placed += 1
-            if placed == B:
+def balanced_assignment(cost: np.ndarray) -> np.ndarray:
+    """(N, K) cost -> (N,) column per row, minimising the cost greedily under equal sizes.
+
+    The cheapest (row, column) pairs are taken first (ties: the lower index first), each row
+    once, each column up to N // K rows and N % K of them one more: sizes equal up to one.
+    Greedy rather than an exact linear assignment, whose N x N cost matrix would not fit for a
+    large corpus. Used for hard EM's balanced choice and for the warm start's balanced k-means.
+    """
+    n, k = cost.shape
+    base, extra = n // k, n % k
+    sizes = np.zeros(k, dtype=np.int64)
+    chosen = np.full(n, -1, dtype=np.int64)
+    extras_taken, assigned = 0, 0
+    for flat in np.argsort(cost, axis=None, kind="stable"):
+        row, c = divmod(int(flat), k)
+        if chosen[row] >= 0:
+            continue
+        if sizes[c] < base or (sizes[c] == base and extras_taken < extra):
+            extras_taken += sizes[c] == base
+            sizes[c] += 1
+            chosen[row] = c
+            assigned += 1
+            if assigned == n:
                 break
-    return torch.tensor(choice, dtype=torch.long, device=plan.device)
+    return chosen
+
+
+def balanced_choice(plan: torch.Tensor) -> torch.Tensor:
+    """One expert per chunk (B,) from a plan (B, K), the experts' counts equal up to one (so at
+    most ceil(B / K)): the strongest (chunk, expert) pairs of the plan first."""
+    cost = -plan.detach().double().cpu().numpy()
+    return torch.from_numpy(balanced_assignment(cost)).to(plan.device)
 
 
 def _column_logsumexp(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
@@ -181,4 +196,4 @@ def build_assignment(*, balance: str, prior_bias_rate: float, estep_temperature:
 
 
 __all__ = ["BALANCES", "SINKHORN_ITERATIONS", "Assignment", "PriorBias", "anneal_temperature",
-           "balanced_choice", "build_assignment", "sinkhorn"]
+           "balanced_assignment", "balanced_choice", "build_assignment", "sinkhorn"]

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from moelab.data import Batch, BinarizedDataset
+from moelab.train.assignment import balanced_assignment
 
 CACHE_FILE = "init_clusters.npz"
 KMEANS_MAX_ITER = 50
@@ -46,37 +47,6 @@ def tfidf_vectors(ds: BinarizedDataset) -> sp.csr_matrix:
 
     vectorizer = TfidfVectorizer(analyzer=pieces)  # smooth idf, l2 rows: deterministic
     return vectorizer.fit_transform(ds.document(i) for i in range(len(ds))).tocsr()
-
-
-def balanced_sizes(n: int, k: int) -> np.ndarray:
-    """k cluster sizes that sum to n and differ by at most one."""
-    return np.full(k, n // k) + (np.arange(k) < n % k)
-
-
-def balanced_assignment(cost: np.ndarray) -> np.ndarray:
-    """(N, K) cost -> (N,) cluster per row, minimising the cost greedily under equal sizes.
-
-    The cheapest (row, cluster) pairs are taken first, each row once, each cluster up to
-    N // K rows, and N % K of them one more: sizes equal up to one. Greedy rather than an exact
-    linear assignment, whose N x N cost matrix would not fit for a large corpus.
-    """
-    n, k = cost.shape
-    base, extra = n // k, n % k
-    sizes = np.zeros(k, dtype=np.int64)
-    clusters = np.full(n, -1, dtype=np.int64)
-    extras_taken, assigned = 0, 0
-    for flat in np.argsort(cost, axis=None, kind="stable"):  # ties: the lower index first
-        row, c = divmod(int(flat), k)
-        if clusters[row] >= 0:
-            continue
-        if sizes[c] < base or (sizes[c] == base and extras_taken < extra):
-            extras_taken += sizes[c] == base
-            sizes[c] += 1
-            clusters[row] = c
-            assigned += 1
-            if assigned == n:
-                break
-    return clusters
 
 
 def balanced_kmeans(vectors: sp.csr_matrix | np.ndarray, k: int, *, seed: int,
