@@ -222,6 +222,6 @@ def test_cpu_flag_loads_on_the_cpu_even_when_a_gpu_is_seen(tiny_bin, ckpt, monke
     monkeypatch.setattr(checkpoint_cli, "resolve_device",
                         lambda name: resolved.append(real(name)) or resolved[-1])
     args = _parse("eval-lm", str(tiny_bin), "--path", str(ckpt), "--cpu")
-    run, _ = checkpoint_cli.load_run(args, "eval-lm")
+    run = checkpoint_cli.load_run(args, "eval-lm")
     assert [str(device) for device in resolved] == ["cpu"]
     assert next(run.model.parameters()).device.type == "cpu"

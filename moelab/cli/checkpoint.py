@@ -4,6 +4,7 @@ and against the model flags a seed command passes (which must agree with the che
 from __future__ import annotations
 
 import argparse
+import sys
 
 from moelab.errors import MoelabError
 from moelab.train.distributed import resolve_device
@@ -31,17 +32,18 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     compat.add_argument("--user-dir", default=None, help="ignored: the MoE code is built in")
 
 
-def load_run(args: argparse.Namespace, command: str) -> tuple[Run, list[str]]:
+def load_run(args: argparse.Namespace, command: str) -> Run:
     """The checkpoint of --path as a Run on --device, with DATA_BIN's tokenizer (refused if it is
-    not the checkpoint's), and the notes to print about the flags given."""
+    not the checkpoint's); notes about the flags given are printed to stderr."""
     notes = _fairseq_notes(args, command)
     try:
         device = resolve_device("cpu" if args.cpu else args.device)
     except (ValueError, RuntimeError) as e:
         raise MoelabError(str(e)) from None
     run = Run.load(args.path, data_bin=args.data, device=device)
-    notes += _check_flags(args, run)
-    return run, notes
+    for note in notes + _check_flags(args, run):
+        print(f"moelab {command}: note: {note}", file=sys.stderr)
+    return run
 
 
 def _fairseq_notes(args: argparse.Namespace, command: str) -> list[str]:

@@ -12,7 +12,7 @@ import sys
 import time
 
 from moelab.cli.checkpoint import add_checkpoint_arguments, load_run
-from moelab.cli.flags import add_config_arguments, config_kwargs
+from moelab.cli.flags import add_config_arguments, build_config
 from moelab.data import BinarizedDataset
 from moelab.errors import MoelabError
 from moelab.evaluate import (
@@ -47,17 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = EvalConfig(**config_kwargs(args, EvalConfig))
-    except ValueError as e:
-        raise MoelabError(str(e)) from None
-    run, notes = load_run(args, "eval-lm")
-    for note in notes:
-        print(f"moelab eval-lm: note: {note}", file=sys.stderr)
+    config = build_config(args, EvalConfig)
+    trained = load_run(args, "eval-lm")
     dataset = BinarizedDataset(args.data, config.gen_subset)
     started = time.perf_counter()
     try:
-        result = evaluate(run.model, dataset, tokens_per_sample=config.tokens_per_sample,
+        result = evaluate(trained.model, dataset, tokens_per_sample=config.tokens_per_sample,
                           context_window=config.context_window,
                           max_sentences=config.max_sentences, progress=not args.no_progress_bar)
     except ValueError as e:

@@ -20,6 +20,8 @@ import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, fields
 
+from moelab.errors import MoelabError
+
 _METAVARS = {int: "N", float: "X", str: "STR"}
 
 
@@ -46,6 +48,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *,
 def config_kwargs(args: argparse.Namespace, cls: type) -> dict:
     """The parsed values of `cls`'s fields, ready for `cls(**...)`."""
     return {f.name: getattr(args, f.name) for f in fields(cls)}
+
+
+def build_config(args: argparse.Namespace, cls: type):
+    """`cls` from the parsed flags; a value it refuses is a one-line MoelabError, not a
+    traceback."""
+    try:
+        return cls(**config_kwargs(args, cls))
+    except ValueError as e:
+        raise MoelabError(str(e)) from None
 
 
 def field_default(f: Field):

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from moelab.cli.checkpoint import add_checkpoint_arguments, load_run
-from moelab.cli.flags import add_config_arguments, config_kwargs
+from moelab.cli.flags import add_config_arguments, build_config
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import MoelabError
 from moelab.generate import (
@@ -71,15 +71,10 @@ def parse_expert(value: str, K: int) -> list[int] | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = GenerationConfig(**config_kwargs(args, GenerationConfig))
-    except ValueError as e:
-        raise MoelabError(str(e)) from None
-    run, notes = load_run(args, "interactive")
-    model, tokenizer = run.model, run.tokenizer
+    config = build_config(args, GenerationConfig)
+    trained = load_run(args, "interactive")
+    model, tokenizer = trained.model, trained.tokenizer
     experts = parse_expert(args.gen_expert, model.num_experts)
-    for note in notes:
-        print(f"moelab interactive: note: {note}", file=sys.stderr)
     # one generator for the whole session: each prompt continues the seeded stream
     generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
     if args.prompt is not None:
