@@ -30,7 +30,7 @@ MAX_DOCUMENTS_PER_DOMAIN = 400
 
 @dataclass
 class DomainClassifier:
-    """tf-idf over words and character n-grams, then a logistic regression; deterministic (no
+    """tf-idf over character 2-4-grams, then a logistic regression; deterministic (no
     random state is drawn: lbfgs on a fixed matrix gives the same weights every run)."""
 
     vectorizer: object  # sklearn TfidfVectorizer, fitted

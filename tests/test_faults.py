@@ -488,36 +488,49 @@ def _poison(monkeypatch, bad):
     monkeypatch.setattr(update_module, "em_loss", em_loss)
 
 
+class _OneGoodUpdate:
+    """A tiny model after one good update, its weights and Adam state copied, and the next
+    batch: what a skipped update must leave exactly as it is."""
+
+    def __init__(self, tiny_bin):
+        from moelab.data import TrainBatches
+        from moelab.model import MixtureLM
+        from moelab.train import RunConfig
+        from moelab.train.config import model_config
+        from moelab.train.distributed import DistInfo
+        from moelab.train.update import EMStep, autocast_context, build_optimizer, train_step
+
+        ds = BinarizedDataset(tiny_bin, "train")
+        config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, num_experts=2, **TINY)
+        self.model = MixtureLM(model_config(config.model, vocab_size=ds.vocab_size,
+                                            pad_id=ds.pad_id, tokens_per_sample=64))
+        self.optimizer = build_optimizer(self.model, config, torch.device("cpu"))
+        batches = list(TrainBatches(ds, tokens_per_sample=64, max_tokens=512).epoch(1))[:2]
+        self.next_batch = batches[1]
+        step = EMStep(self.model, hard=True, uniform_prior=True)
+        kw = dict(dist=DistInfo(), clip_norm=0.0, autocast=autocast_context(torch.device("cpu")))
+        self.step = lambda batch: train_step(step, [batch], self.optimizer, **kw)
+        assert not self.step(batches[0]).skipped
+        self.weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.adam = {k: {n: t.clone() for n, t in s.items()}
+                     for k, s in self.optimizer.state.items()}
+
+    def assert_untouched(self) -> None:
+        assert all(p.grad is None for p in self.model.parameters())  # gradients dropped
+        for k, v in self.model.state_dict().items():
+            assert torch.equal(v, self.weights[k]), k
+        for k, s in self.optimizer.state.items():
+            assert all(torch.equal(t, self.adam[k][n]) for n, t in s.items())  # no Adam step
+
+
 def test_a_nan_update_is_skipped_without_touching_weights_or_adam(tiny_bin):
-    from moelab.data import TrainBatches
-    from moelab.model import MixtureLM
-    from moelab.train import RunConfig
-    from moelab.train.config import model_config
-    from moelab.train.distributed import DistInfo
-    from moelab.train.update import EMStep, autocast_context, build_optimizer, train_step
-
-    ds = BinarizedDataset(tiny_bin, "train")
-    config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, num_experts=2, **TINY)
-    model = MixtureLM(model_config(config.model, vocab_size=ds.vocab_size, pad_id=ds.pad_id,
-                                   tokens_per_sample=64))
-    optimizer = build_optimizer(model, config, torch.device("cpu"))
-    batches = list(TrainBatches(ds, tokens_per_sample=64, max_tokens=512).epoch(1))[:2]
-    step = EMStep(model, hard=True, uniform_prior=True)
-    kw = dict(dist=DistInfo(), clip_norm=0.0, autocast=autocast_context(torch.device("cpu")))
-    assert not train_step(step, [batches[0]], optimizer, **kw).skipped
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    adam = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state.items()}
-
+    run = _OneGoodUpdate(tiny_bin)
     with torch.no_grad():
-        model.transformer.ln_f.weight[0] = float("inf")  # forward gives NaN logits
-    weights["transformer.ln_f.weight"][0] = float("inf")
-    stats = train_step(step, [batches[1]], optimizer, **kw)
+        run.model.transformer.ln_f.weight[0] = float("inf")  # forward gives NaN logits
+    run.weights["transformer.ln_f.weight"][0] = float("inf")
+    stats = run.step(run.next_batch)
     assert stats.skipped and not torch.isfinite(stats.loss)
-    assert all(p.grad is None for p in model.parameters())  # gradients dropped
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, weights[k]), k
-    for k, s in optimizer.state.items():
-        assert all(torch.equal(t, adam[k][n]) for n, t in s.items())  # no Adam step either
+    run.assert_untouched()
 
 
 def test_nan_updates_are_skipped_logged_and_resume_exactly(tiny_bin, tmp_path, monkeypatch):
@@ -584,35 +597,13 @@ def test_non_finite_weights_are_never_saved(tiny_bin, tmp_path, monkeypatch):
 def test_an_infinite_gradient_with_a_finite_loss_is_skipped(tiny_bin):
     """The loss alone is not the check: a gradient that overflows while the loss is finite
     would still put inf/NaN into the weights and Adam's moments."""
-    from moelab.data import TrainBatches
-    from moelab.model import MixtureLM
-    from moelab.train import RunConfig
-    from moelab.train.config import model_config
-    from moelab.train.distributed import DistInfo
-    from moelab.train.update import EMStep, autocast_context, build_optimizer, train_step
-
-    ds = BinarizedDataset(tiny_bin, "train")
-    config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, num_experts=2, **TINY)
-    model = MixtureLM(model_config(config.model, vocab_size=ds.vocab_size, pad_id=ds.pad_id,
-                                   tokens_per_sample=64))
-    optimizer = build_optimizer(model, config, torch.device("cpu"))
-    batches = list(TrainBatches(ds, tokens_per_sample=64, max_tokens=512).epoch(1))[:2]
-    step = EMStep(model, hard=True, uniform_prior=True)
-    kw = dict(dist=DistInfo(), clip_norm=0.0, autocast=autocast_context(torch.device("cpu")))
-    assert not train_step(step, [batches[0]], optimizer, **kw).skipped
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    adam = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state.items()}
-
-    hook = model.transformer.ln_f.weight.register_hook(
+    run = _OneGoodUpdate(tiny_bin)
+    hook = run.model.transformer.ln_f.weight.register_hook(
         lambda grad: torch.full_like(grad, float("inf")))
     try:
-        stats = train_step(step, [batches[1]], optimizer, **kw)
+        stats = run.step(run.next_batch)
     finally:
         hook.remove()
     assert torch.isfinite(stats.loss) and not torch.isfinite(stats.grad_norm)
     assert stats.skipped
-    assert all(p.grad is None for p in model.parameters())  # gradients dropped
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, weights[k]), k
-    for k, s in optimizer.state.items():
-        assert all(torch.equal(t, adam[k][n]) for n, t in s.items())  # no Adam step either
+    run.assert_untouched()
