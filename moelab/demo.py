@@ -334,8 +334,7 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
     estep = sorted({wb.run(r.name).config.train.estep_dtype or "float32" for r in runs})
     several = len(wb.seeds) > 1
     means = table[table["seed"] == "mean"].drop(columns="seed") if several else table
-    trained_threads = sorted({str(wb.training_threads(r.name, s)) for r in runs
-                              for s in wb.seeds})
+    trained_threads = wb.threads_trained_with([r.name for r in runs])
     lines = [
         "# moelab demo report", "",
         f"moelab {__version__}, torch {torch.__version__}, on {device}; preset `{wb.preset}` "

@@ -222,6 +222,11 @@ class Workbench:
         done = self.save_dir(method, seed) / DONE_FILE
         return json.loads(done.read_text()).get("threads") if done.is_file() else None
 
+    def threads_trained_with(self, methods: Sequence[str]) -> list[str]:
+        """The torch thread counts the methods' runs of every seed trained with ("None": not
+        recorded), sorted."""
+        return sorted({str(self.training_threads(m, s)) for m in methods for s in self.seeds})
+
     def run(self, method: str, seed: int | None = None) -> Run:
         """The trained run of `method` (trained first when missing), loaded once."""
         key = (method, self._seed(seed))
@@ -265,7 +270,7 @@ class Workbench:
                                                              context_window=context_window))
                   for seed in self.seeds}
         table = tables[self.seeds[0]] if len(tables) == 1 else report.over_seeds(tables)
-        trained = sorted({str(self.training_threads(m, s)) for m in methods for s in self.seeds})
+        trained = self.threads_trained_with(methods)
         table.attrs["threads"] = torch.get_num_threads()
         table.attrs["notes"] = [*table.attrs.get("notes", []),
                                 f"torch threads: {'/'.join(trained)} in training (None: not "
