@@ -83,7 +83,7 @@ STUDIES: dict[str, Study] = {
         train=dict(arch="tiny", decoder_embed_dim=96, decoder_ffn_embed_dim=384,
                    decoder_attention_heads=4, mean_pool_gating_network_encoder_dim=96,
                    tokens_per_sample=128, max_tokens=1024, lr=3e-3, warmup_updates=50,
-                   max_update=200, dropout=0.0, log_interval=10, validate_interval_updates=200),
+                   max_update=400, dropout=0.0, log_interval=10, validate_interval_updates=400),
         data=dict(vocab_size=2000, valid_fraction=0.02, test_fraction=0.04),
         num_experts=7),
     # Seconds, for CI: every code path, no meaningful numbers.

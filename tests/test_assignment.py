@@ -193,6 +193,8 @@ def test_annealing_flattens_at_t0_and_is_exactly_softmax_at_update_n():
     (dict(estep_temperature=0.0, anneal_updates=4), "must be > 0"),
     (dict(estep_temperature=-1.0, anneal_updates=4), "must be > 0"),
     (dict(anneal_updates=4), "anneals nothing"),
+    (dict(method="hMoEup", estep_temperature=2.0, anneal_updates=4), "nothing with hard EM"),
+    (dict(method="hMoElp", estep_temperature=2.0, anneal_updates=4), "nothing with hard EM"),
     (dict(estep_temperature=2.0), "needs --anneal-updates"),
     (dict(method="hMoElp", prior_bias_rate=-0.1), "must be >= 0"),
     (dict(method="hMoElp", prior_bias_rate=float("nan")), "finite"),
@@ -201,6 +203,16 @@ def test_annealing_flattens_at_t0_and_is_exactly_softmax_at_update_n():
 def test_a_remedy_where_it_means_nothing_is_refused_saying_why(options, message):
     with pytest.raises(ValueError, match=message):
         RunConfig.from_kwargs("bin", max_update=1, **options)
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="sMoEup", estep_temperature=2.0, anneal_updates=4),
+    dict(method="hMoElp", estep_temperature=2.0, anneal_updates=4, balance="sinkhorn"),
+])
+def test_annealing_is_accepted_where_the_temperature_changes_what_is_trained(options):
+    """Soft EM trains softmax(l / T) itself; hard EM with a balance trains the plan's choice,
+    which depends on T."""
+    assert RunConfig.from_kwargs("bin", max_update=1, **options).train.anneal_updates == 4
 
 
 def test_the_remedies_are_train_flags_with_their_refusals(tiny_bin, capsys):

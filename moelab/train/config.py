@@ -270,7 +270,8 @@ class TrainConfig:
         "to choose, moved by this much after each update toward idle experts (0: off)"))
     estep_temperature: float = field(default=1.0, metadata=_help(
         "deterministic annealing: the E-step posterior is softmax(l / T), T going linearly "
-        "from this value to 1 over --anneal-updates, then 1"))
+        "from this value to 1 over --anneal-updates, then 1 (soft EM, or hard EM with --balance "
+        "sinkhorn: hard EM's argmax alone is the same at every T)"))
     anneal_updates: int = field(default=0, metadata=_help(
         "updates over which --estep-temperature goes linearly to 1 (0: no annealing)"))
 
@@ -380,6 +381,12 @@ class RunConfig:
                     raise ValueError(f"{flag} reshapes the posterior over experts, and with "
                                      f"one expert (--method {m.method}, K = 1) it is always 1; "
                                      "use K >= 2 or drop the flag")
+        if (t.anneal_updates > 0 and m.num_experts > 1 and method_flags(m.method)[0]
+                and t.balance == "none"):
+            raise ValueError(f"--estep-temperature anneals nothing with hard EM (--method "
+                             f"{m.method}): it trains argmax_z softmax(l / T), which is argmax_z "
+                             "l at every T; anneal soft EM (sMoEup, sMoElp), or add --balance "
+                             "sinkhorn, whose plan the temperature does change")
         if t.init_clusters != "none" and m.num_experts == 1:
             raise ValueError(f"--init-clusters {t.init_clusters} needs K > 1 experts: "
                              "with one (--method dense or --num-experts 1) every chunk already "
