@@ -243,14 +243,14 @@ def test_parse_novels_needs_chapters(monkeypatch):
 def test_split_paragraphs():
     a, b, c, d, e = "a" * 10, "b" * 20, "c" * 5, "d" * 30, "e" * 8
     body = "\n\n".join([a, b, c, d, e])  # 81 characters: 3 parts of at most 30
-    assert novels._split_paragraphs(body, 100) == [body]
-    assert novels._split_paragraphs(body, 30, min_part=0) == [
+    assert text.split_paragraphs(body, 100) == [body]
+    assert text.split_paragraphs(body, 30, min_part=0) == [
         f"{a}\n\n{b}",
         c,
         f"{d}\n\n{e}",
     ]
     # a part under min_part is merged into the one before it
-    assert novels._split_paragraphs(body, 30, min_part=12) == [f"{a}\n\n{b}\n\n{c}", f"{d}\n\n{e}"]
+    assert text.split_paragraphs(body, 30, min_part=12) == [f"{a}\n\n{b}\n\n{c}", f"{d}\n\n{e}"]
 
 
 # --- dictd, gcide, foldoc: dictd databases -----------------------------------------------------

@@ -3,7 +3,9 @@
 The command line of ``scripts/build_bundled_corpus.py``: ``build`` fetches, extracts and
 parses each domain's packages (``domains``), keeps and writes the documents (``output``),
 copies the licence file and writes ``MANIFEST.json``; ``check`` rebuilds into a temporary
-directory and compares with the committed files.
+directory and compares with the committed files.  ``domain_documents``, ``copy_licence``,
+``manifest_entry`` and ``write_manifest`` are the steps of ``build`` that the second corpus
+(``scripts/second_corpus/``, written as one folder per domain) reuses.
 """
 
 from __future__ import annotations
@@ -19,12 +21,68 @@ import time
 from collections.abc import Sequence
 
 from .debian import extract_deb, fetch_deb
-from .domains import DOMAINS, PINNED_PACKAGES
+from .domains import DOMAINS, PINNED_PACKAGES, Domain
 from .output import CAP_BYTES, select_even, validate, write_jsonl_xz
-from .text import BuildError, log
+from .text import BuildError, Doc, log
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "moelab", "data", "bundled")
+
+
+def domain_documents(
+    domain: Domain,
+    pins: dict[str, str],
+    roots: dict[str, str],
+    work: str,
+    cache: str,
+    cap: int,
+    min_documents: int | None = None,
+) -> tuple[list[Doc], int]:
+    """Fetch and extract *domain*'s packages (once: *roots* remembers them), parse, keep an
+    even subset under *cap* bytes and validate it.  Returns it and how many the parser gave."""
+    for pkg in domain.packages:
+        if pkg not in roots:
+            deb = fetch_deb(pkg, pins[pkg], cache)
+            roots[pkg] = extract_deb(deb, os.path.join(work, pkg))
+    pkg_roots = [roots[p] for p in domain.packages]
+    docs = domain.parser(pkg_roots if len(pkg_roots) > 1 else pkg_roots[0])
+    total = len(docs)
+    docs = select_even(docs, cap)
+    validate(domain.name, docs, min_documents)
+    return docs, total
+
+
+def copy_licence(domain: Domain, roots: dict[str, str], dest: str) -> None:
+    """Copy the licence package's ``usr/share/doc/<pkg>/copyright``, verbatim, to *dest*."""
+    copyright_path = os.path.join(
+        roots[domain.licence_package], "usr/share/doc", domain.licence_package, "copyright"
+    )
+    with open(os.path.realpath(copyright_path), "rb") as src, open(dest, "wb") as dst:
+        dst.write(src.read())
+
+
+def manifest_entry(
+    domain: Domain, pins: dict[str, str], docs: Sequence[Doc], licence_file: str
+) -> dict:
+    versions = sorted({pins[p] for p in domain.packages})
+    return {
+        "name": domain.name,
+        "description": domain.description,
+        "package": ", ".join(domain.packages),
+        "version": ", ".join(versions),
+        "licence": domain.licence,
+        "licence_file": licence_file,
+        "homepage": domain.homepage,
+        "documents": len(docs),
+        "characters": sum(len(d.text) for d in docs),
+        "bytes_utf8": sum(len(d.text.encode("utf-8")) for d in docs),
+        "unit": domain.unit,
+    }
+
+
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    with open(os.path.join(out_dir, "MANIFEST.json"), "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
 def build(out_dir: str, cache: str, only: Sequence[str] | None = None) -> dict:
@@ -37,38 +95,11 @@ def build(out_dir: str, cache: str, only: Sequence[str] | None = None) -> dict:
             if only and domain.name not in only:
                 continue
             t0 = time.monotonic()
-            for pkg in domain.packages:
-                if pkg not in roots:
-                    deb = fetch_deb(pkg, PINNED_PACKAGES[pkg], cache)
-                    roots[pkg] = extract_deb(deb, os.path.join(work, pkg))
-            pkg_roots = [roots[p] for p in domain.packages]
-            docs = domain.parser(pkg_roots if len(pkg_roots) > 1 else pkg_roots[0])
-            total = len(docs)
-            docs = select_even(docs, CAP_BYTES)
-            validate(domain.name, docs)
+            docs, total = domain_documents(domain, PINNED_PACKAGES, roots, work, cache, CAP_BYTES)
             write_jsonl_xz(os.path.join(out_dir, f"{domain.name}.jsonl.xz"), docs)
-            copyright_path = os.path.join(
-                roots[domain.licence_package], "usr/share/doc", domain.licence_package, "copyright"
-            )
-            with (
-                open(os.path.realpath(copyright_path), "rb") as src,
-                open(os.path.join(out_dir, "licences", f"{domain.name}.copyright"), "wb") as dst,
-            ):
-                dst.write(src.read())
-            versions = sorted({PINNED_PACKAGES[p] for p in domain.packages})
-            entry = {
-                "name": domain.name,
-                "description": domain.description,
-                "package": ", ".join(domain.packages),
-                "version": ", ".join(versions),
-                "licence": domain.licence,
-                "licence_file": f"licences/{domain.name}.copyright",
-                "homepage": domain.homepage,
-                "documents": len(docs),
-                "characters": sum(len(d.text) for d in docs),
-                "bytes_utf8": sum(len(d.text.encode("utf-8")) for d in docs),
-                "unit": domain.unit,
-            }
+            licence_file = f"licences/{domain.name}.copyright"
+            copy_licence(domain, roots, os.path.join(out_dir, licence_file))
+            entry = manifest_entry(domain, PINNED_PACKAGES, docs, licence_file)
             manifest["domains"].append(entry)
             log(
                 f"{domain.name}: kept {len(docs)} of {total} documents, "
@@ -76,8 +107,7 @@ def build(out_dir: str, cache: str, only: Sequence[str] | None = None) -> dict:
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    with open(os.path.join(out_dir, "MANIFEST.json"), "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    write_manifest(out_dir, manifest)
     return manifest
 
 

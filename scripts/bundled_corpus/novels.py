@@ -6,12 +6,11 @@ read by ``rdata``; chapters over ``NOVEL_PART_CHARS`` are split at paragraph bou
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
 from .rdata import read_r_lazyload
-from .text import BuildError, Doc, clean_prose
+from .text import BuildError, Doc, clean_prose, split_paragraphs
 
 NOVELS: tuple[tuple[str, str], ...] = (
     ("sensesensibility", "Sense and Sensibility"),
@@ -22,41 +21,6 @@ NOVELS: tuple[tuple[str, str], ...] = (
     ("persuasion", "Persuasion"),
 )
 NOVEL_PART_CHARS = 6000
-
-
-def _split_paragraphs(body: str, limit: int, min_part: int = 1500) -> list[str]:
-    """Split *body* at paragraph boundaries into ceil(len/limit) near-equal parts."""
-    if len(body) <= limit:
-        return [body]
-    paragraphs = body.split("\n\n")
-    ends = []
-    pos = 0
-    for para in paragraphs:
-        pos += len(para) + 2
-        ends.append(pos)
-    nparts = math.ceil(len(body) / limit)
-    cuts: list[int] = []  # cut after paragraph index
-    prev = -1
-    for k in range(1, nparts):
-        candidates = range(prev + 1, len(paragraphs) - 1)
-        if not candidates:
-            break
-        target = k * len(body) / nparts
-        best = min(candidates, key=lambda i: (abs(ends[i] - target), i))
-        cuts.append(best)
-        prev = best
-    parts = []
-    start = 0
-    for cut in [*cuts, len(paragraphs) - 1]:
-        parts.append("\n\n".join(paragraphs[start : cut + 1]))
-        start = cut + 1
-    merged: list[str] = []
-    for part in parts:
-        if merged and (len(part) < min_part or len(merged[-1]) < min_part):
-            merged[-1] = merged[-1] + "\n\n" + part
-        else:
-            merged.append(part)
-    return merged
 
 
 def parse_novels(root: str) -> list[Doc]:
@@ -81,7 +45,7 @@ def parse_novels(root: str) -> list[Doc]:
             raise BuildError(f"novels: no chapters found in {key}")
         for index, (heading, body_lines) in enumerate(chapters, start=1):
             body = clean_prose("\n".join(body_lines)).strip("\n")
-            parts = _split_paragraphs(body, NOVEL_PART_CHARS)
+            parts = split_paragraphs(body, NOVEL_PART_CHARS)
             for k, part in enumerate(parts, start=1):
                 label = heading if len(parts) == 1 else f"{heading} (part {k} of {len(parts)})"
                 docs.append(

@@ -43,7 +43,11 @@ def select_even(docs: Sequence[Doc], cap: int) -> list[Doc]:
     return [docs[(j * n) // m] for j in range(m)]
 
 
-def validate(domain: str, docs: Sequence[Doc]) -> None:
+def validate(domain: str, docs: Sequence[Doc], min_documents: int | None = None) -> None:
+    """Unique ids, no empty document, no control character; at least *min_documents*
+    (default ``MIN_DOCUMENTS``) documents."""
+    if min_documents is None:
+        min_documents = MIN_DOCUMENTS
     seen = set()
     for doc in docs:
         if doc.id in seen:
@@ -54,8 +58,8 @@ def validate(domain: str, docs: Sequence[Doc]) -> None:
         if not is_clean(doc.text):
             raise BuildError(f"{domain}: control character in {doc.id!r}")
         doc.text.encode("utf-8")  # raises on lone surrogates
-    if len(docs) < MIN_DOCUMENTS:
-        raise BuildError(f"{domain}: only {len(docs)} documents (need {MIN_DOCUMENTS})")
+    if len(docs) < min_documents:
+        raise BuildError(f"{domain}: only {len(docs)} documents (need {min_documents})")
 
 
 def write_jsonl_xz(path: str, docs: Iterable[Doc]) -> None:

@@ -1,0 +1,99 @@
+"""Build the second corpus: one folder per domain, one ``NNNN.txt`` file per document.
+
+The command line of ``scripts/build_second_corpus.py``.  Fetching, parsing, the even selection
+under ``CAP_BYTES``, validation and the manifest entries are the bundled corpus's
+(``bundled_corpus.build``); what is new here is the domains and the folder layout::
+
+  OUT/<domain>/0000.txt ...    the kept documents, in source order
+  OUT/MANIFEST.json            provenance, licence and size of every domain
+  OUT/.licences/<domain>.copyright
+                               the Debian package's copyright file, verbatim
+
+The licence folder's name starts with a dot because moelab's folder reader takes every other
+sub-folder for a domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+
+from bundled_corpus.build import copy_licence, domain_documents, manifest_entry, write_manifest
+from bundled_corpus.output import CAP_BYTES
+from bundled_corpus.text import BuildError, Doc, log
+
+from .domains import DOMAINS, PINNED_PACKAGES
+
+#: Every domain must keep at least this many documents.
+MIN_DOCUMENTS = 300
+LICENCE_DIR = ".licences"
+
+
+def write_folder(domain_dir: str, docs: Sequence[Doc]) -> None:
+    """Write *docs* as ``0000.txt``, ``0001.txt``, ... (UTF-8, ``\\n`` newlines)."""
+    os.makedirs(domain_dir)
+    width = max(4, len(str(len(docs) - 1)))
+    for k, doc in enumerate(docs):
+        path = os.path.join(domain_dir, f"{k:0{width}d}.txt")
+        with open(path, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(doc.text)
+
+
+def build(out_dir: str, cache: str) -> dict:
+    """Build every domain into *out_dir*, which must not exist or be empty."""
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise BuildError(f"{out_dir} is not empty; give a new --out directory")
+    os.makedirs(os.path.join(out_dir, LICENCE_DIR), exist_ok=True)
+    work = tempfile.mkdtemp(prefix="moelab-corpus2-")
+    manifest = {"domains": []}
+    try:
+        roots: dict[str, str] = {}
+        for domain in DOMAINS:
+            t0 = time.monotonic()
+            docs, total = domain_documents(
+                domain, PINNED_PACKAGES, roots, work, cache, CAP_BYTES, MIN_DOCUMENTS
+            )
+            write_folder(os.path.join(out_dir, domain.name), docs)
+            licence_file = f"{LICENCE_DIR}/{domain.name}.copyright"
+            copy_licence(domain, roots, os.path.join(out_dir, licence_file))
+            entry = manifest_entry(domain, PINNED_PACKAGES, docs, licence_file)
+            manifest["domains"].append(entry)
+            log(
+                f"{domain.name}: kept {len(docs)} of {total} documents, "
+                f"{entry['bytes_utf8'] / 1e6:.2f} MB ({time.monotonic() - t0:.1f}s)"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output directory (new or empty)")
+    ap.add_argument(
+        "--cache", help="directory for the downloaded .deb files (kept; reused when present)"
+    )
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    tmp_cache = None
+    if args.cache:
+        os.makedirs(args.cache, exist_ok=True)
+        cache = os.path.abspath(args.cache)
+    else:
+        cache = tmp_cache = tempfile.mkdtemp(prefix="moelab-debs-")
+    try:
+        build(os.path.abspath(args.out), cache)
+        rc = 0
+    except BuildError as exc:
+        log(f"error: {exc}")
+        rc = 2
+    finally:
+        if tmp_cache:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
+    log(f"done in {time.monotonic() - t0:.1f}s")
+    return rc
