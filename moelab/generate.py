@@ -8,6 +8,10 @@ PromptTruncatedWarning). When generation fills the context, the window slides: i
 `[<expert_z>]` + the last max_seq_len // 2 tokens (one re-prefill every max_seq_len // 2 tokens,
 instead of one full forward per token); the cached and uncached paths slide identically, so they
 produce the same tokens.
+
+Routed generation (`expert="topk:K'"`) samples from the mixture of the K' experts with the
+highest posterior given the prompt, each weighted by its posterior; every generated token
+updates the weights as Bayes does (ExpertMixture).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,7 +160,7 @@ def check_expert(model: MixtureLM, expert: int) -> int:
         k = None
     if k is None or isinstance(expert, bool) or not 0 <= k < K:
         raise ValueError(f"expert {expert!r} does not exist: this model has K={K} experts; "
-                         f"choose one of {', '.join(map(str, range(K)))}, all or auto")
+                         f"choose one of {', '.join(map(str, range(K)))}, all, auto or topk:K'")
     return k
 
 
@@ -184,6 +188,83 @@ def _resolve_expert(model: MixtureLM, tokenizer: Tokenizer, prompt: str, expert)
     return check_expert(model, expert)
 
 
+TOPK = "topk:"  # expert="topk:K'": the mixture of the K' experts of highest posterior
+
+
+def routed_top_k(model: MixtureLM, expert) -> int | None:
+    """K' of `expert="topk:K'"`, checked against the model's K; None for any other choice."""
+    if not (isinstance(expert, str) and expert.startswith(TOPK)):
+        return None
+    K, value = model.num_experts, expert[len(TOPK):]
+    k = int(value) if value.isdigit() else 0
+    if not 1 <= k <= K:
+        raise ValueError(f"expert {expert!r}: K' in topk:K' must be a whole number from 1 to "
+                         f"K={K} (topk:{K} is the full mixture)")
+    return k
+
+
+# ----------------------------------------------------------------------------- routed mixture
+
+
+class ExpertMixture:
+    """A few experts continuing one prompt together, mixed by their posterior.
+
+    p(next | prefix) = sum_{z in S} w_z p_z(next | prefix) over the chosen experts S, where w
+    is the posterior over S given the prompt (renormalised over S) and, after each appended
+    token x, w_z ∝ w_z p_z(x | prefix): the posterior given the prompt and everything generated
+    since. With S all K experts this is the model's own predictive distribution. The experts
+    run as one batch of |S| rows (with a KV cache unless use_cache is False).
+    """
+
+    def __init__(self, model: MixtureLM, prompt_ids: list[int], experts: Sequence[int],
+                 log_weights: torch.Tensor, *, use_cache: bool = True):
+        self.experts = [check_expert(model, k) for k in experts]
+        if len(set(self.experts)) != len(self.experts) or len(log_weights) != len(experts):
+            raise ValueError("give each expert once, with one log-weight each")
+        self.rows = _Rows(model, torch.tensor(self.experts), prompt_ids, use_cache)
+        log_weights = torch.as_tensor(log_weights, dtype=torch.float64).cpu()
+        self.log_weights = log_weights - torch.logsumexp(log_weights, 0)  # (|S|,) normalised
+        self._expert_log_probs: torch.Tensor | None = None  # (|S|, V) of the next token
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """w_z over the chosen experts, in the order of `experts` (float64, sums to 1)."""
+        return self.log_weights.exp()
+
+    def next_log_probs(self) -> torch.Tensor:
+        """log p(next | prefix) of the mixture over the vocabulary, float32 (V,)."""
+        logits = self.rows.next_logits()  # (|S|, V)
+        self._expert_log_probs = F.log_softmax(logits, dim=-1)  # (|S|, V)
+        w = self.log_weights.to(logits.device, torch.float32)[:, None]  # (|S|, 1)
+        return torch.logsumexp(w + self._expert_log_probs, dim=0)  # (V,)
+
+    def append(self, token: int) -> None:
+        """Extend every expert's text by `token` and update the weights by its likelihood."""
+        if self._expert_log_probs is None:
+            self.next_log_probs()
+        assert self._expert_log_probs is not None
+        likelihood = self._expert_log_probs[:, int(token)].double().cpu()  # (|S|,)
+        joint = self.log_weights + likelihood
+        self.log_weights = joint - torch.logsumexp(joint, 0)
+        self._expert_log_probs = None
+        self.rows.append(torch.full((len(self.experts),), int(token)))  # every row
+
+
+def top_experts(posterior: torch.Tensor, top_k: int) -> list[int]:
+    """The `top_k` experts of highest posterior, best first (ties: the lower index first)."""
+    return sorted(range(len(posterior)), key=lambda k: (-float(posterior[k]), k))[:top_k]
+
+
+def route(model: MixtureLM, tokenizer: Tokenizer, prompt: str, top_k: int, *,
+          use_cache: bool = True) -> ExpertMixture:
+    """The mixture of the `top_k` experts of highest posterior given the prompt (top_experts),
+    weighted by that posterior renormalised over them."""
+    posterior = expert_posterior(model, tokenizer, prompt)  # (K,)
+    order = top_experts(posterior, top_k)
+    return ExpertMixture(model, encode_prompt(model, tokenizer, prompt), order,
+                         posterior[order].log(), use_cache=use_cache)
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -192,9 +273,16 @@ def _new_tokens(model: MixtureLM, prompt_ids: list[int], *, expert: int,
                 ) -> Iterator[int]:
     """New token ids one at a time (sampling or greedy), stopping at eos (not yielded)."""
     rows = _Rows(model, torch.tensor([expert]), prompt_ids, config.use_cache)
+    return _decode(rows.next_logits, rows.append, config=config, generator=generator)
+
+
+def _decode(next_logits: Callable[[], torch.Tensor], append: Callable[[torch.Tensor], None], *,
+            config: GenerationConfig, generator: torch.Generator | None) -> Iterator[int]:
+    """Sample (or take the argmax of) next_logits() (1, V), append it, until eos (not yielded)
+    or max_new_tokens. Logits may be log-probabilities: softmax gives the same distribution."""
     for step in range(config.max_new_tokens):
         # the model's distribution: expert tokens, unk, bos and pad are not in it
-        logits = rows.next_logits()  # (1, V)
+        logits = next_logits()  # (1, V)
         if step < config.min_len:
             logits[:, EOS_ID] = -math.inf
         if config.sampling:
@@ -205,7 +293,14 @@ def _new_tokens(model: MixtureLM, prompt_ids: list[int], *, expert: int,
         if int(token) == EOS_ID:
             return
         yield int(token)
-        rows.append(token)
+        append(token)
+
+
+def mixture_tokens(mixture: ExpertMixture, *, config: GenerationConfig,
+                   generator: torch.Generator | None = None) -> Iterator[int]:
+    """New token ids sampled (or greedy) from a routed mixture, its weights updated as it goes."""
+    return _decode(lambda: mixture.next_log_probs()[None].clone(),
+                   lambda token: mixture.append(int(token)), config=config, generator=generator)
 
 
 def _generator(model: MixtureLM, config: GenerationConfig, generator: torch.Generator | None
@@ -218,7 +313,9 @@ def _generator(model: MixtureLM, config: GenerationConfig, generator: torch.Gene
 def generate(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: int | str = 0,
              config: GenerationConfig | None = None,
              generator: torch.Generator | None = None) -> str:
-    """The continuation (text after the prompt) from one expert, or "auto" (highest posterior).
+    """The continuation (text after the prompt) from one expert, "auto" (highest posterior) or
+    "topk:K'" (the posterior-weighted mixture of the K' experts of highest posterior, the
+    weights updated by every generated token: ExpertMixture).
 
     Beam search when config.beam > 1; sampling with config.sampling; greedy otherwise.
     `generator` (else one seeded from config.seed) drives sampling.
@@ -236,17 +333,28 @@ def stream(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: int |
     decode cleanly (no trailing replacement character), so no piece shows a half character.
     """
     config = config or GenerationConfig()
-    expert = _resolve_expert(model, tokenizer, prompt, expert)
-    if config.beam > 1 and not config.sampling:
-        yield beam_search(model, tokenizer, prompt, expert=expert, config=config)
-        return
-    prompt_ids = encode_prompt(model, tokenizer, prompt)
+    generator = _generator(model, config, generator)
+    top_k = routed_top_k(model, expert)
+    if top_k is not None:
+        if config.beam > 1 and not config.sampling:
+            raise ValueError(f"beam search follows one expert: expert {expert!r} mixes "
+                             f"{top_k}; use --beam 1 (greedy or --sampling) with topk, or an "
+                             "expert index with --beam")
+        tokens = mixture_tokens(route(model, tokenizer, prompt, top_k,
+                                      use_cache=config.use_cache),
+                                config=config, generator=generator)
+    else:
+        expert = _resolve_expert(model, tokenizer, prompt, expert)
+        if config.beam > 1 and not config.sampling:
+            yield beam_search(model, tokenizer, prompt, expert=expert, config=config)
+            return
+        tokens = _new_tokens(model, encode_prompt(model, tokenizer, prompt), expert=expert,
+                             config=config, generator=generator)
     # Tokens not yet shown. SentencePiece decodes piece by piece, so once a prefix decodes
     # cleanly the rest decodes on its own: only the pending suffix is decoded each step, which
     # keeps streaming linear in the length.
     pending: list[int] = []
-    for token in _new_tokens(model, prompt_ids, expert=expert, config=config,
-                             generator=_generator(model, config, generator)):
+    for token in tokens:
         pending.append(token)
         text = tokenizer.decode(pending)
         if text and not text.endswith("\ufffd"):  # a byte-fallback character is complete

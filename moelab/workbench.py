@@ -114,6 +114,7 @@ class Workbench:
     _runs: dict = field(default_factory=dict, init=False, repr=False)
     _evals: dict = field(default_factory=dict, init=False, repr=False)
     _classifier: object = field(default=None, init=False, repr=False)
+    _profiles: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_bin, self.runs_dir = Path(self.data_bin), Path(self.runs_dir)
@@ -195,6 +196,8 @@ class Workbench:
                  "threads": torch.get_num_threads()}) + "\n")
             self._runs.pop((method, seed), None)
             self._evals = {k: v for k, v in self._evals.items() if k[:2] != (method, seed)}
+            self._profiles = {k: v for k, v in self._profiles.items()
+                              if k[:2] != (method, seed)}
 
     def ensure_data_bin(self) -> Path:
         data = {"documents_per_domain": None, **DATA_PRESETS[self.preset]}
@@ -276,6 +279,21 @@ class Workbench:
                                 f"torch threads: {'/'.join(trained)} in training (None: not "
                                 f"recorded), {torch.get_num_threads()} in evaluation."]
         return table
+
+    def expert_profiles(self, method: str, split: str = "valid", *, seed: int | None = None,
+                        min_count: int = 5, top_words: int = 10, top_documents: int = 3):
+        """What each expert of `method` has learnt on `split`: its top words by log-ratio to
+        the mixture, its documents of highest posterior, the domains it takes
+        (moelab.profiles.ExpertProfiles; computed once per setting, kept in memory)."""
+        from moelab.profiles import expert_profiles
+
+        key = (method, self._seed(seed), split, min_count, top_words, top_documents)
+        if key not in self._profiles:
+            run = self.run(method, seed)
+            self._profiles[key] = expert_profiles(
+                run.model, run.dataset(split), run.tokenizer, min_count=min_count,
+                top_words=top_words, top_documents=top_documents, progress=True)
+        return self._profiles[key]
 
     # ------------------------------------------------------------------ samples
     def domain_classifier(self):

@@ -310,7 +310,7 @@ def test_interactive_all_auto_beam_and_prompt_flags(tiny_bin, ckpt, monkeypatch,
 def test_interactive_bad_input(tiny_bin, ckpt, monkeypatch, capsys):
     base = ["interactive", str(tiny_bin), "--path", str(ckpt)]
     rc, _, err = run_cli([*base, "--gen-expert", "3"], "x\n", monkeypatch, capsys)
-    assert rc == 2 and "choose one of 0, 1, 2, all or auto" in err
+    assert rc == 2 and "choose one of 0, 1, 2, all, auto or topk:K'" in err
     rc, _, err = run_cli([*base, "--num-experts", "10"], "x\n", monkeypatch, capsys)
     assert rc == 2 and "K=3" in err
     rc, _, err = run_cli([*base, "--beam", "2", "--sampling"], "x\n", monkeypatch, capsys)

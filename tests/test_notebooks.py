@@ -213,9 +213,10 @@ def test_notebooks_run_in_order_sharing_runs(tiny_bin, tmp_path, kernel):
     before = snapshot(results)
     nb = execute("02_responsibilities.ipynb", tmp_path, kernel, **params)
     assert_exports_only_its_own(results, before, "02_responsibilities")
-    assert outputs(nb, "image/png") == 2
+    assert outputs(nb, "image/png") == 3
     assert_exported(results / "02_responsibilities", figure_files("responsibilities_valid")
-                    + table_files("expert_usage_valid") + figure_files("expert_usage_training"))
+                    + table_files("expert_usage_valid") + figure_files("expert_usage_training")
+                    + figure_files("expert_profiles_valid") + table_files("expert_profiles_valid"))
 
     before = snapshot(results)
     nb = execute("03_compare_methods.ipynb", tmp_path, kernel, **params)

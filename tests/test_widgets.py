@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 
 import pytest
 import torch
@@ -55,6 +56,24 @@ def test_auto_shows_the_posterior_and_uses_the_best_expert(sampler, run):
     assert f"expert {best} has the highest posterior" in shown
     for k in range(3):
         assert f"{float(posterior[k]):.3f}" in shown
+
+
+def test_mixture_choice_samples_the_routed_mixture_of_the_top_experts(sampler, run):
+    sampler.expert.value = "topk"
+    sampler.top_k.value = 2
+    sampler.prompt.value = "the of and"
+    sampler.button.click()
+    config = GenerationConfig(max_new_tokens=12, sampling=True, top_p=0.9, seed=3)
+    expected = generate(run.model, run.tokenizer, "the of and", expert="topk:2", config=config)
+    assert sampler.texts == {"topk:2": expected} and expected
+    posterior = expert_posterior(run.model, run.tokenizer, "the of and")
+    best = [int(k) for k in posterior.argsort(descending=True)[:2]]
+    shown = sampler.posterior.value
+    assert f"experts {best[0]}, {best[1]} have the highest posterior" in shown
+    bold = re.findall(r"<tr style='font-weight:700'><td[^>]*>expert (\d+)<", shown)
+    assert sorted(map(int, bold)) == sorted(best)
+    assert f"mixture of experts {best[0]}, {best[1]}" in sampler.outputs.children[0].value
+    assert "error" not in sampler.status.value
 
 
 def test_seed_and_sliders_reach_the_sampler(sampler, run):

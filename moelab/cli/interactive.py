@@ -1,7 +1,8 @@
 """`moelab interactive DATA_BIN --path CKPT`: the seed's `fairseq-interactive` command.
 
 Reads prompts from stdin (one per line) or --prompt and prints one labelled continuation per
-chosen expert, streaming as tokens arrive. The generation flags are GenerationConfig's fields.
+chosen expert (or one from the routed mixture of `--gen-expert topk:K'`), streaming as tokens
+arrive. The generation flags are GenerationConfig's fields.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from moelab.cli.flags import add_config_arguments, build_config
 from moelab.data.tokenizer import Tokenizer
 from moelab.errors import MoelabError
 from moelab.generate import (
+    TOPK,
     GenerationConfig,
     PromptTruncatedWarning,
     encode_prompt,
     expert_posterior,
+    routed_top_k,
     stream,
+    top_experts,
 )
 from moelab.model import MixtureLM
 
@@ -45,9 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser)
     gen = parser.add_argument_group("generation")
     # which expert and where prompts come from: choices of this command, not of GenerationConfig
-    gen.add_argument("--gen-expert", default="0", metavar="N|all|auto",
+    gen.add_argument("--gen-expert", default="0", metavar="N|all|auto|topk:K'",
                      help="expert to continue the prompt: an index, `all` (one continuation per "
-                          "expert) or `auto` (highest posterior given the prompt) "
+                          "expert), `auto` (highest posterior given the prompt) or `topk:K'` "
+                          "(the mixture of the K' experts of highest posterior, weighted by the "
+                          "posterior given the prompt and the text generated so far) "
                           "(default: %(default)s)")
     gen.add_argument("--prompt", default=None, metavar="TEXT",
                      help="one prompt instead of reading stdin (one prompt per line)")
@@ -56,17 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      metavar="BPE", help="accepted for fairseq: output is always detokenized")
 
 
-def parse_expert(value: str, K: int) -> list[int] | str:
-    """--gen-expert -> the experts to answer with, or "auto"."""
+def parse_expert(value: str, model: MixtureLM) -> list[int] | str:
+    """--gen-expert -> the experts to answer with, "auto" or "topk:K'"."""
+    K = model.num_experts
     if value in ("all", "auto"):
         return list(range(K)) if value == "all" else "auto"
+    if value.startswith(TOPK):
+        try:
+            routed_top_k(model, value)
+        except ValueError as e:
+            raise MoelabError(f"--gen-expert {value}: {str(e).split(': ', 1)[1]}") from None
+        return value
     try:
         k = int(value)
     except ValueError:
         k = None
     if k is None or not 0 <= k < K:
         raise MoelabError(f"--gen-expert {value} does not exist: the checkpoint has K={K} "
-                          f"experts; choose one of {', '.join(map(str, range(K)))}, all or auto")
+                          f"experts; choose one of {', '.join(map(str, range(K)))}, all, auto "
+                          "or topk:K'")
     return [k]
 
 
@@ -74,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args, GenerationConfig)
     trained = load_run(args, "interactive")
     model, tokenizer = trained.model, trained.tokenizer
-    experts = parse_expert(args.gen_expert, model.num_experts)
+    experts = parse_expert(args.gen_expert, model)
+    if isinstance(experts, str) and experts.startswith(TOPK) and config.beam > 1 \
+            and not config.sampling:
+        raise MoelabError(f"--gen-expert {experts} with --beam {config.beam}: beam search "
+                          "follows one expert; use --beam 1 (greedy, or --sampling) with topk, "
+                          "or an expert index with --beam")
     # one generator for the whole session: each prompt continues the seeded stream
     generator = torch.Generator(next(model.parameters()).device).manual_seed(config.seed)
     if args.prompt is not None:
@@ -96,6 +115,11 @@ def _answer(model: MixtureLM, tokenizer: Tokenizer, prompt: str, experts: list[i
         posterior = expert_posterior(model, tokenizer, prompt)
         chosen = [int(posterior.argmax())]
         labels = [f"[expert {chosen[0]}, posterior {float(posterior[chosen[0]]):.3f}]"]
+    elif isinstance(experts, str):  # topk:K': one continuation from the routed mixture
+        posterior = expert_posterior(model, tokenizer, prompt)
+        shown = ", ".join(f"{k} ({float(posterior[k]):.3f})"
+                          for k in top_experts(posterior, routed_top_k(model, experts)))
+        chosen, labels = [experts], [f"[mixture of experts {shown}: posterior given the prompt]"]
     else:
         chosen = list(experts)
         labels = [f"[expert {k}]" for k in chosen]

@@ -21,7 +21,12 @@ FLAGS = {
     "validpref": dict(help="valid split (same forms as --trainpref)", metavar="PATH",
                       group=_INPUT),
     "testpref": dict(help="test split (same forms as --trainpref)", metavar="PATH", group=_INPUT),
-    "vocab_size": dict(help="SentencePiece vocabulary size", flag="--nwordssrc"),
+    "vocab_size": dict(help="SentencePiece vocabulary size (unused with --tokenizer)",
+                       flag="--nwordssrc"),
+    "tokenizer": dict(help="encode with this existing tokenizer (a data-bin's spm.model, or the "
+                           "data-bin folder) and train none: a new corpus a trained model can "
+                           "score; then --validpref/--testpref need no --trainpref",
+                      metavar="SPM_MODEL"),
     "valid_fraction": dict(help="share of each domain held out for valid with --data/--bundled"),
     "test_fraction": dict(help="share of each domain held out for test with --data/--bundled"),
     "workers": dict(help="processes that encode the splits"),
@@ -32,7 +37,8 @@ FLAGS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PreprocessConfig, specs=FLAGS)
     parser.add_argument("--bpe", default="sentencepiece", choices=["sentencepiece"],
-                        help="tokenizer: SentencePiece BPE, trained on the train split")
+                        help="tokenizer: SentencePiece BPE, trained on the train split unless "
+                             "--tokenizer gives one")
     parser.add_argument("--only-source", action="store_true",
                         help="accepted for fairseq compatibility: language-model data is always "
                              "source-only")
@@ -41,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = PreprocessConfig(**config_kwargs(args, PreprocessConfig))
     meta = preprocess(config)
-    print(f"wrote {config.destdir}: vocabulary {meta['vocab_size']}, "
+    origin = f" (the tokenizer of {config.tokenizer})" if config.tokenizer else ""
+    print(f"wrote {config.destdir}: vocabulary {meta['vocab_size']}{origin}, "
           f"{len(meta['domains'])} domain(s) {meta['domains']}")
     for split, stats in meta["splits"].items():
         print(f"  {split:5s} {stats['documents']:7d} documents {stats['tokens']:10d} tokens")

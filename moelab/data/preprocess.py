@@ -1,5 +1,9 @@
 """`moelab preprocess`: corpus -> SentencePiece BPE -> memory-mapped token arrays + meta.json.
 
+With --tokenizer an existing SentencePiece model (a data-bin's spm.model) encodes the corpus
+instead: no vocabulary is trained, the model is copied into the data-bin and meta.json records
+where it came from, so a model trained on that data-bin can score this corpus (a new domain).
+
 The corpus is streamed three times (keys for the split, train text for the tokenizer, then every
 document for encoding) so memory stays flat whatever its size; tokens are appended to disk as they
 are encoded. Output goes to a staging folder inside ``destdir`` and is moved into place only when
@@ -43,20 +47,24 @@ class PreprocessConfig:
     validpref: str | None = None
     testpref: str | None = None
     vocab_size: int = 8000  # --nwordssrc: SentencePiece vocabulary size
+    # an existing tokenizer (a data-bin's spm.model, or the data-bin folder): encode with it and
+    # train none, so that a model trained on that data-bin reads this corpus (a new domain)
+    tokenizer: str | None = None
     valid_fraction: float = 0.05  # share of each domain's documents held out (--data/--bundled)
     test_fraction: float = 0.05
     workers: int = 1  # processes encoding the splits
     force: bool = False  # write into an existing non-empty destdir (never deletes other files)
 
     def __post_init__(self) -> None:
-        sources = [self.bundled, self.data is not None, self.trainpref is not None]
-        if sum(sources) != 1:
+        if self.trainpref is None and (self.validpref or self.testpref) and not self.tokenizer:
+            raise MoelabError("--validpref/--testpref need --trainpref (the tokenizer is trained "
+                              "on it), or --tokenizer to encode with an existing one.")
+        split_files = self.trainpref is not None or bool(self.validpref or self.testpref)
+        if sum([self.bundled, self.data is not None, split_files]) != 1:
             raise MoelabError(
                 "give exactly one input: --bundled, --data PATH, or --trainpref PATH "
                 "(with optional --validpref/--testpref)."
             )
-        if self.trainpref is None and (self.validpref or self.testpref):
-            raise MoelabError("--validpref/--testpref need --trainpref.")
         if self.vocab_size < 1:
             raise MoelabError(f"--nwordssrc must be positive, got {self.vocab_size}.")
         if self.workers < 1:
@@ -182,8 +190,11 @@ def preprocess(config: PreprocessConfig) -> dict:
     domains = sorted(keys_by_domain)
     domain_id = {name: i for i, name in enumerate(domains)}
 
-    train_texts = (doc.text for split, doc in stream() if split == "train")
-    model_proto = train_tokenizer(train_texts, config.vocab_size, threads=config.workers)
+    if config.tokenizer is not None:
+        model_proto = existing_tokenizer(config.tokenizer).model_proto
+    else:
+        train_texts = (doc.text for split, doc in stream() if split == "train")
+        model_proto = train_tokenizer(train_texts, config.vocab_size, threads=config.workers)
     tokenizer = Tokenizer(model_proto)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32)
 
@@ -211,6 +222,18 @@ def preprocess(config: PreprocessConfig) -> dict:
             stacklevel=2,
         )
     return meta
+
+
+def existing_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of --tokenizer: a data-bin's spm.model, or a data-bin folder holding one."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise MoelabError(
+            f"--tokenizer {path}: {file} does not exist. Give the {TOKENIZER_FILE} of the "
+            f"data-bin the model was trained on (e.g. --tokenizer data-bin/mix/{TOKENIZER_FILE}), "
+            "so that its token ids mean what the model learnt.")
+    return Tokenizer.load(file)
 
 
 def _present_splits(sources: dict[str, Corpus] | Corpus) -> list[str]:
@@ -274,6 +297,9 @@ def _meta(config, domains, tokenizer, dtype, split_stats, sources, started) -> d
         "vocab_size": tokenizer.vocab_size,
         "tokenizer": TOKENIZER_FILE,
         "tokenizer_sha256": tokenizer.sha256,
+        # where the tokenizer came from: None when it was trained on this corpus's train split
+        "tokenizer_from": (str(Path(config.tokenizer).resolve())
+                           if config.tokenizer is not None else None),
         "special_ids": {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID},
         "dtype": dtype.name,
         "splits": split_stats,

@@ -9,6 +9,7 @@
 from moelab.report.plots import (
     METHOD_COLORS,
     LiveCurves,
+    expert_profiles_figure,
     expert_usage,
     perplexity_by_domain,
     responsibility_heatmap,
@@ -18,6 +19,7 @@ from moelab.report.plots import (
 from moelab.report.tables import (
     MethodRun,
     cluster_table,
+    expert_profiles_markdown,
     export_table,
     format_value,
     mean_std,
@@ -27,7 +29,8 @@ from moelab.report.tables import (
     to_markdown,
 )
 
-__all__ = ["METHOD_COLORS", "LiveCurves", "MethodRun", "cluster_table", "expert_usage",
+__all__ = ["METHOD_COLORS", "LiveCurves", "MethodRun", "cluster_table",
+           "expert_profiles_figure", "expert_profiles_markdown", "expert_usage",
            "export_table", "format_value", "mean_std", "method_table",
            "over_seeds", "perplexity_by_domain",
            "responsibility_heatmap", "save_figure", "to_latex", "to_markdown", "training_curves"]

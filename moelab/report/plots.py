@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from moelab.evaluate import EvalResult
+from moelab.profiles import ExpertProfiles
 from moelab.report.export import output_paths
 
 # One colour per method, the same in every figure.
@@ -122,6 +123,49 @@ def responsibility_heatmap(responsibilities: EvalResult | pd.DataFrame
                             aspect=max(10, 12 * nrows))
     colorbar.set_label("mean p(expert | document)")
     fig.suptitle(title or "Responsibilities per domain", x=0.01, ha="left")
+    return fig
+
+
+# ----------------------------------------------------------------------------- expert profiles
+
+
+def expert_profiles_figure(profiles: ExpertProfiles, *, top_words: int = 8, columns: int = 4,
+                           title: str | None = None) -> Figure:
+    """One panel per expert: its top words by mean log-ratio log p_z / p_mix (moelab.profiles),
+    titled with the documents it wins and the domain holding most of its posterior mass."""
+    K = profiles.num_experts
+    ncols = min(columns, K)
+    nrows = math.ceil(K / ncols)
+    fig = Figure(figsize=(3.3 * ncols, 0.6 + nrows * (0.7 + 0.24 * top_words)),
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    colors = expert_colors(K)
+    bound = max(0.0, *profiles.words["log_ratio"].tolist()) if len(profiles.words) else 1.0
+    for k, ax in enumerate(axes[:K]):
+        words = profiles.words[profiles.words["expert"] == k].head(top_words)
+        domains = profiles.domains[profiles.domains["expert"] == k]
+        main = domains.sort_values(["mass_share", "domain"], ascending=[False, True]).iloc[0]
+        ax.set_title(f"expert {k}: {int(domains['won'].sum())} docs won\n"
+                     f"{main['domain']} holds {main['mass_share']:.0%} of its mass",
+                     loc="left", fontsize=9)
+        if words.empty:
+            ax.text(0.5, 0.5, f"no word seen {profiles.settings['min_count']}+ times",
+                    ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        y = np.arange(len(words))
+        ax.barh(y, words["log_ratio"], color=colors[k])
+        ax.set_yticks(y, [str(w)[:18] for w in words["word"]], fontsize=8)
+        ax.invert_yaxis()  # best word on top
+        ax.axvline(0.0, color="#555", linewidth=0.6)
+        ax.set_xlim(min(0.0, float(words["log_ratio"].min())) * 1.05, bound * 1.05 or 1.0)
+        ax.tick_params(axis="x", labelsize=8)
+    for ax in axes[K:]:
+        ax.set_visible(False)
+    fig.supxlabel("mean log p_z(word | context) - log p_mix(word | context) (nats)", fontsize=9)
+    fig.suptitle(title or (f"What each expert predicts better than the mixture "
+                           f"({profiles.settings['split']} split)"), x=0.01, ha="left")
     return fig
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from moelab.evaluate import FLAT_EXPERT_SPREAD, FLAT_MAX_POSTERIOR, ORACLE_NOTE, EvalResult
+from moelab.profiles import ExpertProfiles
 from moelab.report.export import output_paths
 from moelab.train import Run, TrainResult, read_history
 
@@ -266,6 +267,26 @@ def to_markdown(df: pd.DataFrame) -> str:
     if notes:
         out += ["", *(f"- {note}" for note in notes)]
     return "\n".join(out) + "\n"
+
+
+def expert_profiles_markdown(profiles: ExpertProfiles, *, method: str, top_words: int = 6,
+                             heading: str = "##", figure: str | None = None) -> str:
+    """A report section: each expert's documents won, main domain, top words and surest
+    document (ExpertProfiles.table), with a line saying how they are measured; `figure` is the
+    path of moelab.report.expert_profiles_figure's image to show under it."""
+    s = profiles.settings
+    lines = [
+        f"{heading} What each expert has learnt ({method}, {s['split']} split)", "",
+        "Per expert: the documents it wins, the domain that holds most of its posterior mass, "
+        "the words it predicts best against the mixture (the mean over a word's occurrences of "
+        "log p_z(word | context) - log p_mix(word | context), p_mix weighted by the prior at "
+        f"the document start; words seen at least {s['min_count']} times) and its document of "
+        "highest posterior.", "",
+        to_markdown(profiles.table(top_words=top_words)),
+    ]
+    if figure:
+        lines += [f"![Top words of each expert ({method})]({figure})", ""]
+    return "\n".join(lines)
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from moelab.data import BinarizedDataset, Tokenizer, read_meta
+from moelab.data.preprocess import TOKENIZER_FILE
 from moelab.errors import MoelabError
 from moelab.evaluate import EvalResult, evaluate, summarize
 from moelab.model import MixtureLM, ModelConfig
@@ -258,11 +259,14 @@ class Run:
         theirs, ours = tokenizer_sha256_of(saved), meta.get("tokenizer_sha256")
         if (theirs and ours and theirs != ours) or self.model_config.vocab_size != int(
                 meta["vocab_size"]):
+            trained_on = Path(self.config.data.data)
             raise MoelabError(
                 f"checkpoint {self.checkpoint_path} and data-bin {self.data_bin} use different "
                 f"tokenizers (sha256 {str(theirs)[:12]}... with {self.model_config.vocab_size} "
-                f"pieces vs {str(ours)[:12]}... with {meta['vocab_size']}): use the data-bin "
-                f"the checkpoint was trained on ({self.config.data.data})")
+                f"pieces vs {str(ours)[:12]}... with {meta['vocab_size']}), so every token id "
+                "would mean another piece: preprocess that corpus again with the checkpoint's "
+                f"tokenizer (moelab preprocess ... --tokenizer {trained_on / TOKENIZER_FILE}), "
+                f"or use the data-bin it was trained on ({trained_on})")
 
     @property
     def method(self) -> str:
