@@ -85,9 +85,10 @@ def demo(config: DemoConfig) -> Path:
     samples = sample_experts(wb, config)
     (out / "samples.md").write_text(samples, encoding="utf-8")
     attribution = report_attribution(wb, config)
+    profiles = report_profiles(wb, config.methods)
     path = out / "report.md"
     path.write_text(report_markdown(wb, runs, table, figures, samples,
-                                    time.perf_counter() - started, attribution),
+                                    time.perf_counter() - started, attribution, profiles),
                     encoding="utf-8")
     return path
 
@@ -193,6 +194,32 @@ def report_attribution(wb: Workbench, config: DemoConfig) -> pd.DataFrame | None
         "the method's experts that match."]
     wb.export_table(rows, "tables/attribution", formats=("csv",))
     return rows
+
+
+def headline_method(methods: list[str]) -> str | None:
+    """The mixture the report reads first: hMoEup (the seed's method) when trained, else the
+    first mixture; None without one."""
+    mixtures = [m for m in methods if m != "dense"]
+    return "hMoEup" if "hMoEup" in mixtures else (mixtures[0] if mixtures else None)
+
+
+def report_profiles(wb: Workbench, methods: list[str]) -> str | None:
+    """What each expert of the headline method has learnt on valid (moelab.profiles): the
+    report's section, with figures/expert_profiles; None without a mixture."""
+    import matplotlib.pyplot as plt
+
+    from moelab import report
+
+    method = headline_method(methods)
+    if method is None:
+        return None
+    _say(f"profiling the experts of {method}")
+    profiles = wb.expert_profiles(method, "valid")
+    fig = report.expert_profiles_figure(profiles)
+    wb.save_figure(fig, "figures/expert_profiles")
+    plt.close(fig)
+    return report.expert_profiles_markdown(profiles, method=method,
+                                           figure="figures/expert_profiles.png")
 
 
 def attribution_lines(rows: pd.DataFrame, seeds: list[int]) -> list[str]:
@@ -320,7 +347,8 @@ def reading(table: pd.DataFrame, max_update: int,
 
 
 def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: list[str],
-                    samples: str, seconds: float, attribution: pd.DataFrame | None = None) -> str:
+                    samples: str, seconds: float, attribution: pd.DataFrame | None = None,
+                    profiles: str | None = None) -> str:
     from moelab.report import mean_std, to_markdown
 
     options = {**TRAIN_PRESETS[wb.preset], **wb.train_options}  # what actually trained
@@ -369,6 +397,7 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
            "score is the share of experts whose samples read as the domain they own "
            "(`tables/attribution.csv`).", "",
            *attribution_lines(attribution, wb.seeds), ""] if attribution is not None else []),
+        *([profiles, ""] if profiles else []),
         samples.replace("# Samples", "## Samples", 1),
     ]
     return "\n".join(lines) + "\n"

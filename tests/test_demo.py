@@ -27,11 +27,14 @@ def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
     for stem in ("tables/methods", "tables/clusters"):
         for suffix in ("csv", "md", "tex"):
             assert (out / f"{stem}.{suffix}").stat().st_size > 0
-    for stem in ("perplexity_by_domain", "training_curves", "responsibilities", "expert_usage"):
+    for stem in ("perplexity_by_domain", "training_curves", "responsibilities", "expert_usage",
+                 "expert_profiles"):
         for suffix in ("png", "svg", "pdf"):
             assert (out / "figures" / f"{stem}.{suffix}").stat().st_size > 0
     links = re.findall(r"\]\((figures/[^)]+)\)", report)
-    assert len(links) == 4 and all((out / link).is_file() for link in links)
+    assert len(links) == 5 and all((out / link).is_file() for link in links)
+    # the headline mixture's experts are profiled (moelab.profiles), not another method's
+    assert "## What each expert has learnt (hMoEup, valid split)" in report
     table = pd.read_csv(out / "tables/methods.csv", index_col=0)
     assert list(table.index) == ["dense", "hMoEup", "sMoElp"]
     assert (table["test oracle ppl"] <= table["test ppl"] + 1e-6).all()
