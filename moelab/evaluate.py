@@ -502,7 +502,8 @@ def describe_routing(result: EvalResult) -> str:
         f"the posterior after the first {int(s['prefix_tokens'])} tokens score the rest; "
         f"perplexity on the tokens after the prefix ({int(s['routed_documents'])} documents, "
         f"{int(s['short_documents'])} no longer than the prefix left out)",
-        shown.to_string(float_format=lambda x: f"{x:.3f}"),
+        shown.to_string(formatters={"gap (nats/token)": "{:+.4f}".format},
+                        float_format=lambda x: f"{x:.3f}"),
         f"routing accuracy {s['routing_accuracy']:.3f} (top-1 choice = the full-document "
         f"winner); winner among the chosen {s['winner_in_chosen']:.3f}",
         f"cost: {s['forwards_per_token_full']:.2f} expert forwards per token in full, "

@@ -61,7 +61,8 @@ class Routing:
         if self.prefix < 0:
             raise ValueError(f"--routing: the prefix must be >= 0 tokens, got {self.prefix}")
         if self.top_k < 1:
-            raise ValueError(f"--routing topk:{self.top_k}: keep at least one expert (K' >= 1)")
+            raise ValueError(f"--routing topk:{self.top_k}: keep at least one expert (K' >= 1); "
+                             "use topk:1 or more")
 
     def check(self, num_experts: int) -> None:
         if self.top_k > num_experts:
@@ -82,6 +83,9 @@ def parse_routing(text: str | Routing | None) -> Routing | None:
     if text == "full":
         return None
     values: dict[str, int] = {}
+    if "full" in text.split(","):
+        raise ValueError(f"--routing {text!r}: full scores every token with every expert and "
+                         f"takes no prefix or topk; use {SCHEMES}")
     for part in text.split(","):
         match = re.fullmatch(r"\s*([a-z]+)\s*:\s*(-?\d+)\s*", part)
         if not match or match[1] not in ("prefix", "topk"):
