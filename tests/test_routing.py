@@ -9,6 +9,7 @@ import math
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -434,6 +435,27 @@ def test_the_routing_curve_matches_brute_force_and_eval_lms_routed_figures(
     last = curve.iloc[-1]
     for column in ("mixture", "routed", "accuracy", "winner_in_chosen"):
         assert routed.routing.loc["overall", column] == pytest.approx(last[column], rel=1e-6)
+
+
+def test_the_routing_figure_draws_the_curves_numbers():
+    from moelab.report import routing_curves
+
+    curve = pd.DataFrame({"prefix": [16, 16, 64, 64], "top_k": [1, 2, 1, 2],
+                          "mixture": [30.0, 30.0, 29.0, 29.0], "routed": [33.0, 31.0, 29.5, 29.1],
+                          "accuracy": [0.7, 0.7, 0.9, 0.9], "winner_in_chosen": [0.7, 0.85, 0.9, 1],
+                          "forwards_full": [3.0, 3.0, 3.0, 3.0],
+                          "forwards_routed": [1.1, 2.1, 1.4, 2.3]})
+    ppl, acc, cost = routing_curves(curve).axes
+    lines = {ax: {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                  for line in ax.get_lines()} for ax in (ppl, acc, cost)}
+    assert lines[ppl] == {"full mixture": ([16, 64], [30.0, 29.0]),
+                          "routed, K'=1": ([16, 64], [33.0, 29.5]),
+                          "routed, K'=2": ([16, 64], [31.0, 29.1])}
+    assert lines[acc] == {"top-1 choice = winner": ([16, 64], [0.7, 0.9]),
+                          "winner among the 2 chosen": ([16, 64], [0.85, 1.0])}
+    assert lines[cost] == {"full scoring": ([16, 64], [3.0, 3.0]),
+                           "routed, K'=1": ([16, 64], [1.1, 1.4]),
+                           "routed, K'=2": ([16, 64], [2.1, 2.3])}
 
 
 # ----------------------------------------------------------------------------- reports, cache

@@ -223,7 +223,7 @@ def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame
 def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
     """moelab.routing.routing_curve's table against the prefix length M, one line per K':
     routed perplexity (solid) beside the full mixture's on the same tokens (dashed, black),
-    routing accuracy (solid; dotted: the winner among the K' chosen) and the expert forwards per
+    routing accuracy (black; dotted: the winner among the K' chosen) and the expert forwards per
     token each costs (dashed, black: full scoring)."""
     if curve.empty:
         raise ValueError("routing_curves needs at least one (prefix, top_k) row")
@@ -235,12 +235,13 @@ def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
              label="full mixture")
     cost.plot(full["prefix"], full["forwards_full"], color="black", linestyle="--", marker="o",
               label="full scoring")
+    # the top-1 choice does not depend on K' either
+    acc.plot(full["prefix"], full["accuracy"], color="black", marker="o",
+             label="top-1 choice = winner")
     colors = colormaps["tab10"].colors
     for i, (k, part) in enumerate(curve.groupby("top_k", sort=True)):
         color = colors[i % len(colors)]
         ppl.plot(part["prefix"], part["routed"], color=color, marker="o", label=f"routed, K'={k}")
-        acc.plot(part["prefix"], part["accuracy"], color=color, marker="o",
-                 label=f"top-1 = winner, K'={k}" if i == 0 else None)
         if k > 1:
             acc.plot(part["prefix"], part["winner_in_chosen"], color=color, marker="s",
                      linestyle=":", label=f"winner among the {k} chosen")
