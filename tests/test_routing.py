@@ -215,7 +215,7 @@ def test_eval_lm_refuses_an_unknown_prior_or_latent(tiny_bin, ckpt, capsys, flag
 # ----------------------------------------------------------------------------- routed figures
 
 
-@pytest.mark.parametrize("M, top_k", [(5, 1), (30, 2), (340, 1), (17, 3)])
+@pytest.mark.parametrize("M, top_k", [(5, 1), (30, 2), (340, 1), (17, 3), (2, 2)])
 def test_routed_figures_match_brute_force(model, valid, trained_tokens, M, top_k, one_thread):
     """Prefixes inside the first window, across window boundaries and longer than half the
     documents (those are left out and counted); K' = K gives the full mixture back."""
@@ -243,6 +243,8 @@ def test_routed_figures_match_brute_force(model, valid, trained_tokens, M, top_k
     assert s["forwards_per_token_full"] == pytest.approx(brute["cost_full"] / brute["tokens"])
     assert s["forwards_per_token_routed"] == pytest.approx(brute["cost_routed"] / brute["tokens"])
     assert s["routing_accuracy"] == pytest.approx(brute_table(brute["docs"])["accuracy"])
+    if M == 2:  # the top-1 choice misses the winner, the second choice catches it
+        assert s["routing_accuracy"] < s["winner_in_chosen"]
     if top_k == 3:  # every expert kept: the routed number is the full mixture's
         np.testing.assert_allclose(docs["routed"], docs["mixture"], rtol=1e-7, atol=1e-6)
     if M == 340:
