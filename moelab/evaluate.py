@@ -10,23 +10,50 @@ From the per-document log-likelihoods log p(doc | z) follow:
   start (empty context). The honest number.
 - `oracle`: max_z log p(doc | z), the best single expert per document. A bound, not a density.
 - `expert_k`: each expert alone.
+
+Beyond that default (document latent, prior at the start, every expert on every token), each
+labelled in the result's summary and printed report: `prior="cached"` and `latent="chunk"`
+(moelab.latents), and routed inference, `routing="prefix:M,topk:K'"` (moelab.routing).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from moelab.data import BinarizedDataset, Chunk
+from moelab.latents import (
+    CACHED_FROM,
+    LATENTS,
+    PRIORS,
+    check_choice,
+    chunk_scores,
+    logsumexp,
+    resolve_log_prior,
+    start_log_prior,
+)
 from moelab.model import MixtureLM
+from moelab.routing import (
+    Routing,
+    forwards,
+    full_after_prefix,
+    parse_routing,
+    routed_documents,
+    routed_scores,
+    routing_table,
+)
+from moelab.windows import (  # windows, resolve_window: callers import them from here too
+    resolve_window,
+    window_log_likelihoods,
+    window_token_log_probs,
+    windows,  # noqa: F401
+)
 
 ORACLE_NOTE = ("oracle = the best single expert for each document, chosen by that document's own "
                "likelihood: a lower bound on perplexity, not a density")
@@ -52,6 +79,9 @@ class EvalConfig:
     context_window: int = 0  # C tokens of context before the T - C new tokens of later windows
     max_sentences: int = 8  # windows per batch (each becomes K rows)
     gen_subset: str = "test"  # split to evaluate
+    routing: str = "full"  # full | prefix:M | topk:K' | prefix:M,topk:K' (moelab.routing)
+    prior: str = "start"  # start: the model's own prior | cached: mean posterior on valid
+    latent: str = "document"  # document: one z per document | chunk: one z per chunk
 
     def __post_init__(self) -> None:
         if self.tokens_per_sample is not None and self.tokens_per_sample < 1:
@@ -68,107 +98,16 @@ class EvalConfig:
             raise ValueError(f"--max-sentences must be >= 1, got {self.max_sentences}")
         if self.gen_subset not in ("train", "valid", "test"):
             raise ValueError(f"--gen-subset must be train, valid or test, got {self.gen_subset!r}")
+        check_choice("prior", self.prior, PRIORS)
+        check_choice("latent", self.latent, LATENTS)
+        check_options(parse_routing(self.routing), self.latent)
 
 
-def resolve_window(model: MixtureLM, tokens_per_sample: int | None, context_window: int
-                   ) -> tuple[int, int]:
-    """(T, C) checked against the model's context length."""
-    limit = model.config.max_seq_len
-    T = limit if tokens_per_sample is None else tokens_per_sample
-    if not 1 <= T <= limit:
-        raise ValueError(f"--tokens-per-sample {T} is longer than the model's context: it was "
-                         f"trained with --tokens-per-sample {limit}; use {limit} or less")
-    EvalConfig(tokens_per_sample=T, context_window=context_window)  # validates C < T
-    return T, context_window
-
-
-# ----------------------------------------------------------------------------- sliding windows
-
-
-def windows(length: int, tokens_per_sample: int, context_window: int
-            ) -> list[tuple[int, int, int]]:
-    """(start, first_scored, end) for a document of `length` tokens.
-
-    The window holds tokens [start, end) (at most T); its targets [first_scored, end) are
-    scored, the ones before are context. Every token is scored exactly once.
-    """
-    T, C = tokens_per_sample, context_window
-    if length <= 0:
-        return []
-    out = [(0, 0, min(T, length))]
-    new = out[0][2]
-    while new < length:
-        end = min(new + T - C, length)
-        out.append((new - C, new, end))
-        new = end
-    return out
-
-
-@torch.no_grad()
-def window_log_likelihoods(
-    model: MixtureLM,
-    num_documents: int,
-    lengths: Sequence[int],
-    fetch: Callable[[int, int, int], np.ndarray],
-    *,
-    tokens_per_sample: int,
-    context_window: int,
-    max_sentences: int,
-    pad_id: int,
-    progress: bool = False,
-) -> torch.Tensor:
-    """log p(doc | z) for every document and expert, float64 (D, K), from sliding windows.
-
-    `fetch(doc, start, end)` returns the document's tokens [start, end). Windows are batched by
-    length (max_sentences per batch) and each batch runs all K experts as B*K rows.
-    """
-    K = model.num_experts
-    device = next(model.parameters()).device
-    rows = [(doc, *w) for doc in range(num_documents)
-            for w in windows(int(lengths[doc]), tokens_per_sample, context_window)]
-    rows.sort(key=lambda r: r[3] - r[1], reverse=True)  # similar lengths together: little padding
-    doc_ll = torch.zeros(num_documents, K, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()  # dropout off: scores are deterministic
-    try:
-        for i in tqdm(range(0, len(rows), max_sentences), desc="eval-lm", unit="batch",
-                      disable=not progress, dynamic_ncols=True):
-            batch = rows[i : i + max_sentences]
-            B, L = len(batch), max(end - start for _, start, _, end in batch)
-            tokens = torch.full((B, L), pad_id, dtype=torch.long)
-            for b, (doc, start, _, end) in enumerate(batch):
-                tokens[b, : end - start] = torch.from_numpy(np.asarray(fetch(doc, start, end)))
-            tokens = tokens.to(device)
-            lens = torch.tensor([end - start for _, start, _, end in batch], device=device)
-            skip = torch.tensor([first - start for _, start, first, _ in batch], device=device)
-            experts = torch.arange(K, device=device).repeat(B)  # (B*K,) row b*K + k: expert k
-            # float32 on every device, even inside a caller's autocast: eval-lm's precision
-            with torch.autocast(device.type, enabled=False):
-                logp = model.token_log_probs(tokens.repeat_interleave(K, dim=0),
-                                             lens.repeat_interleave(K, dim=0), experts)
-            # (B*K, L)
-            # context tokens of a later window were scored by an earlier one: mask them out
-            scored = torch.arange(L, device=device)[None, :] >= skip[:, None]  # (B, L)
-            ll = (logp.view(B, K, L) * scored[:, None, :]).sum(-1)  # (B, K)
-            docs = torch.tensor([r[0] for r in batch], device=device)
-            doc_ll.index_add_(0, docs, ll.double())
-    finally:
-        model.train(was_training)
-    return doc_ll.cpu()
-
-
-@torch.no_grad()
-def start_log_prior(model: MixtureLM) -> torch.Tensor:
-    """log pi_z at a document's start (empty context): -log K, or the gating net's own prior."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        empty = torch.zeros(1, 0, dtype=torch.long, device=device)
-        return model.log_prior(empty, torch.zeros(1, dtype=torch.long, device=device))[0].double(
-        ).cpu()  # (K,)
-    finally:
-        model.train(was_training)
+def check_options(routing: Routing | None, latent: str) -> None:
+    if routing is not None and latent != "document":
+        raise ValueError(f"--routing {routing} chooses experts for a whole document, but "
+                         f"--latent {latent} gives every chunk its own expert: use --latent "
+                         "document with --routing, or --routing full")
 
 
 # ----------------------------------------------------------------------------- results
@@ -187,9 +126,15 @@ class EvalResult:
     # when the domains are unknown (no clustering to report)
     clusters: pd.Series
     usage: pd.DataFrame  # per expert: documents won, share
-    summary: pd.Series  # documents, tokens, usage entropy, experts used, window settings
-    log_prior: np.ndarray  # (K,) log pi_z at the document start
+    # documents, tokens, usage entropy, experts used, window settings, and which prior
+    # (start | cached, prior_from: where it was read), latent and routing made the numbers
+    summary: pd.Series
+    log_prior: np.ndarray  # (K,) log pi_z at the document start, or the cached prior
     notes: list[str] = field(default_factory=list)
+    # with routing (moelab.routing): overall and per domain, routed documents, tokens after the
+    # prefix, full mixture and routed perplexity on them, gap, accuracy, winner_in_chosen
+    routing: pd.DataFrame | None = None
+    routed_documents: pd.DataFrame | None = None  # the same, per routed document
 
     def to_json(self) -> dict:
         def table(df: pd.DataFrame) -> dict:
@@ -202,6 +147,7 @@ class EvalResult:
             "clusters": {k: _plain(v) for k, v in self.clusters.items()},
             "usage": table(self.usage),
             "log_prior": [float(x) for x in self.log_prior],
+            **({} if self.routing is None else {"routing": table(self.routing)}),
             "notes": [ORACLE_NOTE, *self.notes],
         }
 
@@ -223,41 +169,146 @@ def evaluate(
     context_window: int = 0,
     max_sentences: int = 8,
     progress: bool = True,
+    routing: str | Routing | None = "full",
+    prior: str = "start",
+    latent: str = "document",
+    prior_dataset: BinarizedDataset | None = None,
 ) -> EvalResult:
     """Score every document of `dataset` with every expert and summarize (DESIGN.md section 3).
 
-    tokens_per_sample defaults to the model's context length (max_seq_len).
+    tokens_per_sample defaults to the model's context length (max_seq_len). `prior` and
+    `latent` are moelab.latents' (`prior="cached"` estimates the prior on `prior_dataset`, the
+    valid split); `routing` is moelab.routing's, whose figures go to `.routing` and
+    `.routed_documents` beside the full evaluation, which is always made.
     """
     T, C = resolve_window(model, tokens_per_sample, context_window)
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    routing = parse_routing(routing)
+    check_choice("prior", prior, PRIORS)
+    check_choice("latent", latent, LATENTS)
+    check_options(routing, latent)
+    if routing is not None:
+        routing.check(model.num_experts)
     D = len(dataset)
     if D == 0:
         raise ValueError(f"the {dataset.split} split has no documents to evaluate")
+    window = dict(tokens_per_sample=T, context_window=C, max_sentences=max_sentences)
+    cached = resolve_log_prior(model, prior, prior_dataset, latent=latent, **window,
+                               progress=progress)
+    log_pi = start_log_prior(model).numpy() if cached is None else cached  # (K,)
     lengths = np.diff(np.asarray(dataset.offsets, dtype=np.int64))
-    ll = window_log_likelihoods(
-        model, D, lengths, lambda d, s, e: dataset.chunk_tokens(Chunk(d, s, e)),
-        tokens_per_sample=T, context_window=C, max_sentences=max_sentences,
-        pad_id=dataset.pad_id, progress=progress,
-    ).numpy()  # (D, K)
-    log_pi = start_log_prior(model).numpy()  # (K,)
-    return summarize(ll, log_pi, lengths, np.asarray(dataset.domain_ids, dtype=np.int64),
-                     list(dataset.domains), tokens_per_sample=T, context_window=C)
+    fetch = lambda d, s, e: dataset.chunk_tokens(Chunk(d, s, e))  # noqa: E731
+    scoring = dict(**window, pad_id=dataset.pad_id, progress=progress)
+
+    started = time.perf_counter()
+    if routing is None and latent == "document":
+        ll, sums = window_log_likelihoods(model, D, lengths, fetch, **scoring).numpy(), None
+    else:  # per-token scores: prefixes and chunks are sums of them
+        token_lp = window_token_log_probs(model, lengths, fetch, **scoring)  # (N, K)
+        sums = np.concatenate([np.zeros((1, model.num_experts)),
+                               np.cumsum(token_lp, axis=0, dtype=np.float64)])  # (N + 1, K)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        ll = sums[offsets[1:]] - sums[offsets[:-1]]  # (D, K)
+    seconds = time.perf_counter() - started
+    mixture = log_posterior = None
+    if latent == "chunk":
+        chunks = chunk_scores(model, dataset, token_lp, tokens_per_sample=T, log_prior=cached)
+        mixture = chunks.document_mixture(D)
+        with np.errstate(divide="ignore"):
+            log_posterior = np.log(chunks.document_posterior(D))
+    settings = {"prior": prior, "latent": latent,
+                "prior_from": prior_source(prior, latent, prior_dataset),
+                "routing": "full" if routing is None else str(routing),
+                "seconds_full": seconds}
+    result = summarize(ll, log_pi, lengths, np.asarray(dataset.domain_ids, dtype=np.int64),
+                       list(dataset.domains), tokens_per_sample=T, context_window=C,
+                       mixture=mixture, log_posterior=log_posterior, settings=settings)
+    result.notes += prior_notes(prior, prior_dataset, dataset)
+    if routing is None:
+        return result
+
+    started = time.perf_counter()
+    routed = routed_scores(model, lengths, fetch, log_pi, routing, **scoring)
+    seconds = time.perf_counter() - started
+    docs, M = routed.docs, routing.prefix
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    full_prefix = sums[offsets[docs] + M] - sums[offsets[docs]]  # (R, K) the full pass's
+    frame = routed_documents(
+        docs=docs, domains=result.documents["domain"].to_numpy()[docs],
+        tokens_after=lengths[docs] - M, mixture=full_after_prefix(log_pi, full_prefix, ll[docs]),
+        routed=routed.routed_ll, chosen=routed.chosen,
+        winner=result.documents["winner"].to_numpy()[docs])
+    full, _, scored = forwards(lengths, routing, model.num_experts, T, C)
+    return with_routing(result, frame, {
+        "short_documents": D - len(docs), "prefix_tokens": M, "top_k": routing.top_k,
+        "forwards_per_token_full": full / max(scored, 1),
+        "forwards_per_token_routed": routed.forwards / max(scored, 1),
+        "seconds_routed": seconds,
+        "tokens_per_second_full": int(lengths.sum()) / max(result.summary["seconds_full"], 1e-9),
+        "tokens_per_second_routed": scored / max(seconds, 1e-9)},
+        domains=list(dataset.domains),
+        flat_prior=M == 0 and np.ptp(log_pi) == 0 and routing.top_k < model.num_experts)
 
 
-def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    top = x.max(axis=axis, keepdims=True)
-    return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+def prior_source(prior: str, latent: str, prior_dataset: BinarizedDataset | None) -> str:
+    """Where the prior was read, in words, for the summary."""
+    if prior == "cached":
+        split = prior_dataset.split if prior_dataset is not None else CACHED_FROM
+        return f"mean {'chunk' if latent == 'chunk' else 'document'} posterior on {split}"
+    return "each chunk's context" if latent == "chunk" else "the document start"
+
+
+def prior_notes(prior: str, prior_dataset: BinarizedDataset | None,
+                dataset: BinarizedDataset) -> list[str]:
+    same = prior == "cached" and prior_dataset is not None and (
+        prior_dataset.split == dataset.split and prior_dataset.data_dir == dataset.data_dir)
+    return [f"the cached prior was estimated on the split it weighs ({dataset.split}): it has "
+            "seen the documents it scores, an optimistic number"] if same else []
+
+
+def with_routing(result: EvalResult, frame: pd.DataFrame, numbers: dict, *,
+                 domains: list[str], flat_prior: bool = False) -> EvalResult:
+    """`result` with the routed figures of `frame` (moelab.routing.routed_documents) and the
+    cost `numbers` added to its tables and summary."""
+    result.routed_documents = frame
+    result.routing = routing_table(frame, domains)
+    overall = result.routing.loc["overall"]
+    result.summary = pd.concat([result.summary, pd.Series({
+        **numbers, "routed_documents": int(overall["documents"]),
+        "routed_tokens": int(overall["tokens"]),
+        "mixture_after_prefix_perplexity": float(overall["mixture"]),
+        "routed_perplexity": float(overall["routed"]),
+        "routing_accuracy": float(overall["accuracy"]),
+        "winner_in_chosen": float(overall["winner_in_chosen"])})])
+    if numbers["short_documents"]:
+        result.notes.append(
+            f"{numbers['short_documents']} document(s) of {numbers['prefix_tokens']} tokens or "
+            "fewer have nothing after the prefix: they are left out of the routed figures")
+    if flat_prior:
+        result.notes.append("routing without a prefix ranks the experts by the prior alone, "
+                            "and this prior is uniform: every expert ties and the first K' "
+                            "are taken")
+    return result
 
 
 def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids: np.ndarray,
-              domains: list[str], *, tokens_per_sample: int, context_window: int) -> EvalResult:
-    """Per-document log p(doc | z) (D, K) -> every table of EvalResult."""
+              domains: list[str], *, tokens_per_sample: int, context_window: int,
+              mixture: np.ndarray | None = None, log_posterior: np.ndarray | None = None,
+              settings: dict | None = None) -> EvalResult:
+    """Per-document log p(doc | z) (D, K) -> every table of EvalResult.
+
+    By default the mixture is the document latent's, logsumexp_z [log pi_z + log p(doc | z)];
+    another latent passes its own per-document `mixture` (D,) and `log_posterior` (D, K).
+    `settings` (prior, latent, routing, ...) go into the summary.
+    """
     D, K = ll.shape
     experts = [f"expert_{k}" for k in range(K)]
-    joint = ll + log_pi[None, :]  # (D, K) log pi_z + log p(doc | z)
-    mixture = _logsumexp(joint)  # (D,)
-    posterior = np.exp(joint - mixture[:, None])  # (D, K)
+    if mixture is None:
+        joint = ll + log_pi[None, :]  # (D, K) log pi_z + log p(doc | z)
+        mixture = logsumexp(joint)  # (D,)
+        log_posterior = joint - mixture[:, None]
+    posterior = np.exp(log_posterior)  # (D, K)
     winner = posterior.argmax(1)  # (D,)
     names = np.asarray([domains[i] if 0 <= i < len(domains) else str(i) for i in domain_ids])
 
@@ -290,7 +341,7 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
         clusters = pd.Series({"purity": purity(domain_ids, winner),
                               "nmi": float(normalized_mutual_info_score(domain_ids, winner)),
                               "ari": float(adjusted_rand_score(domain_ids, winner)),
-                              **posterior_confidence(ll, joint - mixture[:, None], tokens)},
+                              **posterior_confidence(ll, log_posterior, tokens)},
                              name="argmax posterior vs domain")
         doubt = flat_posterior(clusters, K)
         if doubt:
@@ -312,7 +363,8 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
         "tokens_per_sample": tokens_per_sample, "context_window": context_window,
         "usage_entropy": entropy, "usage_entropy_max": math.log(K),
         "experts_used": int((share >= 1 / (4 * K)).sum()),
-        "precision": "float32",  # window_log_likelihoods scores in float32 on every device
+        "precision": "float32",  # moelab.windows scores in float32 on every device
+        "prior": "start", "latent": "document", "routing": "full", **(settings or {}),
     })
     return EvalResult(perplexity=perplexity, documents=documents, posteriors=posteriors,
                       responsibilities=responsibilities, clusters=clusters, usage=usage,
@@ -404,6 +456,7 @@ def format_result(result: EvalResult, title: str = "") -> str:
         f"{int(s['documents'])} documents, {int(s['tokens'])} tokens, K={K}, tokens-per-sample "
         f"{int(s['tokens_per_sample'])}, context-window {int(s['context_window'])}, "
         f"{s.get('precision', 'float32')}",
+        describe_mixture(result),
         "",
         "perplexity (mixture: the model's density; oracle*: best expert per document, a bound)",
         ppl.to_string(float_format=lambda x: f"{x:.2f}"),
@@ -419,14 +472,52 @@ def format_result(result: EvalResult, title: str = "") -> str:
         f"expert usage (share of documents won): {shares}",
         f"usage entropy {s['usage_entropy']:.3f} nats (max {s['usage_entropy_max']:.3f}); "
         f"experts used {int(s['experts_used'])}/{K} (winning >= 1/(4K) of documents)",
-        "prior at document start: "
+        ("cached prior: " if s.get("prior") == "cached" else "prior at document start: ")
         + "  ".join(f"{math.exp(x):.3f}" for x in result.log_prior),
     ]
+    if result.routing is not None:
+        lines += ["", describe_routing(result)]
     lines += [f"note: {n}" for n in result.notes if n != doubt]
     return "\n".join(lines).strip("\n")
 
 
+def describe_mixture(result: EvalResult) -> str:
+    """Which latent and prior made the mixture column, as eval-lm prints it."""
+    s = result.summary
+    latent = s.get("latent", "document")
+    what = ("one expert per document" if latent == "document"
+            else "every chunk its own mixture")
+    return (f"mixture: --latent {latent} ({what}), --prior {s.get('prior', 'start')} (read "
+            f"from {s.get('prior_from', 'the document start')}), --routing "
+            f"{s.get('routing', 'full')}")
+
+
+def describe_routing(result: EvalResult) -> str:
+    """The routed figures beside the full mixture's on the same tokens, and what each cost."""
+    s, table = result.summary, result.routing
+    shown = table.rename(columns={"mixture": "full ppl", "routed": "routed ppl",
+                                  "gap": "gap (nats/token)"})
+    lines = [
+        f"routed inference (--routing {s['routing']}): the top {int(s['top_k'])} expert(s) by "
+        f"the posterior after the first {int(s['prefix_tokens'])} tokens score the rest; "
+        f"perplexity on the tokens after the prefix ({int(s['routed_documents'])} documents, "
+        f"{int(s['short_documents'])} no longer than the prefix left out)",
+        shown.to_string(formatters={"gap (nats/token)": "{:+.4f}".format},
+                        float_format=lambda x: f"{x:.3f}"),
+        f"routing accuracy {s['routing_accuracy']:.3f} (top-1 choice = the full-document "
+        f"winner); winner among the chosen {s['winner_in_chosen']:.3f}",
+        f"cost: {s['forwards_per_token_full']:.2f} expert forwards per token in full, "
+        f"{s['forwards_per_token_routed']:.2f} routed; "
+        f"{s['tokens_per_second_full']:.0f} tokens/s in full, "
+        f"{s['tokens_per_second_routed']:.0f} routed",
+    ]
+    return "\n".join(lines)
+
+
+# the summary's entries that say how the numbers were made (a cached result keeps them)
+SETTINGS_KEYS = ("prior", "latent", "prior_from", "routing", "seconds_full")
 RESULT_FILES = ("perplexity", "documents", "posteriors", "responsibilities", "usage")
+ROUTING_FILES = ("routing", "routed_documents")  # with --routing only
 
 
 def write_results(result: EvalResult, results_dir: str | Path, split: str,
@@ -436,6 +527,10 @@ def write_results(result: EvalResult, results_dir: str | Path, split: str,
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name in RESULT_FILES:
+        path = folder / f"{split}_{name}.csv"
+        getattr(result, name).to_csv(path)
+        written.append(path)
+    for name in ROUTING_FILES if result.routing is not None else ():
         path = folder / f"{split}_{name}.csv"
         getattr(result, name).to_csv(path)
         written.append(path)

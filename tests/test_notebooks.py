@@ -247,3 +247,17 @@ def test_sampling_notebook_runs_alone_from_the_bundled_corpus(tmp_path, kernel):
     assert (tmp_path / "data-bin" / "meta.json").is_file()
     assert (tmp_path / "runs" / "hMoEup" / "checkpoint_best.pt").is_file()
     assert shows_widget(nb.cells[-1])
+
+
+@pytest.mark.slow
+def test_routing_notebook_draws_routed_against_full_curves(tiny_bin, tmp_path, kernel):
+    """05 alone on the smoke preset: trains its method when missing, draws the curves and
+    exports the figure and the table behind it."""
+    nb = execute("05_routing.ipynb", tmp_path, kernel, **smoke(tiny_bin))
+    assert outputs(nb, "image/png") == 1
+    assert outputs(nb, "text/html") == 2  # the curve's table and one routed evaluation
+    ours = tmp_path / "results" / "05_routing"
+    assert_exported(ours, figure_files("routing_hMoEup_test") + table_files("routing_hMoEup_test"))
+    table = (ours / "routing_hMoEup_test.csv").read_text()
+    assert table.splitlines()[0].startswith(",prefix,top_k,documents")
+    assert len(table.splitlines()) == 1 + 4 * 2  # every (M, K') of the parameters

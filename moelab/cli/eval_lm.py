@@ -1,7 +1,9 @@
 """`moelab eval-lm DATA_BIN --path CKPT`: the seed's `fairseq-eval-lm` command.
 
 Perplexity per method (mixture, oracle, each expert), responsibilities and cluster agreement on
-one split; the closing lines are fairseq-eval-lm's, for scripts that parse them.
+one split; the closing lines are fairseq-eval-lm's, for scripts that parse them. Beyond the seed:
+--routing (routed inference beside the full mixture, moelab.routing), --prior and --latent
+(moelab.latents), each named in the printed report and the JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 from moelab.cli.checkpoint import add_checkpoint_arguments, load_run
 from moelab.cli.flags import add_config_arguments, build_config
-from moelab.data import BinarizedDataset
+from moelab.data import BinarizedDataset, read_meta
 from moelab.errors import MoelabError
 from moelab.evaluate import (
     EvalConfig,
@@ -21,6 +23,7 @@ from moelab.evaluate import (
     format_result,
     write_results,
 )
+from moelab.latents import CACHED_FROM, LATENTS, PRIORS
 
 HELP = "perplexity (mixture, oracle, per expert), responsibilities, clusters"
 
@@ -32,6 +35,18 @@ FLAGS = {
     "max_sentences": dict(help="windows per batch; each runs all K experts",
                           aliases=("--batch-size",), metavar="N"),
     "gen_subset": dict(help="split to evaluate", choices=["train", "valid", "test"]),
+    "routing": dict(help="full: every expert scores every token; prefix:M: the expert of "
+                         "highest posterior after the first M tokens scores the rest; "
+                         "prefix:M,topk:K': the top K' experts, weighted by that posterior; "
+                         "topk:K' alone: the top K' by the prior. Reported on the tokens after "
+                         "the prefix beside the full mixture, with routing accuracy and expert "
+                         "forwards per token", metavar="SCHEME"),
+    "prior": dict(help="start: the model's own prior (at the document start, or from each "
+                       "chunk's context); cached: the mean posterior on the valid split, as "
+                       "DEMix", choices=list(PRIORS)),
+    "latent": dict(help="document: one expert per document; chunk: every chunk of "
+                        "tokens-per-sample tokens its own mixture, weighed by the prior read "
+                        "from its context (what training optimises)", choices=list(LATENTS)),
 }
 
 
@@ -54,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(trained.model, dataset, tokens_per_sample=config.tokens_per_sample,
                           context_window=config.context_window,
-                          max_sentences=config.max_sentences, progress=not args.no_progress_bar)
+                          max_sentences=config.max_sentences, progress=not args.no_progress_bar,
+                          routing=config.routing, prior=config.prior, latent=config.latent,
+                          prior_dataset=prior_split(args.data, config.prior))
     except ValueError as e:
         raise MoelabError(str(e)) from None
     seconds = time.perf_counter() - started
@@ -70,8 +87,21 @@ def run(args: argparse.Namespace) -> int:
         settings = {"data": str(args.data), "path": str(args.path),
                     "tokens_per_sample": int(result.summary["tokens_per_sample"]),
                     "context_window": config.context_window,
-                    "max_sentences": config.max_sentences, "seconds": seconds}
+                    "max_sentences": config.max_sentences, "seconds": seconds,
+                    "routing": config.routing, "prior": config.prior, "latent": config.latent}
         written = write_results(result, args.results_dir, config.gen_subset, settings)
         print(f"moelab eval-lm: wrote {len(written)} files to {args.results_dir}",
               file=sys.stderr)
     return 0
+
+
+def prior_split(data: str, prior: str) -> BinarizedDataset | None:
+    """The split a cached prior is estimated on (None for --prior start)."""
+    if prior != "cached":
+        return None
+    splits = sorted(read_meta(data)["splits"])
+    if CACHED_FROM not in splits:
+        raise MoelabError(f"--prior cached estimates the prior on the {CACHED_FROM} split, and "
+                          f"{data} has none (it has {', '.join(splits)}): preprocess with "
+                          f"--{CACHED_FROM}pref PATH, or use --prior start")
+    return BinarizedDataset(data, CACHED_FROM)

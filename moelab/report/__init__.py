@@ -13,6 +13,7 @@ from moelab.report.plots import (
     expert_usage,
     perplexity_by_domain,
     responsibility_heatmap,
+    routing_curves,
     save_figure,
     training_curves,
 )
@@ -33,4 +34,5 @@ __all__ = ["METHOD_COLORS", "LiveCurves", "MethodRun", "cluster_table",
            "expert_profiles_figure", "expert_profiles_markdown", "expert_usage",
            "export_table", "format_value", "mean_std", "method_table",
            "over_seeds", "perplexity_by_domain",
-           "responsibility_heatmap", "save_figure", "to_latex", "to_markdown", "training_curves"]
+           "responsibility_heatmap", "routing_curves", "save_figure", "to_latex", "to_markdown",
+           "training_curves"]

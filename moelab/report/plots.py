@@ -261,6 +261,52 @@ def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame
     return fig
 
 
+# ----------------------------------------------------------------------------- routing
+
+
+def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """moelab.routing.routing_curve's table against the prefix length M, one line per K':
+    routed perplexity (solid) beside the full mixture's on the same tokens (dashed, black),
+    routing accuracy (black; dotted: the winner among the K' chosen) and the expert forwards per
+    token each costs (dashed, black: full scoring)."""
+    if curve.empty:
+        raise ValueError("routing_curves needs at least one (prefix, top_k) row")
+    fig = Figure(figsize=(12.5, 3.8), layout="constrained")
+    ppl, acc, cost = fig.subplots(1, 3)
+    curve = curve.sort_values(["top_k", "prefix"])
+    full = curve.drop_duplicates("prefix")  # the full mixture does not depend on K'
+    ppl.plot(full["prefix"], full["mixture"], color="black", linestyle="--", marker="o",
+             label="full mixture")
+    cost.plot(full["prefix"], full["forwards_full"], color="black", linestyle="--", marker="o",
+              label="full scoring")
+    # the top-1 choice does not depend on K' either
+    acc.plot(full["prefix"], full["accuracy"], color="black", marker="o",
+             label="top-1 choice = winner")
+    colors = colormaps["tab10"].colors
+    for i, (k, part) in enumerate(curve.groupby("top_k", sort=True)):
+        color = colors[i % len(colors)]
+        ppl.plot(part["prefix"], part["routed"], color=color, marker="o", label=f"routed, K'={k}")
+        if k > 1:
+            acc.plot(part["prefix"], part["winner_in_chosen"], color=color, marker="s",
+                     linestyle=":", label=f"winner among the {k} chosen")
+        cost.plot(part["prefix"], part["forwards_routed"], color=color, marker="o",
+                  label=f"routed, K'={k}")
+    for ax in (ppl, acc, cost):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(curve["prefix"].unique()),
+                      labels=[str(m) for m in sorted(curve["prefix"].unique())])
+        ax.set_xlabel("prefix M (tokens read by every expert)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    ppl.set_ylabel("perplexity after the prefix")
+    acc.set_ylabel("routing accuracy")
+    acc.set_ylim(-0.02, 1.02)
+    cost.set_ylabel("expert forwards per token")
+    cost.set_ylim(bottom=0)
+    fig.suptitle(title or "Routed inference against the full mixture", x=0.01, ha="left")
+    return fig
+
+
 # ----------------------------------------------------------------------------- training logs
 
 
