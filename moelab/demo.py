@@ -13,6 +13,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,10 +86,11 @@ def demo(config: DemoConfig) -> Path:
     samples = sample_experts(wb, config)
     (out / "samples.md").write_text(samples, encoding="utf-8")
     attribution = report_attribution(wb, config)
-    profiles = report_profiles(wb, config.methods)
+    sections = [report_profiles(wb, config.methods), report_routing(wb, config.methods)]
     path = out / "report.md"
     path.write_text(report_markdown(wb, runs, table, figures, samples,
-                                    time.perf_counter() - started, attribution, profiles),
+                                    time.perf_counter() - started, attribution,
+                                    [s for s in sections if s]),
                     encoding="utf-8")
     return path
 
@@ -222,6 +224,43 @@ def report_profiles(wb: Workbench, methods: list[str]) -> str | None:
                                            figure="figures/expert_profiles.png")
 
 
+ROUTING_PREFIXES = (16, 32, 64, 128)  # M: the prefix lengths the issue's systems route from
+ROUTING_TOP_K = (1, 2)
+
+
+def report_routing(wb: Workbench, methods: list[str]) -> str | None:
+    """Routed against full inference for the headline method on test (moelab.routing): the
+    report's section, with figures/routing and tables/routing; None without a mixture."""
+    import matplotlib.pyplot as plt
+
+    from moelab import report
+    from moelab.routing import routing_curve
+
+    method = headline_method(methods)
+    if method is None:
+        return None
+    _say(f"routing {method}'s test documents from their first tokens")
+    run = wb.run(method)
+    curve = routing_curve(run.model, run.dataset("test"), prefixes=ROUTING_PREFIXES,
+                          top_k=ROUTING_TOP_K)
+    wb.export_table(curve, "tables/routing", formats=("csv", "md"))
+    fig = report.routing_curves(curve, title=f"{method}, test split")
+    wb.save_figure(fig, "figures/routing")
+    plt.close(fig)
+    shown = curve[["prefix", "top_k", "documents", "mixture", "routed", "gap", "accuracy",
+                   "winner_in_chosen", "forwards_full", "forwards_routed"]]
+    return "\n".join([
+        f"## Routed inference ({method}, test split)", "",
+        "The first M tokens of each document are read by every expert; the top K' experts by "
+        "the posterior after them read the rest, weighted by that posterior (moelab.routing, "
+        "`eval-lm --routing prefix:M,topk:K'`). On the tokens after the prefix: the full "
+        "mixture's perplexity and the routed one, the gap (routed - full, nats/token), routing "
+        "accuracy (the prefix's top expert is the whole document's) and expert forwards per "
+        "token. Documents of at most M tokens are left out.", "",
+        report.to_markdown(shown.set_index("prefix")), "",
+        f"![Routed against full inference ({method})](figures/routing.png)", ""])
+
+
 def attribution_lines(rows: pd.DataFrame, seeds: list[int]) -> list[str]:
     """The report's section: the score per method (mean ± std over seeds), then the first
     seed's experts."""
@@ -348,7 +387,7 @@ def reading(table: pd.DataFrame, max_update: int,
 
 def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: list[str],
                     samples: str, seconds: float, attribution: pd.DataFrame | None = None,
-                    profiles: str | None = None) -> str:
+                    sections: Sequence[str] = ()) -> str:
     from moelab.report import mean_std, to_markdown
 
     options = {**TRAIN_PRESETS[wb.preset], **wb.train_options}  # what actually trained
@@ -397,7 +436,7 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
            "score is the share of experts whose samples read as the domain they own "
            "(`tables/attribution.csv`).", "",
            *attribution_lines(attribution, wb.seeds), ""] if attribution is not None else []),
-        *([profiles, ""] if profiles else []),
+        *(part for section in sections for part in (section, "")),
         samples.replace("# Samples", "## Samples", 1),
     ]
     return "\n".join(lines) + "\n"

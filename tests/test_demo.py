@@ -28,13 +28,18 @@ def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
         for suffix in ("csv", "md", "tex"):
             assert (out / f"{stem}.{suffix}").stat().st_size > 0
     for stem in ("perplexity_by_domain", "training_curves", "responsibilities", "expert_usage",
-                 "expert_profiles"):
+                 "expert_profiles", "routing"):
         for suffix in ("png", "svg", "pdf"):
             assert (out / "figures" / f"{stem}.{suffix}").stat().st_size > 0
     links = re.findall(r"\]\((figures/[^)]+)\)", report)
-    assert len(links) == 5 and all((out / link).is_file() for link in links)
-    # the headline mixture's experts are profiled (moelab.profiles), not another method's
+    assert len(links) == 6 and all((out / link).is_file() for link in links)
+    # the headline mixture's experts are profiled (moelab.profiles) and routed (moelab.routing),
+    # not another method's
     assert "## What each expert has learnt (hMoEup, valid split)" in report
+    assert "## Routed inference (hMoEup, test split)" in report
+    routing = pd.read_csv(out / "tables/routing.csv")
+    assert sorted(set(routing["prefix"])) == [16, 32, 64, 128]
+    assert sorted(set(routing["top_k"])) == [1, 2]
     table = pd.read_csv(out / "tables/methods.csv", index_col=0)
     assert list(table.index) == ["dense", "hMoEup", "sMoElp"]
     assert (table["test oracle ppl"] <= table["test ppl"] + 1e-6).all()
