@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .debian import extract_deb, fetch_deb
 from .domains import DOMAINS, PINNED_PACKAGES, Domain
@@ -85,21 +85,35 @@ def write_manifest(out_dir: str, manifest: dict) -> None:
         fh.write(json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
-def build(out_dir: str, cache: str, only: Sequence[str] | None = None) -> dict:
-    os.makedirs(os.path.join(out_dir, "licences"), exist_ok=True)
+def build_domains(
+    domains: Sequence[Domain],
+    pins: dict[str, str],
+    out_dir: str,
+    cache: str,
+    *,
+    write: Callable[[str, Sequence[Doc]], None],
+    licence_dir: str,
+    min_documents: int | None = None,
+    only: Sequence[str] | None = None,
+) -> dict:
+    """Fetch, parse, select and validate each domain, ``write(name, docs)`` it, copy its licence
+    into *out_dir*/*licence_dir* and write ``MANIFEST.json``: the build of any corpus made of
+    pinned Debian packages, whatever layout *write* gives it."""
+    os.makedirs(os.path.join(out_dir, licence_dir), exist_ok=True)
     work = tempfile.mkdtemp(prefix="moelab-corpus-")
     manifest = {"domains": []}
     try:
         roots: dict[str, str] = {}
-        for domain in DOMAINS:
+        for domain in domains:
             if only and domain.name not in only:
                 continue
             t0 = time.monotonic()
-            docs, total = domain_documents(domain, PINNED_PACKAGES, roots, work, cache, CAP_BYTES)
-            write_jsonl_xz(os.path.join(out_dir, f"{domain.name}.jsonl.xz"), docs)
-            licence_file = f"licences/{domain.name}.copyright"
+            docs, total = domain_documents(domain, pins, roots, work, cache, CAP_BYTES,
+                                           min_documents)
+            write(domain.name, docs)
+            licence_file = f"{licence_dir}/{domain.name}.copyright"
             copy_licence(domain, roots, os.path.join(out_dir, licence_file))
-            entry = manifest_entry(domain, PINNED_PACKAGES, docs, licence_file)
+            entry = manifest_entry(domain, pins, docs, licence_file)
             manifest["domains"].append(entry)
             log(
                 f"{domain.name}: kept {len(docs)} of {total} documents, "
@@ -109,6 +123,13 @@ def build(out_dir: str, cache: str, only: Sequence[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def build(out_dir: str, cache: str, only: Sequence[str] | None = None) -> dict:
+    return build_domains(
+        DOMAINS, PINNED_PACKAGES, out_dir, cache, licence_dir="licences", only=only,
+        write=lambda name, docs: write_jsonl_xz(os.path.join(out_dir, f"{name}.jsonl.xz"), docs),
+    )
 
 
 def _expected_files(out_dir: str) -> list[str]:

@@ -22,8 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from bundled_corpus.build import copy_licence, domain_documents, manifest_entry, write_manifest
-from bundled_corpus.output import CAP_BYTES
+from bundled_corpus.build import build_domains
 from bundled_corpus.text import BuildError, Doc, log
 
 from .domains import DOMAINS, PINNED_PACKAGES
@@ -47,29 +46,11 @@ def build(out_dir: str, cache: str) -> dict:
     """Build every domain into *out_dir*, which must not exist or be empty."""
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise BuildError(f"{out_dir} is not empty; give a new --out directory")
-    os.makedirs(os.path.join(out_dir, LICENCE_DIR), exist_ok=True)
-    work = tempfile.mkdtemp(prefix="moelab-corpus2-")
-    manifest = {"domains": []}
-    try:
-        roots: dict[str, str] = {}
-        for domain in DOMAINS:
-            t0 = time.monotonic()
-            docs, total = domain_documents(
-                domain, PINNED_PACKAGES, roots, work, cache, CAP_BYTES, MIN_DOCUMENTS
-            )
-            write_folder(os.path.join(out_dir, domain.name), docs)
-            licence_file = f"{LICENCE_DIR}/{domain.name}.copyright"
-            copy_licence(domain, roots, os.path.join(out_dir, licence_file))
-            entry = manifest_entry(domain, PINNED_PACKAGES, docs, licence_file)
-            manifest["domains"].append(entry)
-            log(
-                f"{domain.name}: kept {len(docs)} of {total} documents, "
-                f"{entry['bytes_utf8'] / 1e6:.2f} MB ({time.monotonic() - t0:.1f}s)"
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    write_manifest(out_dir, manifest)
-    return manifest
+    return build_domains(
+        DOMAINS, PINNED_PACKAGES, out_dir, cache, licence_dir=LICENCE_DIR,
+        min_documents=MIN_DOCUMENTS,
+        write=lambda name, docs: write_folder(os.path.join(out_dir, name), docs),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
