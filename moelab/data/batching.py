@@ -123,7 +123,7 @@ class TrainBatches:
         self.tokens_per_sample = tokens_per_sample
         self.chunks = ds.chunks(tokens_per_sample)
         self.max_context = tokens_per_sample if max_context is None else max_context
-        self.lengths = np.asarray([c.end - c.start for c in self.chunks], dtype=np.int64)
+        self.lengths = self.chunks.lengths
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         # (epoch, batches, this rank's order): the last epoch's, since every batch looks it up
