@@ -45,7 +45,8 @@ class SkipLog:
     """What one pass left out, and why: reported, never silently lost.
 
     ``paths``: files of a folder corpus that are not UTF-8 text; ``lines``: the first
-    LISTED_BAD_LINES records skipped by --skip-bad-lines; ``reasons``: every skipped document
+    LISTED_BAD_LINES records skipped by --skip-bad-lines; ``damaged``: every shard that
+    --skip-bad-lines read only up to its damage; ``reasons``: every skipped document
     counted by reason (bad lines, --domains, --max-docs-per-domain); ``left_out_domains``: the
     domains --domains dropped, with their document counts.
     """
@@ -55,6 +56,7 @@ class SkipLog:
     reasons: Counter = field(default_factory=Counter)
     left_out_domains: Counter = field(default_factory=Counter)
     bad_records: int = 0  # records --skip-bad-lines skipped (all counted, the first listed)
+    damaged: list[dict] = field(default_factory=list)  # shards read up to their damage
 
     def add(self, path: Path, reason: str) -> None:
         self.paths.append(f"{path} ({reason})")
@@ -71,12 +73,14 @@ class SkipLog:
         self.reasons.update(other.reasons)
         self.left_out_domains.update(other.left_out_domains)
         self.bad_records += other.bad_records
+        self.damaged += other.damaged
 
     def summary(self) -> dict:
         """The documents skipped, as meta.json records them."""
         return {"count": sum(self.reasons.values()), "bad_records": self.bad_records,
                 "by_reason": dict(sorted(self.reasons.items())),
                 "listed": self.lines, "listed_limit": LISTED_BAD_LINES,
+                "damaged_shards": self.damaged,
                 "left_out_domains": dict(sorted(self.left_out_domains.items()))}
 
 

@@ -348,6 +348,11 @@ def _warn_skipped(meta: dict, destdir: Path) -> None:
             f"(all listed in {destdir / META_FILE}): {shown}",
             stacklevel=3,
         )
+    damaged = meta["skipped_documents"]["damaged_shards"]
+    if damaged:
+        shown = "; ".join(f"{x['path']} {x['reason']}" for x in damaged[:3])
+        warnings.warn(f"--skip-bad-lines read {len(damaged)} damaged shard(s) only up to the "
+                      f"damage (listed in {destdir / META_FILE}): {shown}", stacklevel=3)
     bad = meta["skipped_documents"]["bad_records"]
     if bad:
         shown = "; ".join(f"{x['where']}: {x['reason']}"

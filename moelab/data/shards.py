@@ -235,7 +235,8 @@ def _shard_documents(shard: Shard, fields: RecordFields, skipped: SkipLog,
                 f"{shard.path} {reason}. Download or write the shard again, leave it out of "
                 f"--data, or pass --skip-bad-lines to keep its {unit}s before the damage."
             ) from None
-        skipped.add_line(f"{shard.path} {unit} {number + 1}", f"the shard {reason}")
+        skipped.damaged.append({"path": str(shard.path), f"{unit}s_read": number,
+                                "reason": reason})
 
 
 def _document(shard: Shard, number: int, where: str, text: str, domain: str, key: str | None,
