@@ -24,6 +24,20 @@ def test_chunks_tile_each_document_without_crossing(train):
         assert all(0 < c.end - c.start <= 100 for c in mine)
 
 
+@pytest.mark.parametrize("T", [1, 7, 64, 10_000])
+def test_the_chunk_array_holds_what_a_loop_over_documents_makes(train, T):
+    """The order batching relies on: documents in order, each from its start."""
+    expected = [(doc, start, min(start + T, train.document_length(doc)))
+                for doc in range(len(train)) for start in range(0, train.document_length(doc), T)]
+    chunks = train.chunks(T)
+    assert chunks.table.dtype == np.int64 and chunks.table.shape == (len(expected), 3)
+    assert [tuple(c) for c in chunks] == expected
+    assert chunks.lengths.tolist() == [e - s for _, s, e in expected]
+    assert tuple(chunks[5]) == expected[5] and chunks[np.int64(2)].end == expected[2][2]
+    assert [tuple(c) for c in chunks[3:9]] == expected[3:9]
+    assert [tuple(c) for c in chunks[np.array([4, 0])]] == [expected[4], expected[0]]
+
+
 def test_context_is_the_text_just_before_the_chunk(train):
     chunk = next(c for c in train.chunks(64) if c.start >= 128)
     doc = train.document(chunk.doc)
