@@ -190,7 +190,9 @@ def test_a_killed_run_leaves_no_data_bin_that_looks_complete(tmp_path, shards, w
                            f"{shards}/*"], env=env, capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stderr
     if where == "encoding":  # the old data-bin is untouched and still complete
-        assert read_meta(dest)["shards"][0]["path"].endswith("00.jsonl.zst")
+        assert [s["path"] for s in read_meta(dest)["shards"]] == [str(shards / "00.jsonl.zst")]
+        for split in ("train", "valid", "test"):
+            BinarizedDataset(dest, split)
         return
     with pytest.raises(MoelabError, match="is not a moelab data-bin"):
         read_meta(dest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import random
 import re
 import sys
 
@@ -45,11 +46,14 @@ def test_zstd_shard_of_several_frames_is_read_to_the_end(tmp_path):
     assert [d.text for d in docs] == [r["text"] for r in RECORDS[:15]]
 
 
-def test_a_line_longer_than_a_read_block_is_one_record(tmp_path, monkeypatch):
-    monkeypatch.setattr("moelab.data.shards.READ_BYTES", 64)  # every line spans several blocks
-    shard = write_shard(tmp_path / "long.jsonl.zst", RECORDS)
+def test_lines_that_cross_decompressed_blocks_are_whole_records(tmp_path, monkeypatch):
+    monkeypatch.setattr("moelab.data.shards.READ_BYTES", 64)
+    rng = random.Random(0)  # random letters: zstd emits blocks of at most 128 KiB of lines
+    records = [{"text": "".join(rng.choice("abcdefgh \n") for _ in range(rng.randint(1, 9000))),
+                "meta": {"pile_set_name": "d"}} for _ in range(120)]
+    shard = write_shard(tmp_path / "long.jsonl.zst", records)
     _, docs = read([str(shard)])
-    assert [d.text for d in docs] == [r["text"] for r in RECORDS]
+    assert [d.text for d in docs] == [r["text"] for r in records if r["text"].strip()]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl.zst", ".parquet"])
