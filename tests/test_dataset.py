@@ -57,6 +57,38 @@ def test_batches_respect_max_tokens_and_keep_padding_small():
     assert padded / lengths.sum() < 1.1  # grouping by length: under 10% padding
 
 
+def greedy_batches(lengths, max_tokens, max_sentences=None, shuffle_seed=None):
+    """fairseq's grouping, one index at a time: the reference batch_by_size must match."""
+    indices = np.arange(len(lengths))
+    if shuffle_seed is not None:
+        indices = np.random.default_rng(shuffle_seed).permutation(len(lengths))
+    batches, current, longest = [], [], 0
+    for index in indices[np.argsort(lengths[indices], kind="stable")]:
+        grown = max(longest, int(lengths[index]))
+        full = max_sentences is not None and len(current) >= max_sentences
+        if current and (grown * (len(current) + 1) > max_tokens or full):
+            batches.append(current)
+            current, grown = [], int(lengths[index])
+        current.append(int(index))
+        longest = grown
+    return [*batches, current] if current else batches
+
+
+def test_batches_are_the_greedy_grouping_index_by_index():
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        T = int(rng.integers(1, 40))
+        lengths = rng.integers(1, T + 1, int(rng.integers(0, 80)))
+        lengths[rng.random(len(lengths)) < rng.random()] = T  # runs of full chunks
+        max_tokens = int(rng.integers(T, 5 * T + 2))
+        max_sentences = None if trial % 2 else int(rng.integers(1, 6))
+        seed = None if trial % 3 == 0 else [trial, 1]
+        plan = batch_by_size(lengths, max_tokens, max_sentences, shuffle_seed=seed)
+        assert [b.tolist() for b in plan] == greedy_batches(lengths, max_tokens, max_sentences,
+                                                            seed)
+        assert len(plan) == len(greedy_batches(lengths, max_tokens, max_sentences))
+
+
 def test_max_sentences_caps_rows():
     batches = batch_by_size(np.full(50, 4), max_tokens=1000, max_sentences=7)
     assert max(len(b) for b in batches) == 7
