@@ -19,7 +19,8 @@ FLAGS = {
                       "Parquet need pip install 'moelab[corpora]'); split by the fractions below",
                  metavar="PATH", nargs="+", group=_INPUT),
     "trainpref": dict(help="train split: a fairseq-style .txt (documents separated by blank "
-                           "lines), a .jsonl, or a domain folder", metavar="PATH", group=_INPUT),
+                           "lines), a .jsonl, a domain folder, or a quoted glob of shards",
+                      metavar="PATH", group=_INPUT),
     "validpref": dict(help="valid split (same forms as --trainpref)", metavar="PATH",
                       group=_INPUT),
     "testpref": dict(help="test split (same forms as --trainpref)", metavar="PATH", group=_INPUT),
