@@ -221,3 +221,16 @@ def test_offsets_files_are_the_bytes_np_save_writes(tmp_path, count):
     np.save(tmp_path / "saved.npy", values)
     assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
     assert not (tmp_path / "raw.int64").exists()
+
+
+def test_a_run_killed_into_a_new_destdir_leaves_a_staging_folder_that_is_named(tmp_path, shards):
+    dest = tmp_path / "fresh"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", KILLER, "encoding", "30", str(dest),
+                           f"{shards}/*"], env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    with pytest.raises(MoelabError, match="is not a moelab data-bin"):
+        read_meta(dest)
+    with pytest.raises(MoelabError, match=r"holds only \.moelab-staging-\w+: what a preprocess "
+                                          "that was killed had written. Delete it"):
+        run(tmp_path, "fresh", f"{shards}/*")

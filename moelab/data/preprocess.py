@@ -290,6 +290,12 @@ def _check_destdir(destdir: Path, force: bool) -> None:
     if destdir.exists() and not destdir.is_dir():
         raise MoelabError(f"--destdir {destdir} exists and is not a folder; choose another path.")
     if destdir.exists() and any(destdir.iterdir()) and not force:
+        entries = list(destdir.iterdir())
+        if all(e.name.startswith(STAGING_PREFIX) for e in entries):
+            raise MoelabError(
+                f"--destdir {destdir} holds only {', '.join(e.name for e in entries)}: what a "
+                "preprocess that was killed had written. Delete it (unless a preprocess into "
+                f"{destdir} is running now) and run again.")
         raise MoelabError(
             f"--destdir {destdir} already exists and is not empty. Choose another folder, or pass "
             "--force to write moelab's files into it (other files there are left alone)."
