@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from moelab.data import BinarizedDataset, TrainBatches, batch_by_size
+from moelab.data import BinarizedDataset, Chunk, TrainBatches, batch_by_size
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_the_chunk_array_holds_what_a_loop_over_documents_makes(train, T):
     assert [tuple(c) for c in chunks] == expected
     assert chunks.lengths.tolist() == [e - s for _, s, e in expected]
     assert tuple(chunks[5]) == expected[5] and chunks[np.int64(2)].end == expected[2][2]
-    assert [tuple(c) for c in chunks[3:9]] == expected[3:9]
+    assert chunks[3:9] == [Chunk(*e) for e in expected[3:9]]  # a list, as before
     assert [tuple(c) for c in chunks[np.array([4, 0])]] == [expected[4], expected[0]]
 
 

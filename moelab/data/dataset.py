@@ -28,7 +28,8 @@ class Chunk(NamedTuple):
 class Chunks(Sequence[Chunk]):
     """Chunks as rows of one (n, 3) int64 array (doc, start, end), read as ``Chunk`` tuples.
 
-    Indexing with an int gives a Chunk; with a slice or an index array, the selected Chunks.
+    Indexing with an int gives a Chunk and with a slice a list of them, as the list of Chunks
+    this replaced did; with an index array, the selected Chunks.
     """
 
     ITER_ROWS = 1 << 16  # rows turned into Python tuples at a time while iterating
@@ -61,12 +62,17 @@ class Chunks(Sequence[Chunk]):
     def __getitem__(self, index: int) -> Chunk: ...
 
     @overload
-    def __getitem__(self, index: slice | np.ndarray) -> Chunks: ...
+    def __getitem__(self, index: slice) -> list[Chunk]: ...
+
+    @overload
+    def __getitem__(self, index: np.ndarray) -> Chunks: ...
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
             doc, start, end = self.table[index].tolist()
             return Chunk(doc, start, end)
+        if isinstance(index, slice):
+            return [Chunk(*row) for row in self.table[index].tolist()]
         return Chunks(self.table[index])
 
     def __iter__(self) -> Iterator[Chunk]:
