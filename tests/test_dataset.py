@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from moelab.data import BinarizedDataset, TrainBatches, batch_by_size
+from moelab.data import BinarizedDataset, Chunk, TrainBatches, batch_by_size
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,20 @@ def test_chunks_tile_each_document_without_crossing(train):
         assert mine[0].start == 0 and mine[-1].end == train.document_length(doc)
         assert all(a.end == b.start for a, b in itertools.pairwise(mine))
         assert all(0 < c.end - c.start <= 100 for c in mine)
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 10_000])
+def test_the_chunk_array_holds_what_a_loop_over_documents_makes(train, T):
+    """The order batching relies on: documents in order, each from its start."""
+    expected = [(doc, start, min(start + T, train.document_length(doc)))
+                for doc in range(len(train)) for start in range(0, train.document_length(doc), T)]
+    chunks = train.chunks(T)
+    assert chunks.table.dtype == np.int64 and chunks.table.shape == (len(expected), 3)
+    assert [tuple(c) for c in chunks] == expected
+    assert chunks.lengths.tolist() == [e - s for _, s, e in expected]
+    assert tuple(chunks[5]) == expected[5] and chunks[np.int64(2)].end == expected[2][2]
+    assert chunks[3:9] == [Chunk(*e) for e in expected[3:9]]  # a list, as before
+    assert [tuple(c) for c in chunks[np.array([4, 0])]] == [expected[4], expected[0]]
 
 
 def test_context_is_the_text_just_before_the_chunk(train):
@@ -41,6 +55,38 @@ def test_batches_respect_max_tokens_and_keep_padding_small():
     padded = sum(len(b) * lengths[b].max() for b in batches)
     assert all(len(b) * lengths[b].max() <= 1024 for b in batches)
     assert padded / lengths.sum() < 1.1  # grouping by length: under 10% padding
+
+
+def greedy_batches(lengths, max_tokens, max_sentences=None, shuffle_seed=None):
+    """fairseq's grouping, one index at a time: the reference batch_by_size must match."""
+    indices = np.arange(len(lengths))
+    if shuffle_seed is not None:
+        indices = np.random.default_rng(shuffle_seed).permutation(len(lengths))
+    batches, current, longest = [], [], 0
+    for index in indices[np.argsort(lengths[indices], kind="stable")]:
+        grown = max(longest, int(lengths[index]))
+        full = max_sentences is not None and len(current) >= max_sentences
+        if current and (grown * (len(current) + 1) > max_tokens or full):
+            batches.append(current)
+            current, grown = [], int(lengths[index])
+        current.append(int(index))
+        longest = grown
+    return [*batches, current] if current else batches
+
+
+def test_batches_are_the_greedy_grouping_index_by_index():
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        T = int(rng.integers(1, 40))
+        lengths = rng.integers(1, T + 1, int(rng.integers(0, 80)))
+        lengths[rng.random(len(lengths)) < rng.random()] = T  # runs of full chunks
+        max_tokens = int(rng.integers(T, 5 * T + 2))
+        max_sentences = None if trial % 2 else int(rng.integers(1, 6))
+        seed = None if trial % 3 == 0 else [trial, 1]
+        plan = batch_by_size(lengths, max_tokens, max_sentences, shuffle_seed=seed)
+        assert [b.tolist() for b in plan] == greedy_batches(lengths, max_tokens, max_sentences,
+                                                            seed)
+        assert len(plan) == len(greedy_batches(lengths, max_tokens, max_sentences))
 
 
 def test_max_sentences_caps_rows():

@@ -19,7 +19,8 @@ def _name(requirement: str) -> str:
 
 def test_environment_yml_has_the_same_dependencies_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    extras = project["optional-dependencies"]
+    wanted = {_name(r) for r in project["dependencies"] + extras["test"] + extras["corpora"]}
     conda_names = {"torch": "pytorch"}
     text = (ROOT / "environment.yml").read_text()
     env_lines = text[text.index("dependencies:"):].splitlines()

@@ -9,6 +9,7 @@ stays free of command-line details, from the command's `specs` mapping (field na
 - flag / aliases: `--max-len-b` for `max_new_tokens`; extra names such as `--batch-size`
 - positional: a metavar; the field becomes a positional argument
 - choices, parse (a str -> value function), metavar, group (an argument-group title)
+- nargs: several values after one flag (`--data a.jsonl.zst b.jsonl.zst`), given as a list
 - negatable: a bool with both --x and --no-x; other bools are one flag that flips the default
 """
 
@@ -84,7 +85,7 @@ def _add_field(parser, f: Field, hint, spec: dict) -> None:
     parser.add_argument(*names, dest=f.name, type=spec.get("parse", kind),
                         default=None if required else default, required=required,
                         choices=spec.get("choices"), help=_with_default(spec["help"], default),
-                        metavar=metavar)
+                        metavar=metavar, nargs=spec.get("nargs"))
 
 
 def _with_default(help_text: str, default) -> str:

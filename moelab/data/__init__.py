@@ -6,8 +6,9 @@ spawns to encode text start without loading torch.
 
 from moelab.data.bundled import bundled_corpus, bundled_domains, manifest
 from moelab.data.corpus import Corpus, Document, open_corpus
-from moelab.data.dataset import BinarizedDataset, Chunk, read_meta
+from moelab.data.dataset import BinarizedDataset, Chunk, Chunks, read_meta
 from moelab.data.preprocess import PreprocessConfig, preprocess
+from moelab.data.shards import open_data
 from moelab.data.tokenizer import Tokenizer
 
 _BATCHING = ("Batch", "TrainBatches", "batch_by_size", "collate")
@@ -16,6 +17,7 @@ __all__ = [
     *_BATCHING,
     "BinarizedDataset",
     "Chunk",
+    "Chunks",
     "Corpus",
     "Document",
     "PreprocessConfig",
@@ -24,6 +26,7 @@ __all__ = [
     "bundled_domains",
     "manifest",
     "open_corpus",
+    "open_data",
     "preprocess",
     "read_meta",
 ]

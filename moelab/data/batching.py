@@ -12,7 +12,7 @@ shards across DDP ranks possible.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -67,16 +67,45 @@ def collate(ds: BinarizedDataset, chunks: list[Chunk], max_context: int) -> Batc
     )
 
 
+class BatchPlan(Sequence[np.ndarray]):
+    """An epoch's batches: one array of chunk indices, batch after batch, and where each batch
+    starts. Read as a sequence of index arrays; a list of small arrays would cost about 100
+    bytes of overhead per batch, and a large corpus makes hundreds of thousands of batches."""
+
+    def __init__(self, indices: np.ndarray, bounds: np.ndarray):
+        self.indices = indices  # (n,) chunk indices in batch order
+        self.bounds = bounds  # (batches + 1,) batch i is indices[bounds[i] : bounds[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        i = int(i) % len(self)
+        return self.indices[self.bounds[i] : self.bounds[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self.indices[self.bounds[i] : self.bounds[i + 1]]
+
+
 def batch_by_size(
     lengths: np.ndarray, max_tokens: int, max_sentences: int | None = None, *,
     shuffle_seed: list[int] | None = None,
-) -> list[np.ndarray]:
+) -> BatchPlan:
     """Group indices (sorted by length) so that rows x longest row <= max_tokens per batch.
 
     shuffle_seed: permute the indices with this seed before the stable sort by length (fairseq's
     shuffle-then-sort), so equal-length chunks are grouped at random; None keeps index order.
     The number of batches depends on the lengths alone, not on the permutation.
+
+    Greedy, as fairseq: walking the sorted indices, a batch takes the next one while (rows + 1)
+    x its length (the longest so far) stays within max_tokens and rows < max_sentences. The walk
+    goes a run of equal lengths at a time (at most tokens-per-sample runs), not an index at a
+    time.
     """
+    lengths = np.asarray(lengths)
     if len(lengths) and int(lengths.max()) > max_tokens:
         raise ValueError(
             f"--max-tokens {max_tokens} is smaller than the longest chunk ({int(lengths.max())} "
@@ -85,20 +114,27 @@ def batch_by_size(
     indices = np.arange(len(lengths))
     if shuffle_seed is not None:
         indices = np.random.default_rng(shuffle_seed).permutation(len(lengths))
-    order = indices[np.argsort(lengths[indices], kind="stable")]
-    batches, current, longest = [], [], 0
-    for index in order:
-        length = int(lengths[index])
-        grown = max(longest, length)
-        full = max_sentences is not None and len(current) >= max_sentences
-        if current and (grown * (len(current) + 1) > max_tokens or full):
-            batches.append(np.asarray(current, dtype=np.int64))
-            current, grown = [], length
-        current.append(int(index))
-        longest = grown
-    if current:
-        batches.append(np.asarray(current, dtype=np.int64))
-    return batches
+    order = indices[np.argsort(lengths[indices], kind="stable")].astype(np.int64)
+    run_lengths, run_sizes = np.unique(lengths[order], return_counts=True)
+    bounds, position, rows = [0], 0, 0  # rows: in the open batch, which ends at position
+    for length, size in zip(run_lengths.tolist(), run_sizes.tolist(), strict=True):
+        capacity = max_tokens // max(length, 1)
+        if max_sentences is not None:
+            capacity = min(capacity, max_sentences)
+        capacity = max(capacity, 1)
+        if rows >= capacity:  # the open batch cannot take a row this long
+            bounds.append(position)
+            rows = 0
+        taken = min(size, capacity - rows)  # fill the open batch
+        position, rows, size = position + taken, rows + taken, size - taken
+        if size:  # then new batches of `capacity` rows, the last one left open
+            new = -(-size // capacity)
+            bounds.extend((position + capacity * np.arange(new)).tolist())
+            position += size
+            rows = size - capacity * (new - 1)
+    if rows:
+        bounds.append(position)
+    return BatchPlan(order, np.asarray(bounds, dtype=np.int64))
 
 
 class TrainBatches:
@@ -123,11 +159,11 @@ class TrainBatches:
         self.tokens_per_sample = tokens_per_sample
         self.chunks = ds.chunks(tokens_per_sample)
         self.max_context = tokens_per_sample if max_context is None else max_context
-        self.lengths = np.asarray([c.end - c.start for c in self.chunks], dtype=np.int64)
+        self.lengths = self.chunks.lengths
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         # (epoch, batches, this rank's order): the last epoch's, since every batch looks it up
-        self._epoch: tuple[int, list[np.ndarray], tuple[int, ...]] | None = None
+        self._epoch: tuple[int, BatchPlan, tuple[int, ...]] | None = None
         num_batches = len(batch_by_size(self.lengths, max_tokens, max_sentences))  # any epoch
         # Every rank takes the same number of batches, so no rank waits on a missing all-reduce.
         self.batches_per_epoch = num_batches // world_size
@@ -137,7 +173,7 @@ class TrainBatches:
                 f"{world_size} rank(s); lower --max-tokens or use fewer processes."
             )
 
-    def _plan(self, epoch: int) -> tuple[list[np.ndarray], tuple[int, ...]]:
+    def _plan(self, epoch: int) -> tuple[BatchPlan, tuple[int, ...]]:
         """(every batch of ``epoch`` as chunk indices, the batch indices this rank visits)."""
         cached = self._epoch  # one read: the prefetching thread may replace it meanwhile
         if cached is None or cached[0] != epoch:
@@ -152,7 +188,7 @@ class TrainBatches:
             cached = self._epoch = epoch, batches, tuple(int(i) for i in mine)
         return cached[1], cached[2]
 
-    def batches(self, epoch: int) -> list[np.ndarray]:
+    def batches(self, epoch: int) -> BatchPlan:
         """Every batch of ``epoch`` (all ranks'), each an array of indices into ``chunks``."""
         return self._plan(epoch)[0]
 

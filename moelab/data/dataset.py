@@ -1,14 +1,16 @@
 """A binarized split, memory-mapped: documents, their chunks, and each chunk's preceding context.
 
 Nothing is read into memory beyond the per-document offsets and domain ids; token arrays are
-``np.memmap`` views, so a data-bin of any size opens instantly.
+``np.memmap`` views, so a data-bin of any size opens instantly. A split's chunks are one integer
+array (``Chunks``), not a Python object each: a billion tokens make millions of chunks.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import numpy as np
 
@@ -21,6 +23,65 @@ class Chunk(NamedTuple):
     doc: int  # document index within the split
     start: int  # first token (offset within the document)
     end: int  # one past the last token
+
+
+class Chunks(Sequence[Chunk]):
+    """Chunks as rows of one (n, 3) int64 array (doc, start, end), read as ``Chunk`` tuples.
+
+    Indexing with an int gives a Chunk and with a slice a list of them, as the list of Chunks
+    this replaced did; with an index array, the selected Chunks.
+    """
+
+    ITER_ROWS = 1 << 16  # rows turned into Python tuples at a time while iterating
+
+    def __init__(self, table: np.ndarray):
+        if table.ndim != 2 or table.shape[1] != 3:
+            raise ValueError(f"a chunk table is (n, 3), got shape {table.shape}")
+        self.table = table
+
+    @property
+    def doc(self) -> np.ndarray:
+        return self.table[:, 0]
+
+    @property
+    def start(self) -> np.ndarray:
+        return self.table[:, 1]
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.table[:, 2]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.end - self.start
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @overload
+    def __getitem__(self, index: int) -> Chunk: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Chunk]: ...
+
+    @overload
+    def __getitem__(self, index: np.ndarray) -> Chunks: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            doc, start, end = self.table[index].tolist()
+            return Chunk(doc, start, end)
+        if isinstance(index, slice):
+            return [Chunk(*row) for row in self.table[index].tolist()]
+        return Chunks(self.table[index])
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for first in range(0, len(self.table), self.ITER_ROWS):
+            for row in self.table[first : first + self.ITER_ROWS].tolist():
+                yield Chunk(*row)
+
+    def __repr__(self) -> str:
+        return f"Chunks({len(self)} chunks)"
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -161,16 +222,18 @@ class BinarizedDataset:
         """The document's tokens (ending with eos) as int64."""
         return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]], dtype=np.int64)
 
-    def chunks(self, tokens_per_sample: int) -> list[Chunk]:
-        """Consecutive pieces of each document, never crossing documents, none dropped."""
+    def chunks(self, tokens_per_sample: int) -> Chunks:
+        """Consecutive pieces of each document, never crossing documents, none dropped: in
+        document order, each document's from its start."""
         if tokens_per_sample < 1:
             raise ValueError(f"tokens_per_sample must be positive, got {tokens_per_sample}")
-        chunks = []
-        for doc in range(len(self)):
-            length = self.document_length(doc)
-            for start in range(0, length, tokens_per_sample):
-                chunks.append(Chunk(doc, start, min(start + tokens_per_sample, length)))
-        return chunks
+        lengths = np.diff(np.asarray(self.offsets, dtype=np.int64))  # (D,)
+        per_doc = -(-lengths // tokens_per_sample)  # ceil: the last chunk may be short
+        doc = np.repeat(np.arange(len(lengths), dtype=np.int64), per_doc)  # (n,)
+        first_row = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)  # each doc's first chunk
+        start = (np.arange(len(doc), dtype=np.int64) - first_row) * tokens_per_sample
+        end = np.minimum(start + tokens_per_sample, lengths[doc])
+        return Chunks(np.stack([doc, start, end], axis=1))
 
     def chunk_tokens(self, chunk: Chunk) -> np.ndarray:
         base = int(self.offsets[chunk.doc])
