@@ -5,7 +5,7 @@ on demand, so each notebook also runs alone:
 
 - the data-bin is preprocessed from the bundled corpus when its folder has no meta.json;
 - `wb.run("hMoEup")` trains that method into runs_dir/hMoEup unless a checkpoint is already there
-  (notebook 01 trains them all; 02-04 reuse them);
+  (notebook 01 trains them all; 02-05 reuse them);
 - figures and tables are exported into results_dir.
 
 Several training seeds are one idea here: `Workbench(seeds=[1, 2, 3])` trains and evaluates every
