@@ -107,8 +107,9 @@ def main() -> None:
     long = pd.concat(parts).reset_index().set_index(["remedy", "method"])
     long.to_csv(args.out / "summary.csv")
     shown = pd.concat({remedy: report.mean_std(part.reset_index("remedy", drop=True))
-                       for remedy, part in long.groupby(level="remedy", sort=False)},
-                      names=["remedy"])
+                       for remedy, part in long.groupby(level="remedy", sort=False)})
+    shown.index.names = ["remedy", "method"]
+    shown = shown.reset_index(level="method")
     setting = (f"preset {args.preset}, corpus {args.corpus or 'bundled'}, seeds {args.seeds}, "
                f"torch threads {torch.get_num_threads()}, float32, CPU")
     (args.out / "summary.md").write_text(f"{setting}\n\n"
