@@ -55,9 +55,10 @@ def applies(remedy: str, method: str) -> bool:
 def seed_table(wb: Workbench, methods: list[str], seed: int) -> pd.DataFrame:
     """report.method_table of one seed, with the attribution score of each method's samples."""
     table = report.method_table(wb.method_runs(methods, seed=seed))
-    table["attribution"] = [
-        attribution_score(wb.attribution(m, seed=seed, per_expert=ATTRIBUTION_SAMPLES,
-                                         max_new_tokens=SAMPLE_TOKENS[wb.preset]))
+    table["attribution"] = [  # dense has one expert, which owns no domain of its own
+        float("nan") if m == "dense" else attribution_score(
+            wb.attribution(m, seed=seed, per_expert=ATTRIBUTION_SAMPLES,
+                           max_new_tokens=SAMPLE_TOKENS[wb.preset]))
         for m in table.index]
     return table
 
