@@ -118,6 +118,21 @@ def test_resume_refuses_another_model(tiny_bin, trained_dir, tmp_path, change, m
     assert str(save_dir / "checkpoint_last.pt") in str(e.value)
 
 
+def test_a_resume_that_changes_a_remedy_says_so_and_from_which_update(tiny_bin, trained_dir,
+                                                                       tmp_path, capsys):
+    """Rescuing a collapsed run with a remedy is allowed, never silent."""
+    save_dir = _copy(trained_dir, tmp_path)
+    options = {**TINY, "method": "hMoEup", "num_experts": 2, "max_tokens": 512}
+    train(tiny_bin, max_update=3, save_dir=save_dir, **options, balance="sinkhorn")
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert ("checkpoint_last.pt was trained with other remedies; from update 2 on this run "
+            "trains with --balance none -> sinkhorn") in said
+    train(tiny_bin, max_update=4, save_dir=save_dir, **options, balance="sinkhorn")
+    out = capsys.readouterr()
+    assert "other remedies" not in out.out + out.err  # the same options: nothing to say
+
+
 def test_resume_refuses_another_vocabulary(tiny_bin, trained_dir, tmp_path):
     save_dir = _copy(trained_dir, tmp_path)
     path = save_dir / "checkpoint_last.pt"

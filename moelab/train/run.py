@@ -41,7 +41,7 @@ from moelab.train.checkpoint import (
     read_checkpoint,
     set_rng_state,
 )
-from moelab.train.config import RunConfig
+from moelab.train.config import RunConfig, TrainConfig
 from moelab.train.history import read_history
 
 # What a resume reads besides the model (a file without them is not a training checkpoint).
@@ -134,6 +134,26 @@ def check_resumable(checkpoint: dict, model_config: ModelConfig, tokenizer_sha25
             f"data-bin's tokenizer is {tokenizer_sha256[:12]}...; the vocabularies differ: use "
             "another --save-dir, or the data-bin the checkpoint was trained on"
         )
+
+
+# The options that decide which expert each chunk trains (moelab.train.assignment, warm_start).
+# A resume may change them (rescuing a collapsed run with --balance sinkhorn is a fair
+# experiment), but never silently: the run then says from which update it trained otherwise.
+REMEDY_FIELDS = ("balance", "prior_bias_rate", "estep_temperature", "anneal_updates",
+                 "init_clusters", "init_updates")
+
+
+def remedy_changes(checkpoint: dict, train_config: TrainConfig) -> list[str]:
+    """'--flag then -> now' for each REMEDY_FIELDS option this run sets otherwise than the run
+    that wrote `checkpoint` (one written before an option existed trained with its default)."""
+    run = checkpoint.get("config")
+    saved = run.get("train", {}) if isinstance(run, dict) else {}
+    changes = []
+    for name in REMEDY_FIELDS:
+        before, now = saved.get(name, getattr(TrainConfig, name)), getattr(train_config, name)
+        if before != now:
+            changes.append(f"--{name.replace('_', '-')} {before} -> {now}")
+    return changes
 
 
 def trained_method(checkpoint: dict) -> str | None:

@@ -47,6 +47,7 @@ from moelab.train.run import (
     TrainState,
     build_checkpoint,
     check_resumable,
+    remedy_changes,
     restore_training,
 )
 from moelab.train.save_dir import find_restore_file, prepare_save_dir, refuse_earlier_run
@@ -385,6 +386,11 @@ class Trainer:
             world_size=self.dist.world_size)
         if note is not None:
             self.say(f"note: {note}")
+        changes = remedy_changes(checkpoint, self.config.train)
+        if changes:
+            self.say(f"note: {path.name} was trained with other remedies; from update "
+                     f"{self.state.num_updates + 1} on this run trains with "
+                     f"{', '.join(changes)}")
         if meter is not None:
             self.meter.load_state_dict(meter)
 
