@@ -26,11 +26,12 @@ def test_chunks_tile_each_document_without_crossing(train):
 
 @pytest.mark.parametrize("T", [1, 7, 64, 10_000])
 def test_the_chunk_array_holds_what_a_loop_over_documents_makes(train, T):
-    """The order batching relies on: documents in order, each from its start."""
+    """The order batching relies on: documents in order, each from its start; int32, half the
+    memory of int64, at any size under 2**31 chunks."""
     expected = [(doc, start, min(start + T, train.document_length(doc)))
                 for doc in range(len(train)) for start in range(0, train.document_length(doc), T)]
     chunks = train.chunks(T)
-    assert chunks.table.dtype == np.int64 and chunks.table.shape == (len(expected), 3)
+    assert chunks.table.dtype == np.int32 and chunks.table.shape == (len(expected), 3)
     assert [tuple(c) for c in chunks] == expected
     assert chunks.lengths.tolist() == [e - s for _, s, e in expected]
     assert tuple(chunks[5]) == expected[5] and chunks[np.int64(2)].end == expected[2][2]

@@ -111,10 +111,13 @@ def batch_by_size(
             f"--max-tokens {max_tokens} is smaller than the longest chunk ({int(lengths.max())} "
             "tokens); raise --max-tokens or lower --tokens-per-sample."
         )
-    indices = np.arange(len(lengths))
+    # int32 indices below 2**31 chunks: the plan is one index per chunk, rebuilt every epoch
+    dtype = np.int32 if len(lengths) < 2**31 else np.int64
+    indices = np.arange(len(lengths), dtype=dtype)
     if shuffle_seed is not None:
-        indices = np.random.default_rng(shuffle_seed).permutation(len(lengths))
-    order = indices[np.argsort(lengths[indices], kind="stable")].astype(np.int64)
+        indices = np.random.default_rng(shuffle_seed).permutation(len(lengths)).astype(dtype)
+    order = indices[np.argsort(lengths[indices], kind="stable")]
+    del indices
     run_lengths, run_sizes = np.unique(lengths[order], return_counts=True)
     bounds, position, rows = [0], 0, 0  # rows: in the open batch, which ends at position
     for length, size in zip(run_lengths.tolist(), run_sizes.tolist(), strict=True):
@@ -163,7 +166,7 @@ class TrainBatches:
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         # (epoch, batches, this rank's order): the last epoch's, since every batch looks it up
-        self._epoch: tuple[int, BatchPlan, tuple[int, ...]] | None = None
+        self._epoch: tuple[int, BatchPlan, np.ndarray] | None = None
         num_batches = len(batch_by_size(self.lengths, max_tokens, max_sentences))  # any epoch
         # Every rank takes the same number of batches, so no rank waits on a missing all-reduce.
         self.batches_per_epoch = num_batches // world_size
@@ -173,7 +176,7 @@ class TrainBatches:
                 f"{world_size} rank(s); lower --max-tokens or use fewer processes."
             )
 
-    def _plan(self, epoch: int) -> tuple[BatchPlan, tuple[int, ...]]:
+    def _plan(self, epoch: int) -> tuple[BatchPlan, np.ndarray]:
         """(every batch of ``epoch`` as chunk indices, the batch indices this rank visits)."""
         cached = self._epoch  # one read: the prefetching thread may replace it meanwhile
         if cached is None or cached[0] != epoch:
@@ -185,7 +188,7 @@ class TrainBatches:
             if self.shuffle:
                 indices = np.random.default_rng([self.seed, epoch]).permutation(indices)
             mine = indices[self.rank :: self.world_size][: self.batches_per_epoch]
-            cached = self._epoch = epoch, batches, tuple(int(i) for i in mine)
+            cached = self._epoch = epoch, batches, mine
         return cached[1], cached[2]
 
     def batches(self, epoch: int) -> BatchPlan:
@@ -194,7 +197,7 @@ class TrainBatches:
 
     def order(self, epoch: int) -> tuple[int, ...]:
         """Indices into ``batches(epoch)`` that this rank visits in ``epoch``, in order."""
-        return self._plan(epoch)[1]
+        return tuple(int(i) for i in self._plan(epoch)[1])
 
     def batch_chunks(self, epoch: int, position: int) -> list[Chunk]:
         """The chunks of the batch at ``position`` of this rank's order in ``epoch``."""

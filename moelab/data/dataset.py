@@ -229,11 +229,23 @@ class BinarizedDataset:
             raise ValueError(f"tokens_per_sample must be positive, got {tokens_per_sample}")
         lengths = np.diff(np.asarray(self.offsets, dtype=np.int64))  # (D,)
         per_doc = -(-lengths // tokens_per_sample)  # ceil: the last chunk may be short
-        doc = np.repeat(np.arange(len(lengths), dtype=np.int64), per_doc)  # (n,)
-        first_row = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)  # each doc's first chunk
-        start = (np.arange(len(doc), dtype=np.int64) - first_row) * tokens_per_sample
-        end = np.minimum(start + tokens_per_sample, lengths[doc])
-        return Chunks(np.stack([doc, start, end], axis=1))
+        n = int(per_doc.sum())
+        # int32 wherever the numbers fit (any corpus of under 2**31 chunks and documents
+        # shorter than 2**31 tokens): the table is the training set's one per-chunk structure,
+        # and at a billion tokens its width is hundreds of MB
+        fits = max(n, len(lengths), int(lengths.max(initial=0)) + tokens_per_sample) < 2**31
+        dtype = np.int32 if fits else np.int64
+        table = np.empty((n, 3), dtype=dtype)
+        table[:, 0] = np.repeat(np.arange(len(lengths), dtype=dtype), per_doc)  # doc
+        first_row = np.repeat((np.cumsum(per_doc) - per_doc).astype(dtype), per_doc)
+        start = np.arange(n, dtype=dtype)
+        start -= first_row  # the chunk's index within its document
+        del first_row
+        start *= tokens_per_sample
+        table[:, 1] = start
+        np.minimum(start + tokens_per_sample, lengths.astype(dtype)[table[:, 0]], out=start)
+        table[:, 2] = start
+        return Chunks(table)
 
     def chunk_tokens(self, chunk: Chunk) -> np.ndarray:
         base = int(self.offsets[chunk.doc])
