@@ -169,6 +169,28 @@ def check(committed: str, cache: str) -> int:
         return 0
 
 
+def run_with_cache(cache: str | None, action: Callable[[str], int]) -> int:
+    """``action(cache dir)``'s exit status; the cache is *cache* (kept) or a temporary one
+    (removed), a BuildError is logged and exits 2: the frame of every corpus build command."""
+    t0 = time.monotonic()
+    tmp_cache = None
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+        cache = os.path.abspath(cache)
+    else:
+        cache = tmp_cache = tempfile.mkdtemp(prefix="moelab-debs-")
+    try:
+        rc = action(cache)
+    except BuildError as exc:
+        log(f"error: {exc}")
+        rc = 2
+    finally:
+        if tmp_cache:
+            shutil.rmtree(tmp_cache, ignore_errors=True)
+    log(f"done in {time.monotonic() - t0:.1f}s")
+    return rc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
@@ -181,26 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rebuild into a temporary directory and compare with --out",
     )
     args = ap.parse_args(argv)
-    t0 = time.monotonic()
-    tmp_cache = None
-    cache = args.cache
-    if cache:
-        os.makedirs(cache, exist_ok=True)
-        cache = os.path.abspath(cache)
-    else:
-        tmp_cache = tempfile.mkdtemp(prefix="moelab-debs-")
-        cache = tmp_cache
-    try:
-        if args.check:
-            rc = check(os.path.abspath(args.out), cache)
-        else:
-            build(os.path.abspath(args.out), cache)
-            rc = 0
-    except BuildError as exc:
-        log(f"error: {exc}")
-        rc = 2
-    finally:
-        if tmp_cache:
-            shutil.rmtree(tmp_cache, ignore_errors=True)
-    log(f"done in {time.monotonic() - t0:.1f}s")
-    return rc
+    out = os.path.abspath(args.out)
+    if args.check:
+        return run_with_cache(args.cache, lambda cache: check(out, cache))
+
+    def build_into(cache: str) -> int:
+        build(out, cache)
+        return 0
+
+    return run_with_cache(args.cache, build_into)

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 
-from bundled_corpus.build import build_domains
-from bundled_corpus.text import BuildError, Doc, log
+from bundled_corpus.build import build_domains, run_with_cache
+from bundled_corpus.text import BuildError, Doc
 
 from .domains import DOMAINS, PINNED_PACKAGES
 
@@ -60,21 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cache", help="directory for the downloaded .deb files (kept; reused when present)"
     )
     args = ap.parse_args(argv)
-    t0 = time.monotonic()
-    tmp_cache = None
-    if args.cache:
-        os.makedirs(args.cache, exist_ok=True)
-        cache = os.path.abspath(args.cache)
-    else:
-        cache = tmp_cache = tempfile.mkdtemp(prefix="moelab-debs-")
-    try:
-        build(os.path.abspath(args.out), cache)
-        rc = 0
-    except BuildError as exc:
-        log(f"error: {exc}")
-        rc = 2
-    finally:
-        if tmp_cache:
-            shutil.rmtree(tmp_cache, ignore_errors=True)
-    log(f"done in {time.monotonic() - t0:.1f}s")
-    return rc
+    out = os.path.abspath(args.out)
+
+    def build_into(cache: str) -> int:
+        build(out, cache)
+        return 0
+
+    return run_with_cache(args.cache, build_into)
