@@ -35,7 +35,7 @@ def measure(preset: str, work: Path, seed: int) -> dict:
     domains = np.asarray([ds.domain_ids[c.doc] for c in tb.chunks])
     docs = np.asarray([c.doc for c in tb.chunks])
     shuffled = tb.batches(1)
-    sorted_only = batch_by_size(tb.lengths, tb.max_tokens)
+    sorted_only = batch_by_size(tb.chunks.lengths, tb.max_tokens)
     sizes = np.cumsum([len(b) for b in shuffled])[:-1]
     rng = np.random.default_rng(seed)
     random = [describe(np.split(rng.permutation(len(domains)), sizes), domains, docs)

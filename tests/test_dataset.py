@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
 
-from moelab.data import BinarizedDataset, Chunk, TrainBatches, batch_by_size
+from moelab.data import (
+    BinarizedDataset,
+    Chunk,
+    Chunks,
+    TrainBatches,
+    batch_by_size,
+    batch_chunks_by_size,
+    batching,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +34,32 @@ def test_chunks_tile_each_document_without_crossing(train):
 
 
 @pytest.mark.parametrize("T", [1, 7, 64, 10_000])
-def test_the_chunk_array_holds_what_a_loop_over_documents_makes(train, T):
-    """The order batching relies on: documents in order, each from its start; int32, half the
-    memory of int64, at any size under 2**31 chunks."""
+def test_chunks_are_what_a_loop_over_documents_makes(train, T):
+    """The numbering batching relies on: documents in order, each from its start."""
     expected = [(doc, start, min(start + T, train.document_length(doc)))
                 for doc in range(len(train)) for start in range(0, train.document_length(doc), T)]
     chunks = train.chunks(T)
-    assert chunks.table.dtype == np.int32 and chunks.table.shape == (len(expected), 3)
+    assert len(chunks) == len(expected)
     assert [tuple(c) for c in chunks] == expected
     assert chunks.lengths.tolist() == [e - s for _, s, e in expected]
     assert tuple(chunks[5]) == expected[5] and chunks[np.int64(2)].end == expected[2][2]
+    assert tuple(chunks[-1]) == expected[-1]
     assert chunks[3:9] == [Chunk(*e) for e in expected[3:9]]  # a list, as before
     assert [tuple(c) for c in chunks[np.array([4, 0])]] == [expected[4], expected[0]]
+    short, short_lengths = chunks.short()
+    assert [(int(i), int(n)) for i, n in zip(short, short_lengths, strict=True)] == [
+        (i, e - s) for i, (_, s, e) in enumerate(expected) if e - s < T]
+    with pytest.raises(IndexError):
+        chunks[len(expected)]
+
+
+def test_chunks_hold_one_number_per_document_not_per_chunk(train):
+    """A billion tokens make millions of chunks: nothing in ``Chunks`` may grow with them."""
+    few, many = train.chunks(10_000), train.chunks(1)
+    assert len(many) == int(train.offsets[-1]) > 100 * len(few)
+    def held(chunks):
+        return sum(v.nbytes for v in vars(chunks).values() if isinstance(v, np.ndarray))
+    assert held(many) == held(few) <= 16 * (len(train) + 1)
 
 
 def test_context_is_the_text_just_before_the_chunk(train):
@@ -88,6 +111,57 @@ def test_batches_are_the_greedy_grouping_index_by_index():
         assert [b.tolist() for b in plan] == greedy_batches(lengths, max_tokens, max_sentences,
                                                             seed)
         assert len(plan) == len(greedy_batches(lengths, max_tokens, max_sentences))
+
+
+def test_chunk_batches_are_batch_by_size_over_the_chunk_lengths(monkeypatch):
+    """Training plans its epochs from the document lengths alone; the plan must be the one that
+    sorting every chunk's length would give (the shuffle, the stable sort, the grouping), so runs
+    keep their batches. Small blocks make the partition cross many of them."""
+    rng = np.random.default_rng(1)
+    for trial in range(400):
+        monkeypatch.setattr(batching, "PARTITION_BLOCK", int(rng.integers(1, 12)) if trial % 2
+                            else 1 << 18)
+        T = int(rng.integers(1, 12))
+        documents = rng.integers(1, 4 * T + 2, int(rng.integers(0, 30)))
+        documents[rng.random(len(documents)) < rng.random()] = T * int(rng.integers(1, 4))
+        chunks = Chunks(documents, T)
+        max_tokens = int(rng.integers(T, 5 * T + 2))
+        max_sentences = None if trial % 3 else int(rng.integers(1, 6))
+        seed = None if trial % 5 == 0 else [trial, 1]
+        plan = batch_chunks_by_size(chunks, max_tokens, max_sentences, shuffle_seed=seed)
+        expected = batch_by_size(chunks.lengths, max_tokens, max_sentences, shuffle_seed=seed)
+        assert np.array_equal(plan.indices, expected.indices), trial
+        assert np.array_equal(plan.bounds, expected.bounds), trial
+    with pytest.raises(ValueError, match="--max-tokens 3 is smaller than the longest chunk"):
+        batch_chunks_by_size(Chunks(np.array([2, 9]), 4), max_tokens=3)
+
+
+def test_an_epoch_costs_one_index_per_chunk_in_memory(monkeypatch):
+    """A billion tokens make millions of chunks: planning an epoch, and the plan itself, may
+    take one int32 per chunk, not a table, a lengths array or an argsort over them, and a new
+    epoch's plan replaces the last one's rather than joining it."""
+    monkeypatch.setattr(batching, "PARTITION_BLOCK", 1 << 14)
+    rng = np.random.default_rng(0)
+    documents = rng.integers(500, 1500, 4000)  # ~2 M chunks of 1 token, half the ends short
+    chunks = Chunks(documents * 2 + rng.integers(0, 2, 4000), 2)
+
+    class Split:  # what TrainBatches reads of a dataset before its first batch
+        split = "train"
+
+        def chunks(self, tokens_per_sample):
+            return chunks
+
+    tracemalloc.start()
+    try:
+        batches = TrainBatches(Split(), tokens_per_sample=2, max_tokens=64, seed=1)  # type: ignore[arg-type]
+        plan = batches.batches(3)
+        del plan
+        plan = batches.batches(4)  # the next epoch's plan replaces the last one's
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(plan.indices) == len(chunks) > 1_500_000
+    assert peak < 5 * len(chunks), peak / len(chunks)  # bytes per chunk
 
 
 def test_max_sentences_caps_rows():
@@ -151,7 +225,7 @@ def test_batches_mix_domains_as_random_batching_does(train):
         expected, spread = float(np.mean(random_shares)), float(np.std(random_shares))
         assert observed <= expected + 3 * spread + 0.05, (epoch, observed, expected, spread)
         # ... and the batches still group chunks by length, so padding stays small
-        lengths = tb.lengths
+        lengths = tb.chunks.lengths
         padding = sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
         assert padding <= 0.05 * lengths.sum()
 

@@ -11,7 +11,7 @@ from moelab.data.preprocess import PreprocessConfig, preprocess
 from moelab.data.shards import open_data
 from moelab.data.tokenizer import Tokenizer
 
-_BATCHING = ("Batch", "TrainBatches", "batch_by_size", "collate")
+_BATCHING = ("Batch", "TrainBatches", "batch_by_size", "batch_chunks_by_size", "collate")
 
 __all__ = [
     *_BATCHING,

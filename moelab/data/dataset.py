@@ -1,8 +1,9 @@
 """A binarized split, memory-mapped: documents, their chunks, and each chunk's preceding context.
 
 Nothing is read into memory beyond the per-document offsets and domain ids; token arrays are
-``np.memmap`` views, so a data-bin of any size opens instantly. A split's chunks are one integer
-array (``Chunks``), not a Python object each: a billion tokens make millions of chunks.
+``np.memmap`` views, so a data-bin of any size opens instantly. A split's chunks (``Chunks``) are
+computed from the document lengths when asked for: a billion tokens make millions of chunks, and
+nothing is stored per chunk.
 """
 
 from __future__ import annotations
@@ -26,62 +27,91 @@ class Chunk(NamedTuple):
 
 
 class Chunks(Sequence[Chunk]):
-    """Chunks as rows of one (n, 3) int64 array (doc, start, end), read as ``Chunk`` tuples.
+    """A split's chunks, numbered in document order, each document's from its start: computed
+    from the document lengths when asked for, never stored one by one.
 
-    Indexing with an int gives a Chunk and with a slice a list of them, as the list of Chunks
-    this replaced did; with an index array, the selected Chunks.
+    It keeps one int64 per document (where that document's chunks begin), so its memory follows
+    the number of documents, not of chunks: a billion tokens make millions of chunks, and the
+    training set must not cost a table row for each. Indexing with an int gives a Chunk; with a
+    slice or an index array, a list of them. ``doc``, ``start``, ``end`` and ``lengths`` build an
+    array over every chunk, for analysis and tests, not for training.
     """
 
-    ITER_ROWS = 1 << 16  # rows turned into Python tuples at a time while iterating
+    ITER_ROWS = 1 << 16  # chunks turned into Python tuples at a time while iterating
 
-    def __init__(self, table: np.ndarray):
-        if table.ndim != 2 or table.shape[1] != 3:
-            raise ValueError(f"a chunk table is (n, 3), got shape {table.shape}")
-        self.table = table
+    def __init__(self, document_lengths: np.ndarray, tokens_per_sample: int):
+        if tokens_per_sample < 1:
+            raise ValueError(f"tokens_per_sample must be positive, got {tokens_per_sample}")
+        self.tokens_per_sample = tokens_per_sample
+        self.document_lengths = np.asarray(document_lengths, dtype=np.int64)  # (D,)
+        per_doc = -(-self.document_lengths // tokens_per_sample)  # ceil: the last may be short
+        self.first = np.zeros(len(per_doc) + 1, dtype=np.int64)  # (D + 1,) document d's chunks
+        np.cumsum(per_doc, out=self.first[1:])  # are first[d] .. first[d + 1] - 1
+
+    def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(doc, start, end) of the chunks numbered ``index`` (non-negative, in range)."""
+        index = np.asarray(index, dtype=np.int64)
+        doc = np.searchsorted(self.first, index, side="right") - 1
+        start = (index - self.first[doc]) * self.tokens_per_sample
+        end = np.minimum(start + self.tokens_per_sample, self.document_lengths[doc])
+        return doc, start, end
+
+    def short(self) -> tuple[np.ndarray, np.ndarray]:
+        """(numbers, lengths) of the chunks shorter than tokens-per-sample, in number order:
+        each document's last chunk where tokens-per-sample does not divide its length. Every
+        other chunk is full, so these two arrays of at most one entry per document are all
+        that batching by length needs to know."""
+        tail = self.document_lengths % self.tokens_per_sample
+        has = tail > 0
+        return self.first[1:][has] - 1, tail[has]
 
     @property
     def doc(self) -> np.ndarray:
-        return self.table[:, 0]
+        return self.rows(np.arange(len(self)))[0]
 
     @property
     def start(self) -> np.ndarray:
-        return self.table[:, 1]
+        return self.rows(np.arange(len(self)))[1]
 
     @property
     def end(self) -> np.ndarray:
-        return self.table[:, 2]
+        return self.rows(np.arange(len(self)))[2]
 
     @property
     def lengths(self) -> np.ndarray:
-        return self.end - self.start
+        _, start, end = self.rows(np.arange(len(self)))
+        return end - start
 
     def __len__(self) -> int:
-        return len(self.table)
+        return int(self.first[-1])
 
     @overload
     def __getitem__(self, index: int) -> Chunk: ...
 
     @overload
-    def __getitem__(self, index: slice) -> list[Chunk]: ...
-
-    @overload
-    def __getitem__(self, index: np.ndarray) -> Chunks: ...
+    def __getitem__(self, index: slice | np.ndarray) -> list[Chunk]: ...
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
-            doc, start, end = self.table[index].tolist()
+            number = int(index) + len(self) if index < 0 else int(index)
+            if not 0 <= number < len(self):
+                raise IndexError(f"chunk {index} of {len(self)}")
+            doc, start, end = (int(a[0]) for a in self.rows(np.array([number])))
             return Chunk(doc, start, end)
         if isinstance(index, slice):
-            return [Chunk(*row) for row in self.table[index].tolist()]
-        return Chunks(self.table[index])
+            index = np.arange(len(self))[index]
+        index = np.asarray(index, dtype=np.int64)
+        index = np.where(index < 0, index + len(self), index)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"chunk index out of range for {len(self)} chunks")
+        return [Chunk(*row) for row in zip(*(a.tolist() for a in self.rows(index)), strict=True)]
 
     def __iter__(self) -> Iterator[Chunk]:
-        for first in range(0, len(self.table), self.ITER_ROWS):
-            for row in self.table[first : first + self.ITER_ROWS].tolist():
-                yield Chunk(*row)
+        for first in range(0, len(self), self.ITER_ROWS):
+            yield from self[np.arange(first, min(first + self.ITER_ROWS, len(self)))]
 
     def __repr__(self) -> str:
-        return f"Chunks({len(self)} chunks)"
+        return f"Chunks({len(self)} chunks of at most {self.tokens_per_sample} tokens)"
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -225,27 +255,7 @@ class BinarizedDataset:
     def chunks(self, tokens_per_sample: int) -> Chunks:
         """Consecutive pieces of each document, never crossing documents, none dropped: in
         document order, each document's from its start."""
-        if tokens_per_sample < 1:
-            raise ValueError(f"tokens_per_sample must be positive, got {tokens_per_sample}")
-        lengths = np.diff(np.asarray(self.offsets, dtype=np.int64))  # (D,)
-        per_doc = -(-lengths // tokens_per_sample)  # ceil: the last chunk may be short
-        n = int(per_doc.sum())
-        # int32 wherever the numbers fit (any corpus of under 2**31 chunks and documents
-        # shorter than 2**31 tokens): the table is the training set's one per-chunk structure,
-        # and at a billion tokens its width is hundreds of MB
-        fits = max(n, len(lengths), int(lengths.max(initial=0)) + tokens_per_sample) < 2**31
-        dtype = np.int32 if fits else np.int64
-        table = np.empty((n, 3), dtype=dtype)
-        table[:, 0] = np.repeat(np.arange(len(lengths), dtype=dtype), per_doc)  # doc
-        first_row = np.repeat((np.cumsum(per_doc) - per_doc).astype(dtype), per_doc)
-        start = np.arange(n, dtype=dtype)
-        start -= first_row  # the chunk's index within its document
-        del first_row
-        start *= tokens_per_sample
-        table[:, 1] = start
-        np.minimum(start + tokens_per_sample, lengths.astype(dtype)[table[:, 0]], out=start)
-        table[:, 2] = start
-        return Chunks(table)
+        return Chunks(np.diff(np.asarray(self.offsets, dtype=np.int64)), tokens_per_sample)
 
     def chunk_tokens(self, chunk: Chunk) -> np.ndarray:
         base = int(self.offsets[chunk.doc])
