@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import MISSING, dataclass, field, fields
 
 import pytest
@@ -225,3 +227,20 @@ def test_cpu_flag_loads_on_the_cpu_even_when_a_gpu_is_seen(tiny_bin, ckpt, monke
     run = checkpoint_cli.load_run(args, "eval-lm")
     assert [str(device) for device in resolved] == ["cpu"]
     assert next(run.model.parameters()).device.type == "cpu"
+
+
+def test_a_command_loads_only_its_own_modules(tiny_corpus, tmp_path):
+    """torch is about 250 MiB of a preprocess's memory: `moelab preprocess` (and `moelab --help`)
+    must not import the training modules that bring it."""
+    code = ("import sys\nfrom moelab.cli import main\n"
+            f"status = main(['preprocess', '--data', {str(tiny_corpus)!r}, '--destdir', "
+            f"{str(tmp_path / 'bin')!r}, '--nwordssrc', '300'])\n"
+            "print('after preprocess:', status, 'torch' in sys.modules)\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('after help:', 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    lines = done.stdout.splitlines()
+    assert "after preprocess: 0 False" in lines and lines[-1] == "after help: False", lines
+    assert "train a mixture-of-experts LM" in done.stdout  # --help still lists every command
+    assert (tmp_path / "bin" / "meta.json").is_file()

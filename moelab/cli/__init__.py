@@ -17,8 +17,17 @@ from types import ModuleType
 from moelab import __version__
 from moelab.errors import MoelabError
 
-# The commands in the order `moelab --help` lists them; `eval-lm` lives in eval_lm.py.
-COMMANDS = ("preprocess", "train", "interactive", "eval-lm", "bench", "demo")
+# The commands in the order `moelab --help` lists them, with their help; `eval-lm` lives in
+# eval_lm.py. The help is here, not in the modules, so that `moelab --help` imports none of them.
+COMMANDS = {
+    "preprocess": "binarize a corpus: SentencePiece BPE + memory-mapped token arrays",
+    "train": "train a mixture-of-experts LM (or the dense baseline) by online EM",
+    "interactive": "sample continuations of prompts (stdin, one per line) per expert",
+    "eval-lm": "perplexity (mixture, oracle, per expert), responsibilities, clusters",
+    "bench": "training/eval-lm/sampling speed vs a fairseq-style reference (one JSON line)",
+    "demo": ("the whole study on the bundled corpus: train dense and the four methods, "
+             "evaluate, compare, sample, report"),
+}
 
 
 def command_module(name: str) -> ModuleType:
@@ -26,23 +35,29 @@ def command_module(name: str) -> ModuleType:
     return importlib.import_module(f"moelab.cli.{name.replace('-', '_')}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only`` the flags of that one command alone (the others
+    are listed, without their flags): `moelab preprocess` then imports no module of training,
+    whose torch alone is about 250 MiB of a preprocess's memory."""
     parser = argparse.ArgumentParser(
         prog="moelab",
         description="Sequence-level mixture-of-experts language models trained by online EM.",
     )
     parser.add_argument("--version", action="version", version=f"moelab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        command = command_module(name)
-        p = sub.add_parser(name, help=command.HELP, description=command.HELP)
-        command.add_arguments(p)
-        p.set_defaults(run=command.run)
+    for name, help in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        if only in (None, name):
+            command = command_module(name)
+            command.add_arguments(p)
+            p.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    named = next((a for a in argv if not a.startswith("-")), "")  # no option takes a value
+    args = build_parser(only=named).parse_args(argv)
     try:
         return args.run(args)
     except MoelabError as e:

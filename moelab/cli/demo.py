@@ -8,9 +8,6 @@ from moelab.cli.flags import add_config_arguments, config_kwargs
 from moelab.demo import DemoConfig, demo
 from moelab.workbench import TRAIN_PRESETS
 
-HELP = ("the whole study on the bundled corpus: train dense and the four methods, evaluate, "
-        "compare, sample, report")
-
 
 def _comma_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]

@@ -25,8 +25,6 @@ from moelab.evaluate import (
 )
 from moelab.latents import CACHED_FROM, LATENTS, PRIORS
 
-HELP = "perplexity (mixture, oracle, per expert), responsibilities, clusters"
-
 FLAGS = {
     "tokens_per_sample": dict(help="window length (default: the model's context length)",
                               metavar="T"),

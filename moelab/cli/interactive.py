@@ -29,8 +29,6 @@ from moelab.generate import (
 )
 from moelab.model import MixtureLM
 
-HELP = "sample continuations of prompts (stdin, one per line) per expert"
-
 FLAGS = {
     "max_new_tokens": dict(help="new tokens at most", flag="--max-len-b", metavar="N"),
     "sampling": dict(help="sample instead of greedy/beam"),

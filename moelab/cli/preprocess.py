@@ -7,8 +7,6 @@ import argparse
 from moelab.cli.flags import add_config_arguments, config_kwargs
 from moelab.data.preprocess import PreprocessConfig, preprocess
 
-HELP = "binarize a corpus: SentencePiece BPE + memory-mapped token arrays"
-
 _INPUT = "input (exactly one of --bundled, --data, --trainpref)"
 FLAGS = {
     "destdir": dict(help="output folder (the data-bin)", metavar="DIR"),

@@ -17,8 +17,6 @@ from moelab.errors import MoelabError
 from moelab.train.command import train
 from moelab.train.config import CONFIG_CLASSES, RunConfig
 
-HELP = "train a mixture-of-experts LM (or the dense baseline) by online EM"
-
 # fairseq flags that configure fairseq itself: accepted, explained, otherwise ignored.
 _FAIRSEQ_ONLY = {
     "ddp_backend": "moelab uses torch DistributedDataParallel (launch with `torchrun "
