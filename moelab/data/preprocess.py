@@ -320,7 +320,8 @@ def preprocess(config: PreprocessConfig) -> dict:
         plan.sample.check()
         train_texts = (doc.text for split, doc in plan.stream()
                        if split == "train" and plan.sample.keeps(doc.key))
-        model_proto = train_tokenizer(train_texts, config.vocab_size, threads=config.workers)
+        model_proto = train_tokenizer(train_texts, config.vocab_size, threads=config.workers,
+                                      seed=config.seed)
     tokenizer = Tokenizer(model_proto)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32)
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from moelab.errors import MoelabError
@@ -22,9 +23,11 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Lines longer than this are cut into pieces for training only (SentencePiece skips longer
 # "sentences"); encoding is never cut.
 TRAIN_PIECE_CHARS = 4096
-# SentencePiece keeps at most this many training lines (a uniform sample): this is what bounds
-# memory on a large corpus.
+# SentencePiece learns from at most this many training lines, a uniform sample that moelab draws
+# itself, seeded (SentencePiece's own sample is seeded anew in every process, whatever
+# set_random_generator_seed says, so the same corpus would give another vocabulary each run).
 MAX_TRAIN_LINES = 500_000
+SAMPLE_BLOCK = 1 << 16  # lines offered to the sample per block of random draws
 # No vocabulary is smaller: 4 special ids, 256 byte pieces, the space and "\n" (a corpus needs
 # one more piece per other distinct character).
 MIN_VOCAB = 4 + 256 + 2
@@ -37,8 +40,45 @@ def training_lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line[start : start + TRAIN_PIECE_CHARS]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, *, threads: int = 1) -> bytes:
-    """Train SentencePiece BPE on ``texts`` and return the serialized model.
+def sampled_lines(lines: Iterable[str], max_lines: int, seed: int) -> list[str]:
+    """Every line, in order, when there are at most ``max_lines``; else a uniform sample of
+    ``max_lines`` of them drawn with ``seed`` (reservoir sampling, Algorithm R): the same lines
+    for the same input and seed, in any process."""
+    rng = np.random.default_rng([seed, max_lines])
+    kept: list[str] = []
+    offered = 0  # lines seen so far
+    block: list[str] = []
+
+    def offer(block: list[str]) -> None:
+        nonlocal offered
+        room = max_lines - len(kept)
+        if room > 0:  # the reservoir is not full yet: these lines go in as they are
+            kept.extend(block[:room])
+            offered += min(room, len(block))
+            block = block[room:]
+        if not block:
+            return
+        # line number i (0-based) replaces slot j, drawn uniformly in [0, i], when j < max_lines
+        numbers = offered + np.arange(len(block))
+        slots = (rng.random(len(block)) * (numbers + 1)).astype(np.int64)
+        for line, slot in zip(block, slots.tolist(), strict=True):
+            if slot < max_lines:
+                kept[slot] = line
+        offered += len(block)
+
+    for line in lines:
+        block.append(line)
+        if len(block) == SAMPLE_BLOCK:
+            offer(block)
+            block = []
+    offer(block)
+    return kept
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, threads: int = 1,
+                    seed: int = 1) -> bytes:
+    """Train SentencePiece BPE on ``texts`` (at most MAX_TRAIN_LINES of their lines, a sample
+    seeded by ``seed``) and return the serialized model.
 
     Raises MoelabError naming the largest (or smallest) vocabulary that works when ``vocab_size``
     does not fit the corpus.
@@ -46,7 +86,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, threads: int = 1) 
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_lines(texts),
+            sentence_iterator=iter(sampled_lines(training_lines(texts), MAX_TRAIN_LINES, seed)),
             model_writer=model,
             model_type="bpe",
             # below the floor SentencePiece fails with an internal error (vocab < 4) or a
@@ -64,6 +104,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, threads: int = 1) 
             required_chars="\u2581",
             character_coverage=0.9999,
             max_sentence_length=TRAIN_PIECE_CHARS * 4,  # bytes; a piece is at most 4 bytes a char
+            # never reached, the lines being sampled above; both stay as they were, since they
+            # are written into the model and a data-bin's tokenizer is known by its sha256
             input_sentence_size=MAX_TRAIN_LINES,
             shuffle_input_sentence=True,
             unk_id=UNK_ID,
