@@ -9,7 +9,14 @@ Parquet; the domain at `meta.pile_set_name`; seeded), then in child processes:
    meta.pile_set_name` with the preset's vocabulary: wall time, peak resident memory, encoded
    tokens per second (every split's tokens over the whole preprocess wall time);
 2. 50 training updates of the preset (hMoEup, its K) on that data-bin, then its final
-   validation: wall time and peak resident memory.
+   validation: wall time, the peak resident memory of the updates (the high-water mark at the
+   last logged update, before the final validation) and of the whole run (the final validation
+   and checkpoint, which do not depend on the train split, add about 100 MiB and vary by
+   +-20 MiB from run to run), and at the last update the anonymous memory (what the process
+   allocated) apart from the file-backed pages (the memory-mapped tokens it has read, the
+   libraries);
+3. in this process, the numpy memory (tracemalloc: exact, the same in every run) of what
+   training builds from the train split: opening it and planning two epochs' batches.
 
 Peak memory is read from /proc (no psutil): the child's own high-water mark (VmHWM) and the
 largest sum of the resident sets of the child and its descendants (preprocess's encoding
@@ -154,6 +161,7 @@ def measured(command: list[str], env: dict) -> dict:
 
 TRAIN = """
 import json, sys, torch
+from pathlib import Path
 from moelab.presets import STUDIES
 from moelab.train import train
 args = json.loads(sys.argv[1])
@@ -161,9 +169,40 @@ torch.set_num_threads(args["threads"])
 study = STUDIES[args["preset"]]
 options = {**study.train, "max_update": args["updates"], "validate_interval_updates": 0,
            "warmup_updates": min(study.train["warmup_updates"], args["updates"])}
+def memory(record):  # at each logged update; the last, before the final validation, stays
+    lines = Path("/proc/self/status").read_text().splitlines()
+    status = dict(line.split(":", 1) for line in lines)
+    kib = {k: int(status[k].split()[0]) for k in ("VmHWM", "RssAnon", "RssFile")}
+    Path(args["updates_memory_file"]).write_text(json.dumps(kib))
 train(args["data"], method="hMoEup", num_experts=study.num_experts, save_dir=args["save_dir"],
-      device="cpu", progress_bar=False, **options)
+      device="cpu", progress_bar=False, on_log=memory, **options)
 """
+
+
+def plan_memory(data_bin: Path, tokens_per_sample: int, max_tokens: int) -> dict:
+    """Numpy memory of what training builds from the train split (its chunks, two epochs'
+    batch plans), traced exactly: held after the second epoch's plan, and the peak."""
+    import tracemalloc
+
+    from moelab.data import BinarizedDataset, TrainBatches
+
+    def plan(split: str) -> TrainBatches:
+        batches = TrainBatches(BinarizedDataset(data_bin, split), seed=1,
+                               tokens_per_sample=tokens_per_sample, max_tokens=max_tokens)
+        batches.batch(0, 0)
+        batches.batch(1, 0)
+        return batches
+
+    plan("valid")  # once untraced, so that what the first call loads and caches is not counted
+    tracemalloc.start()
+    try:
+        batches = plan("train")
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return {"chunks": len(batches.chunks), "documents": len(batches.ds),
+            "held_bytes": held, "peak_bytes": peak,
+            "held_mib": round(held / 2**20, 1), "peak_mib": round(peak / 2**20, 1)}
 
 
 def cpu_name() -> str:
@@ -224,10 +263,21 @@ def main() -> None:
           f"{prep['tokens_per_s']} tokens/s", flush=True)
 
     print(f"train: {args.updates} updates of the {args.preset} preset ...", flush=True)
+    memory_file = work / "updates-memory-kib.json"
     train_args = {"data": str(data_bin), "preset": args.preset, "updates": args.updates,
-                  "threads": args.threads, "save_dir": str(save_dir)}
+                  "threads": args.threads, "save_dir": str(save_dir),
+                  "updates_memory_file": str(memory_file)}
     trained = measured([sys.executable, "-c", TRAIN, json.dumps(train_args)], env)
-    print(f"train: {trained['seconds']} s, peak {trained['peak_rss_mib']} MiB", flush=True)
+    at_last_update = json.loads(memory_file.read_text())
+    trained.update(updates_peak_rss_mib=round(at_last_update["VmHWM"] / 1024, 1),
+                   last_update_anon_mib=round(at_last_update["RssAnon"] / 1024, 1),
+                   last_update_file_mib=round(at_last_update["RssFile"] / 1024, 1))
+    print(f"train: {trained['seconds']} s, peak {trained['updates_peak_rss_mib']} MiB over the "
+          f"updates, {trained['peak_rss_mib']} MiB with the final validation", flush=True)
+    preset = STUDIES[args.preset].train
+    trained["data_plan"] = plan_memory(data_bin, preset["tokens_per_sample"],
+                                       preset["max_tokens"])
+    print(f"train split: {trained['data_plan']}", flush=True)
 
     import torch
 

@@ -61,3 +61,15 @@ def test_peak_memory_sees_a_known_allocation_in_the_child_and_its_workers():
     tree = bench.measured([sys.executable, "-c", parent], env={})
     assert 100 <= tree["peak_rss_mib"] < 200
     assert tree["peak_rss_with_workers_mib"] >= 300
+
+
+def test_the_plan_memory_is_what_the_train_split_holds(tiny_bin):
+    """The figure the issue's "same training memory" rests on: traced numpy memory of the train
+    split's chunks and an epoch's plan, at least the epoch's order (an int32 per chunk)."""
+    from moelab.data import BinarizedDataset
+
+    found = load_benchmark().plan_memory(tiny_bin, tokens_per_sample=2, max_tokens=16)
+    chunks = len(BinarizedDataset(tiny_bin, "train").chunks(2))
+    assert found["chunks"] == chunks > 20_000 and found["documents"] > 0
+    assert 4 * chunks <= found["held_bytes"] < 5 * chunks + 64 * found["documents"] + 16384
+    assert found["peak_bytes"] >= found["held_bytes"]
