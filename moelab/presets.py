@@ -74,7 +74,7 @@ STUDIES: dict[str, Study] = {
                    validate_interval_updates=1000),
         data=dict(vocab_size=8000, valid_fraction=0.05, test_fraction=0.05),
         num_experts=10),
-    # Sized so that `moelab demo` trains and evaluates all five methods in about 15 minutes on 2
+    # Sized so that `moelab demo` trains and evaluates all five methods within 12 minutes on 2
     # cores: soft EM scores and backpropagates all K experts every update, which is what bounds
     # the budget. Dropout 0: a few hundred updates underfit, so dropout would only slow
     # learning. A small vocabulary keeps the output layer cheap; small held-out shares keep the
