@@ -160,7 +160,7 @@ def check_expert(model: MixtureLM, expert: int) -> int:
         k = None
     if k is None or isinstance(expert, bool) or not 0 <= k < K:
         raise ValueError(f"expert {expert!r} does not exist: this model has K={K} experts; "
-                         f"choose one of {', '.join(map(str, range(K)))}, all, auto or topk:K'")
+                         f"choose one of {', '.join(map(str, range(K)))}, auto or topk:K'")
     return k
 
 

@@ -190,8 +190,14 @@ def test_expert_posterior_is_prior_times_likelihood(model, tokenizer):
 
 
 def test_expert_out_of_range_lists_the_valid_choices(model, tokenizer):
-    with pytest.raises(ValueError, match=r"K=3 experts; choose one of 0, 1, 2"):
+    with pytest.raises(ValueError, match=r"K=3 experts; choose one of 0, 1, 2") as info:
         generate(model, tokenizer, "x", expert=3)
+    # every choice the message offers is one generate() takes
+    offered = re.split(r", | or ", str(info.value).split("choose one of ")[1])
+    short = GenerationConfig(max_new_tokens=2)
+    for choice in offered:
+        expert = int(choice) if choice.isdigit() else choice.replace("K'", "2")
+        generate(model, tokenizer, "x", expert=expert, config=short)
     with pytest.raises(ValueError, match="choose one of"):
         beam_search(model, tokenizer, "x", expert=-1)
     with pytest.raises(ValueError, match="choose one of"):
