@@ -239,7 +239,8 @@ def test_defaults_leave_every_number_unchanged(tiny_bin, tmp_path):
     train(tiny_bin, method="hMoElp", num_experts=2, max_update=2, max_tokens=512,
           log_interval=1, save_dir=tmp_path, **TINY)
     assert "prior_bias" not in read_checkpoint(tmp_path / LAST)
-    assert not {"estep_temperature", "prior_bias_spread"} & set(read_history(tmp_path).columns)
+    columns = set(read_history(tmp_path).columns)
+    assert not {"estep_temperature", "prior_bias_spread", "model_posterior_mass_0"} & columns
 
 
 # --------------------------------------------------------------------------- training
@@ -249,7 +250,7 @@ def _train_log(save_dir: Path) -> list[tuple]:
     rows = read_history(save_dir)
     rows = rows[rows.kind == "train"]
     return list(zip(rows["update"], rows.loss, rows.nll, rows.grad_norm, rows.estep_temperature,
-                    rows.prior_bias_spread, strict=True))
+                    rows.prior_bias_spread, rows.model_posterior_mass_0, strict=True))
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -318,3 +319,30 @@ def test_training_hard_em_with_balance_trains_the_capped_choice(tiny_bin, tmp_pa
         B, K = r.shape
         assert torch.equal(r, torch.nn.functional.one_hot(r.argmax(1), K).to(r.dtype))
         assert torch.bincount(r.argmax(1), minlength=K).max() <= -(-B // K)
+
+
+def test_with_a_remedy_the_log_shows_the_models_own_posterior_beside_the_reshaped_one(
+        tiny_bin, tmp_path, monkeypatch):
+    """posterior_mass is what the M-step trained on, which Sinkhorn makes balanced by
+    construction; model_posterior_mass is softmax(l) itself, so a collapse in the model's own
+    beliefs stays visible."""
+    from moelab.train import update
+
+    seen = []
+    real = update.em_loss
+
+    def spy(model, batch, **kwargs):
+        out = real(model, batch, **kwargs)
+        seen.append((out.posterior.mean(0), out.responsibilities.mean(0)))
+        return out
+
+    monkeypatch.setattr(update, "em_loss", spy)
+    train(tiny_bin, method="sMoEup", num_experts=3, max_update=3, balance="sinkhorn",
+          log_interval=1, save_dir=tmp_path, **TINY)
+    lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert len(lines) == len(seen) == 3  # one micro-batch per update
+    for line, (posterior, trained_on) in zip(lines, seen, strict=True):
+        assert line["model_posterior_mass"] == pytest.approx(posterior.tolist(), abs=1e-6)
+        assert line["posterior_mass"] == pytest.approx(trained_on.tolist(), abs=1e-6)
+        assert line["model_posterior_mass"] != pytest.approx(line["posterior_mass"], abs=1e-3)

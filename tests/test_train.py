@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -595,13 +596,16 @@ def test_meter_counts_argmax_wins_apart_from_responsibilities():
     stats = StepStats(loss=torch.tensor(5.0), nll=torch.tensor(4.0), num_tokens=10,
                       global_tokens=10, responsibility_sum=torch.tensor([1.2, 0.8]),
                       argmax_counts=torch.tensor([2, 0]), num_chunks=2,
-                      grad_norm=torch.tensor(0.5))
+                      grad_norm=torch.tensor(0.5), posterior_sum=torch.tensor([0.5, 1.5]),
+                      scored_chunks=2)
     meter.add(stats)
     meter.add(stats)
+    meter.add(dataclasses.replace(stats, posterior_sum=None, scored_chunks=0))  # a warm start's
     K = 2
-    assert meter.sums[5 : 5 + K].tolist() == pytest.approx([2.4, 1.6])
-    assert meter.sums[5 + K :].tolist() == [4.0, 0.0]
-    assert meter.sums[:5].tolist() == pytest.approx([10.0, 8.0, 20.0, 4.0, 1.0])
+    assert meter.sums[5 : 5 + K].tolist() == pytest.approx([3.6, 2.4])
+    assert meter.sums[5 + K : 5 + 2 * K].tolist() == [6.0, 0.0]
+    assert meter.sums[5 + 2 * K :].tolist() == pytest.approx([1.0, 3.0, 4.0])  # scored on 4
+    assert meter.sums[:5].tolist() == pytest.approx([15.0, 12.0, 30.0, 6.0, 1.5])
 
 
 @pytest.mark.usefixtures("one_thread")

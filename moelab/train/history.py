@@ -45,8 +45,9 @@ def _update_of(line: str) -> float:
 def read_history(save_dir: str | Path) -> pd.DataFrame:
     """All log lines as a DataFrame, one row per line, columns as logged.
 
-    List-valued fields (per-expert `posterior_mass`) become one column per expert:
-    `posterior_mass_0`, `posterior_mass_1`, ... so they plot directly.
+    List-valued fields (per-expert `posterior_mass`, and `model_posterior_mass` where a remedy
+    reshapes the posterior trained on) become one column per expert: `posterior_mass_0`,
+    `posterior_mass_1`, ... so they plot directly.
     """
     path = Path(save_dir) / LOG_FILE
     if not path.is_file():

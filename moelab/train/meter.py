@@ -21,8 +21,9 @@ class Meter:
 
     def reset(self) -> None:
         K = self.num_experts
-        # loss, nll, tokens, chunks, grad_norm sum, r_sum (K), argmax counts (K)
-        self.sums = torch.zeros(5 + 2 * K, dtype=torch.float64, device=self.device)
+        # loss, nll, tokens, chunks, grad_norm sum, r_sum (K), argmax counts (K), the model's
+        # posterior sum (K), chunks it was scored on
+        self.sums = torch.zeros(6 + 3 * K, dtype=torch.float64, device=self.device)
         self.updates = 0
         self.global_tokens = 0
         self.since = time.perf_counter()  # when this interval's clock started
@@ -39,7 +40,10 @@ class Meter:
         self.sums[3] += s.num_chunks
         self.sums[4] += s.grad_norm.double()
         self.sums[5 : 5 + K] += s.responsibility_sum.double()
-        self.sums[5 + K :] += s.argmax_counts.double()
+        self.sums[5 + K : 5 + 2 * K] += s.argmax_counts.double()
+        if s.posterior_sum is not None:
+            self.sums[5 + 2 * K : 5 + 3 * K] += s.posterior_sum.double()
+            self.sums[5 + 3 * K] += s.scored_chunks
         self.updates += 1
         self.global_tokens += s.global_tokens
 
@@ -51,7 +55,9 @@ class Meter:
                 "elapsed": time.perf_counter() - self.since}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sums.copy_(state["sums"])
+        # checkpoints from before the model's posterior was summed hold the first 5 + 2K sums
+        self.sums.zero_()
+        self.sums[: len(state["sums"])] = state["sums"]
         self.updates, self.global_tokens = int(state["updates"]), int(state["global_tokens"])
         self.elapsed_before = float(state.get("elapsed", 0.0))
 

@@ -43,6 +43,9 @@ class EMOutput:
     responsibilities: torch.Tensor
     num_tokens: int  # target tokens in the batch
     nll: torch.Tensor  # scalar, no grad: -log p(x|z*) (hard) or the marginal -log p(x|c) (soft)
+    # (B, K) the model's own posterior softmax(l), which a remedy reshapes into the above; None
+    # when a warm start chose the experts and no E-step ran
+    posterior: torch.Tensor | None = None
 
 
 class PosteriorLogSumExp(torch.autograd.Function):
@@ -82,12 +85,13 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
     scores = scorer.scores(batch, hard=hard, uniform_prior=uniform_prior)
     # E-step: the posterior r_z = p(z | x, c) = softmax_z l_z, from a forward with dropout off
     # and without gradient: a fixed target for the M-step
+    posterior = None
     if experts is not None:  # a warm start's clusters choose, not the E-step
         r = F.one_hot(experts, scorer.model.num_experts).float()  # (B, K)
     else:
         log_joint = scores.e_step()  # (B, K) l_z
-        r = (log_joint.softmax(dim=-1) if assignment is None
-             else assignment.posterior(log_joint))  # (B, K)
+        posterior = log_joint.softmax(dim=-1)
+        r = posterior if assignment is None else assignment.posterior(log_joint)  # (B, K)
     if hard:  # M-step of hard EM: train the winner z* = argmax_z r_z alone on -log p(x, z* | c)
         z = r.argmax(dim=-1)  # (B,)
         log_prior, log_lik = scores.m_step(z)  # (B,) each, dropout on, with gradient
@@ -98,7 +102,8 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
         log_prior, log_lik = scores.m_step()  # (B, K) each, dropout on, with gradient
         loss = PosteriorLogSumExp.apply(log_prior + log_lik, r).sum()
         nll = loss.detach()  # the marginal -log p(x | c)
-    return EMOutput(loss=loss, responsibilities=r, num_tokens=batch.num_tokens, nll=nll)
+    return EMOutput(loss=loss, responsibilities=r, num_tokens=batch.num_tokens, nll=nll,
+                    posterior=posterior)
 
 
 def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,

@@ -130,6 +130,7 @@ class Trainer:
         self.meter = Meter(self.model_config.num_experts, dist.device)
         self.state = TrainState()
         self.assignment: Assignment | None = None  # built by fit, after a resume
+        self.reshaped = False  # set by fit: whether the log shows the model's own posterior too
         self.save_dir = Path(config.train.save_dir)
 
     # ------------------------------------------------------------------ the loop
@@ -141,6 +142,8 @@ class Trainer:
         if config.train.compile:
             self.model.compile_for_speed()  # warns and stays eager if compiling fails
         self.assignment = self.build_assignment()
+        # a remedy or a warm start makes the posterior trained on differ from the model's own
+        self.reshaped = self.assignment is not None or warm_start is not None
         step_module = wrap_for_training(self.model, dist, hard=self.hard,
                                         uniform_prior=self.uniform_prior,
                                         estep_tokens=config.train.estep_tokens,
@@ -290,7 +293,8 @@ class Trainer:
         grad_norm_sum = float(meter.sums[4])  # identical on every rank (gradients all-reduced)
         loss = float(sums[0] / sums[2])  # finite: skipped updates never reach the meter
         elapsed = time.perf_counter() - meter.since
-        usage = sums[5 + K :] / sums[5 + K :].sum()
+        usage = sums[5 + K : 5 + 2 * K] / sums[5 + K : 5 + 2 * K].sum()
+        scored = float(sums[5 + 3 * K])
         record = {
             "kind": "train", "update": state.num_updates, "epoch": state.epoch,
             "loss": loss, "nll": float(sums[1] / sums[2]), "ppl": perplexity(loss), "lr": lr,
@@ -302,6 +306,8 @@ class Trainer:
             "wall": self.elapsed(),
             **(self.assignment.log_fields() if self.assignment is not None else {}),
         }
+        if self.reshaped and scored > 0:  # what the M-step trained on is not the posterior
+            record["model_posterior_mass"] = (sums[5 + 2 * K : 5 + 3 * K] / scored).tolist()
         if self.dist.is_main:
             _log_io(self.save_dir, append_record, record)
         meter.reset()

@@ -80,11 +80,11 @@ class EMStep(nn.Module):
         self.assignment = assignment
 
     def forward(self, batch: Batch, experts: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`experts` (B,): a warm start's choice per chunk, in place of the E-step."""
         out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior,
                       scorer=self.scorer, assignment=self.assignment, experts=experts)
-        return out.loss, out.responsibilities, out.nll
+        return out.loss, out.responsibilities, out.nll, out.posterior
 
 
 def wrap_for_training(model: MixtureLM, dist: DistInfo, *, hard: bool,
@@ -108,10 +108,14 @@ class StepStats:
     nll: torch.Tensor
     num_tokens: int  # this rank's targets
     global_tokens: int  # all ranks' targets in the update
-    responsibility_sum: torch.Tensor  # (K,) summed over chunks
+    responsibility_sum: torch.Tensor  # (K,) summed over chunks: the posterior trained on
     argmax_counts: torch.Tensor  # (K,)
     num_chunks: int
     grad_norm: torch.Tensor  # before clipping
+    # (K,) the model's own posterior softmax(l) summed over the chunks an E-step scored (all but
+    # a warm start's), and how many: a remedy reshapes it into responsibility_sum
+    posterior_sum: torch.Tensor | None = None
+    scored_chunks: int = 0
     skipped: bool = False  # the loss or gradient was not finite: no optimizer step was taken
     stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): all stop after this one
 
@@ -141,6 +145,7 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     loss_sum = torch.zeros((), device=device)
     nll_sum = torch.zeros((), device=device)
     r_sum, counts, chunks = None, None, 0
+    posterior_sum, scored = None, 0
     for i, batch in enumerate(micro_batches):
         batch = batch.to(device, non_blocking=True)
         last = i == len(micro_batches) - 1
@@ -148,7 +153,8 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
         sync = contextlib.nullcontext() if last or not dist.distributed else step_module.no_sync()
         with sync:
             with autocast():
-                loss, r, nll = step_module(batch, None if assign is None else assign(batch))
+                loss, r, nll, posterior = step_module(batch,
+                                                      None if assign is None else assign(batch))
             (loss * scale).backward()
         loss_sum += loss.detach().float()
         nll_sum += nll.float()
@@ -156,6 +162,10 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
         won = torch.bincount(r.argmax(-1), minlength=r.shape[1])  # (K,)
         counts = won if counts is None else counts + won
         chunks += r.shape[0]
+        if posterior is not None:
+            posterior_sum = (posterior.sum(0) if posterior_sum is None
+                             else posterior_sum + posterior.sum(0))
+            scored += posterior.shape[0]
     params = [p for p in optimizer.param_groups[0]["params"] if p.grad is not None]
     max_norm = clip_norm if clip_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -171,4 +181,5 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     return StepStats(loss=loss_sum, nll=nll_sum, num_tokens=sum(tokens),
                      global_tokens=global_tokens, responsibility_sum=r_sum,
                      argmax_counts=counts, num_chunks=chunks, grad_norm=grad_norm.detach(),
+                     posterior_sum=posterior_sum, scored_chunks=scored,
                      skipped=skipped, stop=stop_anywhere > 0)
