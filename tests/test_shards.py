@@ -165,8 +165,9 @@ def test_a_bad_line_is_named_with_file_and_line_or_counted_and_listed(tmp_path, 
     corpus, docs = read([str(shard)], skip_bad_lines=True)
     assert [d.key for d in docs] == ["s.jsonl.gz:1", "s.jsonl.gz:3"]
     assert corpus.skipped.bad_records == 1
-    assert corpus.skipped.lines == [{"where": f"{shard} line 2",
-                                     "reason": corpus.skipped.lines[0]["reason"]}]
+    assert [line["where"] for line in corpus.skipped.lines] == [f"{shard} line 2"]
+    # the reason is the error's own, without the place the "where" gives
+    assert re.search(message.removeprefix("line 2 "), corpus.skipped.lines[0]["reason"])
     assert sum(corpus.skipped.reasons.values()) == 1
 
 
@@ -191,6 +192,36 @@ def test_inputs_that_cannot_be_shards_say_what_to_do(tmp_path, make, message):
     write_shard(tmp_path / "sub" / "a.jsonl", RECORDS[:1])
     with pytest.raises(MoelabError, match=message):
         open_data(make(tmp_path))
+
+
+def test_shards_of_one_name_read_when_documents_are_keyed_by_id(tmp_path):
+    """The refusal above says to key documents with --id-field; with it, names may repeat."""
+    write_shard(tmp_path / "a" / "x.jsonl", RECORDS)
+    write_shard(tmp_path / "b" / "x.jsonl", [{**r, "uid": "b" + r["uid"]} for r in RECORDS])
+    paths = [str(tmp_path / "a" / "x.jsonl"), str(tmp_path / "b" / "x.jsonl")]
+    with pytest.raises(MoelabError, match="would key their documents alike"):
+        open_data(paths, PILE)
+    _, docs = read(paths, RecordFields(domain="meta.pile_set_name", id="uid"))
+    assert sorted(d.key for d in docs) == sorted([r["uid"] for r in RECORDS]
+                                                 + ["b" + r["uid"] for r in RECORDS])
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"),
+                                   FileNotFoundError(2, "No such file or directory")])
+def test_a_shard_that_cannot_be_opened_is_not_taken_for_a_damaged_one(tmp_path, monkeypatch,
+                                                                      error):
+    """--skip-bad-lines keeps what a damaged shard holds before the damage; a shard moelab may
+    not read is not damaged, and skipping it would drop it silently."""
+    shard = write_shard(tmp_path / "a.jsonl.gz", RECORDS)
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("moelab.data.shards.gzip.open", refuse)
+    for skip in (False, True):
+        with pytest.raises(MoelabError, match=rf"{shard} cannot be read \({error.strerror}\); "
+                                              "make it readable"):
+            read([f"{tmp_path}/*.jsonl.gz"], skip_bad_lines=skip)
 
 
 def test_record_fields_are_refused_for_a_folder_corpus(tmp_path):

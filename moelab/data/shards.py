@@ -72,7 +72,7 @@ def _pattern_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def expand_shards(patterns: list[str]) -> list[Shard]:
+def expand_shards(patterns: list[str], *, keyed_by_id: bool = False) -> list[Shard]:
     """Every shard the patterns name (globs expanded, ``**`` recursive), each read once."""
     shards: dict[Path, Shard] = {}
     for pattern in patterns:
@@ -102,7 +102,8 @@ def expand_shards(patterns: list[str]) -> list[Shard]:
             if resolved not in shards:
                 name = os.path.relpath(file, base).replace(os.sep, "/")
                 shards[resolved] = Shard(file, name, file.stat().st_size)
-    _check_unique_names(list(shards.values()))
+    if not keyed_by_id:  # with --id-field no key holds the shard's name
+        _check_unique_names(list(shards.values()))
     return list(shards.values())
 
 
@@ -227,6 +228,9 @@ def _shard_documents(shard: Shard, fields: RecordFields, skipped: SkipLog,
                     found = json_line_record(raw, where, fields, skipped, skip_bad_lines)
                     if found is not None:
                         yield _document(shard, number, where, *found, fields)
+    except (PermissionError, FileNotFoundError) as e:  # OSErrors, but not a damaged shard
+        raise MoelabError(f"{shard.path} cannot be read ({e.strerror or e}); make it readable "
+                          "or leave it out of --data.") from None
     except _damage_errors(suffix) as e:
         reason = (f"is damaged after {unit} {number} ({type(e).__name__}: {e})" if number
                   else f"cannot be read ({type(e).__name__}: {e})")
@@ -274,7 +278,8 @@ def open_data(data: str | list[str], fields: RecordFields = DEFAULT_FIELDS, *,
         if Path(single).is_dir() or shard_suffix(single) is None:
             _refuse_fields(single, fields)
         return open_corpus(single, fields, skip_bad_lines=skip_bad_lines)
-    return sharded_corpus(expand_shards(patterns), fields, skip_bad_lines=skip_bad_lines)
+    shards = expand_shards(patterns, keyed_by_id=fields.id is not None)
+    return sharded_corpus(shards, fields, skip_bad_lines=skip_bad_lines)
 
 
 def _refuse_fields(path: str, fields: RecordFields) -> None:
