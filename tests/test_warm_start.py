@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -108,7 +110,7 @@ def test_the_first_updates_train_the_clustered_expert_then_the_estep_decides(
         tiny_bin, tmp_path, monkeypatch, method):
     calls = _spy_em_steps(monkeypatch)
     train(tiny_bin, method=method, num_experts=3, init_clusters="tfidf", init_updates=3,
-          max_update=6, save_dir=tmp_path, **TINY)
+          max_update=6, log_interval=1, save_dir=tmp_path, **TINY)
     clusters = torch.from_numpy(np.load(tmp_path / warm_start.CACHE_FILE)["clusters"])
     assert len(calls) == 6  # one EM step per update (update_freq 1)
     for call in calls[:3]:
@@ -122,6 +124,10 @@ def test_the_first_updates_train_the_clustered_expert_then_the_estep_decides(
         assert ((call["r"] > 0) & (call["r"] < 1)).any()  # a posterior, not a one-hot
         if method.startswith("h"):
             assert torch.equal(call["trained"], call["r"].argmax(-1))
+    # no remedy: the log's posterior is the model's own, and it is not written twice
+    lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+             if '"kind": "train"' in line]
+    assert len(lines) == 6 and not any("model_posterior_mass" in line for line in lines)
 
 
 def test_defaults_cluster_nothing_and_let_the_estep_decide(tiny_bin, tmp_path, monkeypatch):

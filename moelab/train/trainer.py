@@ -130,7 +130,7 @@ class Trainer:
         self.meter = Meter(self.model_config.num_experts, dist.device)
         self.state = TrainState()
         self.assignment: Assignment | None = None  # built by fit, after a resume
-        self.reshaped = False  # set by fit: whether the log shows the model's own posterior too
+        self.reshaped = False  # set by fit: a remedy is on, so the log adds the model's posterior
         self.save_dir = Path(config.train.save_dir)
 
     # ------------------------------------------------------------------ the loop
@@ -142,8 +142,9 @@ class Trainer:
         if config.train.compile:
             self.model.compile_for_speed()  # warns and stays eager if compiling fails
         self.assignment = self.build_assignment()
-        # a remedy or a warm start makes the posterior trained on differ from the model's own
-        self.reshaped = self.assignment is not None or warm_start is not None
+        # a remedy reshapes the posterior trained on, so the log shows the model's own beside it
+        # (a warm start's updates run no E-step, and after them the two are one)
+        self.reshaped = self.assignment is not None
         step_module = wrap_for_training(self.model, dist, hard=self.hard,
                                         uniform_prior=self.uniform_prior,
                                         estep_tokens=config.train.estep_tokens,
