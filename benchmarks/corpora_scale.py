@@ -205,16 +205,6 @@ def plan_memory(data_bin: Path, tokens_per_sample: int, max_tokens: int) -> dict
             "held_mib": round(held / 2**20, 1), "peak_mib": round(peak / 2**20, 1)}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=100, help="MB of text in the corpus")
@@ -281,11 +271,13 @@ def main() -> None:
 
     import torch
 
+    from moelab.report.machine import device_name
+
     result = {
         "benchmark": "corpora_scale", "size_mb": args.size_mb, "seed": args.seed,
         "preset": args.preset, "updates": args.updates, "corpus": manifest,
         "held_out_fraction": held_out, "preprocess": prep, "train": trained,
-        "device": f"cpu ({cpu_name()}, {os.cpu_count()} cores)",
+        "device": f"cpu: {device_name('cpu')}", "precision": "float32",
         "preprocess_workers": args.workers, "train_threads": args.threads,
         "torch": torch.__version__, "python": platform.python_version(),
         "load_average": os.getloadavg()[0],

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from moelab.data import Chunk
 from moelab.latents import start_log_prior
 from moelab.report import to_markdown
+from moelab.report.machine import device_name
 from moelab.routing import Routing, forwards, routed_scores, routing_curve
 from moelab.train import Run
 from moelab.windows import resolve_window, window_log_likelihoods
@@ -82,8 +82,7 @@ def time_passes(run: Run, split: str, routing: Routing, *, repeats: int, max_sen
 
 
 def environment(device: str) -> dict:
-    cuda = device.startswith("cuda")
-    return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+    return {"device": device_name(device),
             "precision": "float32 (eval-lm scores in float32 on every device)",
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 

@@ -10,7 +10,6 @@ last checkpoint.
 from __future__ import annotations
 
 import math
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -389,11 +388,11 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
                     samples: str, seconds: float, attribution: pd.DataFrame | None = None,
                     sections: Sequence[str] = ()) -> str:
     from moelab.report import mean_std, to_markdown
+    from moelab.report.machine import cpu_model, device_name
 
     options = {**TRAIN_PRESETS[wb.preset], **wb.train_options}  # what actually trained
-    device = (torch.cuda.get_device_name() if wb.device == "cuda" else
-              f"CPU ({platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads)")
+    device = (device_name(wb.device) if wb.device == "cuda" else
+              f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)")
     size = ", ".join(f"{k}={v}" for k, v in options.items()
                      if k not in ("log_interval", "validate_interval_updates"))
     # the precision each run trained in, as its checkpoint records it

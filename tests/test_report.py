@@ -294,3 +294,19 @@ def test_a_figure_over_seeds_has_error_bars():
                for c in curves.axes[0].collections)
     single = report.training_curves({"hMoEup": fake_history(3)})
     assert not single.axes[0].collections  # one seed: no band
+
+
+def test_a_figure_names_its_cpu_by_model_not_just_cpu(monkeypatch, tmp_path):
+    """platform.processor() is empty on most Linux systems: the model comes from cpuinfo."""
+    import os
+    import platform
+
+    from moelab.report import machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: Example\nmodel name\t: Example CPU 9000\n")
+    monkeypatch.setattr(machine, "CPUINFO", info)
+    assert machine.device_name("cpu") == f"Example CPU 9000 ({os.cpu_count()} cores)"
+    monkeypatch.setattr(machine, "CPUINFO", tmp_path / "missing")
+    fallback = platform.processor() or platform.machine() or "unknown CPU"
+    assert machine.device_name("cpu") == f"{fallback} ({os.cpu_count()} cores)"
