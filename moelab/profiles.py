@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from moelab.data import BinarizedDataset, Chunk, Tokenizer
 from moelab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from moelab.evaluate import resolve_window, start_log_prior, windows
+from moelab.evaluate import resolve_window, start_log_prior
 from moelab.model import MixtureLM
+from moelab.windows import window_token_log_probs
 
 WORD_MARK = "\u2581"  # SentencePiece's word-boundary mark, the space before a word
 # Tokens scored per group of documents: the per-token log-probabilities of a group (K x tokens,
@@ -102,42 +102,20 @@ class ExpertProfiles:
 # ----------------------------------------------------------------------------- token scores
 
 
-@torch.no_grad()
 def token_log_probs(model: MixtureLM, dataset: BinarizedDataset, docs: list[int], *,
                     tokens_per_sample: int, context_window: int, max_sentences: int
                     ) -> dict[int, np.ndarray]:
     """log p_z(x_t | x_<t) of every token of `docs` under every expert -> {doc: (K, n) float64},
-    from the sliding windows of evaluation (each token scored once, by the window that scores
-    it); all K experts of a batch of windows run as one forward of B*K rows."""
-    K = model.num_experts
-    device = next(model.parameters()).device
-    out = {d: np.zeros((K, dataset.document_length(d))) for d in docs}
-    rows = [(d, *w) for d in docs
-            for w in windows(dataset.document_length(d), tokens_per_sample, context_window)]
-    rows.sort(key=lambda r: r[3] - r[1], reverse=True)  # similar lengths together
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(rows), max_sentences):
-            batch = rows[i : i + max_sentences]
-            B, L = len(batch), max(end - start for _, start, _, end in batch)
-            tokens = torch.full((B, L), dataset.pad_id, dtype=torch.long)
-            for b, (d, start, _, end) in enumerate(batch):
-                tokens[b, : end - start] = torch.from_numpy(
-                    dataset.chunk_tokens(Chunk(d, start, end)))
-            lens = torch.tensor([end - start for _, start, _, end in batch])
-            experts = torch.arange(K).repeat(B)  # (B*K,) row b*K + k: expert k
-            with torch.autocast(device.type, enabled=False):  # float32, as eval-lm
-                logp = model.token_log_probs(tokens.repeat_interleave(K, 0).to(device),
-                                             lens.repeat_interleave(K, 0).to(device),
-                                             experts.to(device))  # (B*K, L)
-            logp = logp.view(B, K, L).double().cpu().numpy()
-            for b, (d, start, first, end) in enumerate(batch):
-                # the window's context tokens were scored by an earlier window
-                out[d][:, first:end] = logp[b, :, first - start : end - start]
-    finally:
-        model.train(was_training)
-    return out
+    from the sliding windows of evaluation (moelab.windows.window_token_log_probs: each token
+    scored once, by the window that scores it)."""
+    lengths = [dataset.document_length(d) for d in docs]
+    flat = window_token_log_probs(
+        model, lengths, lambda i, start, end: dataset.chunk_tokens(Chunk(docs[i], start, end)),
+        tokens_per_sample=tokens_per_sample, context_window=context_window,
+        max_sentences=max_sentences, pad_id=dataset.pad_id)  # (N, K) float32
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return {d: flat[offsets[i] : offsets[i + 1]].T.astype(np.float64)
+            for i, d in enumerate(docs)}
 
 
 def _groups(dataset: BinarizedDataset, limit: int) -> Iterator[list[int]]:
