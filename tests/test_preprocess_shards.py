@@ -234,3 +234,11 @@ def test_a_run_killed_into_a_new_destdir_leaves_a_staging_folder_that_is_named(t
     with pytest.raises(MoelabError, match=r"holds only \.moelab-staging-\w+: what a preprocess "
                                           "that was killed had written. Delete it"):
         run(tmp_path, "fresh", f"{shards}/*")
+
+
+def test_record_fields_with_the_bundled_corpus_are_refused_before_anything_is_written(tmp_path):
+    destdir = tmp_path / "bin"
+    with pytest.raises(MoelabError, match=r"--bundled is read as it ships.*Leave them out"):
+        preprocess(PreprocessConfig(destdir=str(destdir), bundled=True,
+                                    domain_field="meta.pile_set_name"))
+    assert not destdir.exists()

@@ -44,7 +44,7 @@ from moelab.data.corpus import (
     split_of_keys,
 )
 from moelab.data.sample import TokenizerSample
-from moelab.data.shards import open_data
+from moelab.data.shards import open_data, refuse_fields
 from moelab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_tokenizer
 from moelab.errors import MoelabError
 
@@ -171,6 +171,7 @@ def _sources(config: PreprocessConfig) -> dict[str, Corpus] | Corpus:
         return select_documents(corpus, config.domains, config.max_docs_per_domain)
 
     if config.bundled:
+        refuse_fields(fields, "--bundled", "is read as it ships, with its own fields")
         return select_documents(bundled_corpus(), config.domains, config.max_docs_per_domain)
     if config.data is not None:
         return opened(config.data)

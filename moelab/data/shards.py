@@ -276,14 +276,16 @@ def open_data(data: str | list[str], fields: RecordFields = DEFAULT_FIELDS, *,
     if len(patterns) == 1 and not _is_glob(single) and (
             Path(single).is_dir() or shard_suffix(single) in (None, ".jsonl")):
         if Path(single).is_dir() or shard_suffix(single) is None:
-            _refuse_fields(single, fields)
+            refuse_fields(fields, single)
         return open_corpus(single, fields, skip_bad_lines=skip_bad_lines)
     shards = expand_shards(patterns, keyed_by_id=fields.id is not None)
     return sharded_corpus(shards, fields, skip_bad_lines=skip_bad_lines)
 
 
-def _refuse_fields(path: str, fields: RecordFields) -> None:
+def refuse_fields(fields: RecordFields, source: str,
+                  why: str = "is a folder or a text file, whose documents have no fields") -> None:
+    """Record-field flags where the input has no records to read them from are an error."""
     if fields != DEFAULT_FIELDS:
         raise MoelabError(
             f"--text-field, --domain-field and --id-field read JSON lines and Parquet records; "
-            f"{path} is a folder or a text file, whose documents have no fields. Leave them out.")
+            f"{source} {why}. Leave them out.")
