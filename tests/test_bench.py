@@ -19,6 +19,7 @@ from moelab.bench import harness, reference, runner
 from moelab.bench import techniques as ablations
 from moelab.model import MixtureLM, ModelConfig, loss
 from moelab.model.mixture import ScoringFunctions
+from moelab.train.compute import batch_flops
 from moelab.train.objectives import em_loss, em_step
 from moelab.train.scoring import ExpertScorer
 
@@ -37,13 +38,19 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
                 "kv_cache_speedup", "flops_per_token"):
         assert isinstance(out[key], (int, float)) and out[key] > 0, key
     assert out["mfu"] is None  # CPU: no meaningful peak to compare with
-    # the figure is the formula (checked against FlopCounterMode below) for this step: the
-    # preset's model at the batch's length, hard EM, no reused E-step
+    # the figure is moelab.train.compute's count (checked against FlopCounterMode in
+    # tests/test_compute.py) of the timed step: the preset's model on its batch, hard EM
     preset = bench.BENCH_PRESETS["tiny"]
     model = harness.bench_model(bench.BenchConfig(preset="tiny", device="cpu"), preset,
                                 torch.device("cpu"), dropout=preset.dropout)
-    assert out["flops_per_token"] == harness.step_flops_per_token(
-        model, preset.tokens_per_sample, hard=True, reuse=False)
+    batch = harness.synthetic_batch(rows=preset.max_tokens // preset.tokens_per_sample,
+                                    seq_len=preset.tokens_per_sample,
+                                    vocab_size=preset.vocab_size, pad_id=3,
+                                    generator=torch.Generator().manual_seed(0))
+    flops = batch_flops(model.config, batch.lengths, preset.tokens_per_sample, hard=True,
+                        uniform_prior=True)
+    assert out["flops_per_token"] == pytest.approx(flops.total / batch.num_tokens, rel=1e-12)
+    assert out["flops_by_part"]["estep"] == flops.estep > 0
     assert out["num_experts"] == 3 and out["method"] == "hMoEup"
     assert {"batched_estep", "chunked_loss_estep", "chunked_loss_mstep",
             "sdpa_attention_estep", "reuse_estep_dropout0_hard"} <= set(out["techniques"])
@@ -76,73 +83,6 @@ def test_bench_without_the_reference_times_moelab_only(monkeypatch, capsys):
     assert out["num_experts"] == 5 and out["tokens_per_s"] > 0 and out["peak_memory_bytes"] > 0
     assert out["ratio"] is None and out["reference_tokens_per_s"] is None
     assert "techniques" not in out and "eval_tokens_per_s" not in out
-
-
-def _counted_flops_per_token(model: MixtureLM, *, hard: bool, uniform_prior: bool, T: int,
-                            **options) -> float:
-    """torch's FlopCounterMode over one real EM step (em_step forward + backward), per target
-    token, on full-length rows (so every position is a target, as the formula assumes)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    B = 3
-    batch = harness.synthetic_batch(rows=B, seq_len=T, vocab_size=model.config.vocab_size,
-                                  pad_id=3, generator=torch.Generator().manual_seed(0))
-    batch.lengths[:] = T
-    batch.tokens = torch.randint(4, model.config.vocab_size, (B, T),
-                                 generator=torch.Generator().manual_seed(1))
-    model.zero_grad(set_to_none=True)
-    # SDPA's math backend: the counter has no formula for the CPU flash kernel (it would count
-    # the attention as 0); the math backend's matmuls are counted, as the full T x T, as the
-    # formula does (PaLM's convention: no discount for the causal mask).
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = em_step(ExpertScorer(model, **options), batch, hard=hard,
-                      uniform_prior=uniform_prior)
-        out.loss.backward()
-    return counter.get_total_flops() / (B * T)
-
-
-@pytest.mark.parametrize("K, hard, reuse, estep_tokens", [
-    (4, True, False, None),  # hMoEup: K E-step forwards + 1 row forward and backward
-    (4, False, False, None),  # sMoEup: K + 3K
-    (4, False, True, None),  # the E-step read off the M-step's forward: 3K
-    (4, True, True, None),
-    (4, True, False, 5),  # the E-step on the first 5 of 16 tokens (its attention over 5, too)
-    (4, False, False, 5),
-    (1, True, False, None),  # dense: one forward and backward
-])
-def test_step_flops_match_torchs_flop_counter(K, hard, reuse, estep_tokens):
-    """bench's FLOPs per token == FlopCounterMode's count of the same step, exactly.
-
-    Both count matrix multiplications only (the formula is PaLM's model FLOPs; the counter
-    registers mm/addmm/bmm and attention, not softmax, layer norm or other elementwise ops),
-    so with a uniform prior there is nothing for them to disagree on: the tolerance is float
-    rounding. A small vocabulary (50) makes the output projection a large share, so counting
-    its K expert-token rows (inputs only, never scored) would show.
-    """
-    T = 16
-    model = make_model(K=K, gating=False).train()
-    counted = _counted_flops_per_token(model, hard=hard, uniform_prior=True, T=T,
-                                       reuse_estep=reuse, estep_tokens=estep_tokens)
-    fraction = 1.0 if estep_tokens is None else estep_tokens / T
-    formula = harness.step_flops_per_token(model, T, hard=hard, reuse=reuse,
-                                           estep_fraction=fraction)
-    assert formula == pytest.approx(counted, rel=1e-9)
-
-
-@pytest.mark.parametrize("hard", [True, False])
-def test_step_flops_leave_out_only_the_gating_network(hard):
-    """With a learned prior the counter also sees the gating network's two matmuls per chunk
-    (Linear(d, g), Linear(g, K) on the pooled context), in the E-step (forward) and the M-step
-    (forward and backward): 4 passes. The formula leaves them out, and nothing else."""
-    T, K = 16, 3
-    model = make_model(K=K).train()  # gating, d = g = 32
-    counted = _counted_flops_per_token(model, hard=hard, uniform_prior=False, T=T,
-                                       reuse_estep=False)
-    formula = harness.step_flops_per_token(model, T, hard=hard, reuse=False)
-    d, g = model.config.n_embd, model.config.gating_dim
-    gating = 4 * 2 * (d * g + g * K) / T  # per token: one chunk of T tokens per row
-    assert counted - formula == pytest.approx(gating, rel=1e-9)
 
 
 def test_mfu_peak_is_the_h200_dense_bf16_peak():

@@ -1,22 +1,8 @@
 """What every `moelab bench` measurement shares: presets, model, batch, timing, memory, FLOPs.
 
-MFU (CUDA only; null on CPU). Model FLOPs per target token of one step, PaLM-style (matmuls only):
-    F(T) = 2 * N + 4 * L * T * d          one forward: N = weights of all matmuls (attention,
-                                          MLP, and the output projection over the REAL
-                                          vocabulary: expert tokens are inputs only, never
-                                          scored; not the embedding lookups), L layers, width d,
-                                          T the batch's padded length (the attention scores and
-                                          their product with the values, causal or not)
-    step = K * f * F(f * T) + 3 * M * F(T)
-                                          E-step: K forwards of the first f * T tokens (f = 1,
-                                          or --estep-tokens / T), M = rows of the M-step per
-                                          chunk (1 hard, K soft), forward + backward = 3
-                                          forwards; with reuse_estep the E-step is the M-step's
-                                          forward, so step = 3 * K * F(T).
-The learned prior's gating network (two small matmuls per chunk, not per token) is left out.
-For hard EM that is (2K + 6) * N + attention per token; tests/test_bench.py checks the formula
-against torch's FlopCounterMode. MFU = step FLOPs * tokens/s / 989.4e12 (the H200's dense bf16
-peak, used as the anchor on every GPU).
+MFU (CUDA only; null on CPU): the timed step's model FLOPs, counted by moelab.train.compute
+(the count `moelab train` logs as train_flops), times steps per second, over 989.4e12 (the
+H200's dense bf16 peak, used as the anchor on every GPU).
 
 Memory: `peak_memory_bytes` is torch.cuda.max_memory_allocated over moelab's timed steps; on CPU
 the process's resident-set high-water mark (VmHWM of /proc/self/status, reset before the steps
@@ -194,32 +180,3 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-def matmul_params(model: MixtureLM) -> int:
-    """N: weights that multiply activations: the blocks' and the output projection's rows of
-    the real vocabulary (the K expert-token rows are never scored); not the lookups."""
-    tr, c = model.transformer, model.config
-    blocks = sum(m.weight.numel() for m in tr.blocks.modules() if isinstance(m, torch.nn.Linear))
-    return blocks + c.vocab_size * c.n_embd
-
-
-def step_flops_per_token(model: MixtureLM, seq_len: int, *, hard: bool, reuse: bool,
-                         estep_fraction: float = 1.0) -> float:
-    """Model FLOPs of one EM step per target token (the formula in the module docstring)."""
-    c = model.config
-    N = matmul_params(model)
-
-    def forward(length: float) -> float:  # per token, rows of `length` tokens
-        return 2 * N + 4 * c.n_layer * length * c.n_embd
-
-    K = c.num_experts
-    if K == 1:
-        return 3 * forward(seq_len)
-    if reuse:
-        return 3 * K * forward(seq_len)
-    estep = K * estep_fraction * forward(estep_fraction * seq_len)  # the first f * T tokens
-    return estep + 3 * (1 if hard else K) * forward(seq_len)

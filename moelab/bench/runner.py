@@ -33,7 +33,6 @@ from moelab.bench.harness import (
     estep_options,
     peak_memory_bytes,
     reset_peak_memory,
-    step_flops_per_token,
     sync,
     synthetic_batch,
     synthetic_bin,
@@ -44,7 +43,7 @@ from moelab.bench.techniques import measure_techniques
 from moelab.model import MixtureLM
 from moelab.train.distributed import DistInfo
 from moelab.train.objectives import METHODS, method_flags
-from moelab.train.scoring import ESTEP_DTYPES, ExpertScorer
+from moelab.train.scoring import ESTEP_DTYPES
 from moelab.train.update import EMStep, autocast_context, train_step
 
 
@@ -91,12 +90,10 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
     else:
         (t_ours,) = timed([ours], config.steps, device, warmup=0)  # warmed up above
     tokens = batch.num_tokens
-    # the FLOPs of the step as timed: with the E-step read off the M-step's forward or not
-    reuse = ExpertScorer(model, **estep_options(config)).reuses_estep(hard=hard)
-    estep_fraction = (1.0 if config.estep_tokens is None
-                      else min(1.0, config.estep_tokens / preset.tokens_per_sample))
-    flops = step_flops_per_token(model, batch.tokens.shape[1], hard=hard, reuse=reuse,
-                                 estep_fraction=estep_fraction)
+    # the FLOPs of the step as timed (under its autocast, which decides whether the E-step is
+    # read off the M-step's forward): the count `moelab train` logs
+    with autocast():
+        flops = step_module.flops(batch)
     if compile_info is not None:
         body = model.scoring.body  # a CompiledOrEager: it may have fallen back since
         compile_info.update(active=body.active, error=body.error)
@@ -106,8 +103,9 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
         "reference_tokens_per_s": round(tokens / t_ref, 1) if t_ref else None,
         "ratio": round(t_ref / t_ours, 3) if t_ref else None,
         "step_s": round(t_ours, 4), "reference_step_s": round(t_ref, 4) if t_ref else None,
-        "flops_per_token": flops,
-        "mfu": round(flops * tokens / t_ours / PEAK_FLOPS, 4) if device.type == "cuda" else None,
+        "flops_per_token": flops.total / tokens,
+        "flops_by_part": flops.as_dict(),
+        "mfu": round(flops.total / t_ours / PEAK_FLOPS, 4) if device.type == "cuda" else None,
         "peak_memory_bytes": peak, "reference_peak_memory_bytes": ref_peak,
         "compile": compile_info,
     }

@@ -221,17 +221,31 @@ class TrainConfig:
         "only cross_entropy (the EM objective's per-token NLL) is implemented"))
     max_update: int = field(default=0, metadata=_help("stop after this many updates (0: off)"))
     max_epoch: int = field(default=0, metadata=_help("stop after this many epochs (0: off)"))
+    max_flops: float = field(default=0.0, metadata=_help(
+        "stop once training has spent this many model FLOPs (train_log's train_flops, e.g. "
+        "2e15; moelab.train.compute says how they are counted; 0: off)"))
+    stop_time_hours: float = field(default=0.0, metadata=_help(
+        "stop once the run has taken this many hours in all (fairseq's flag: wall time since "
+        "the first start, resumes summed, validation included; 0: off)"))
     update_freq: int = field(default=1, metadata=_help("accumulate gradients over N batches"))
     seed: int = field(default=1, metadata=_help("random seed (init, dropout, batch order)"))
     log_interval: int = field(default=100, metadata=_help("updates per train_log.jsonl line"))
     validate_interval_updates: int = field(
         default=0, metadata=_help("validate every N updates (0: only at the end)"))
+    validate_interval_flops: float = field(default=0.0, metadata=_help(
+        "also validate each time train_flops passes a multiple of X, so that runs of different "
+        "cost are validated at the same compute (0: off)"))
     save_interval_updates: int = field(
         default=0, metadata=_help("save checkpoint_last.pt every N updates (0: at validation "
                                   "and at the end)"))
     save_dir: str = field(default="checkpoints", metadata=_help("where checkpoints and logs go"))
     restore_file: str = field(default="checkpoint_last.pt", metadata=_help(
         "checkpoint to resume from (relative paths are looked up in --save-dir)"))
+    finetune_from_model: str | None = field(default=None, metadata=_help(
+        "start from this dense (K = 1) checkpoint's network, as fairseq: its weights copied, "
+        "each expert token its indicator token plus a small seeded perturbation, a fresh "
+        "gating network, optimizer and schedule; its compute counts toward train_flops. "
+        "Ignored when --save-dir already holds a checkpoint to resume"))
     max_bad_updates: int = field(default=10, metadata=_help(
         "stop after N updates in a row with a non-finite loss or gradient (each is skipped: no "
         "optimizer step, counted as skipped_updates in the log)"))
@@ -294,8 +308,17 @@ class TrainConfig:
         if self.criterion != "cross_entropy":
             raise ValueError(f"--criterion {self.criterion} is not supported: moelab's EM "
                              "objective is cross_entropy (drop the flag)")
-        if self.max_update <= 0 and self.max_epoch <= 0:
-            raise ValueError("training has no end: set --max-update N (or --max-epoch N)")
+        _check_finite(self, "max_flops", "stop_time_hours", "validate_interval_flops")
+        for name in ("max_flops", "stop_time_hours", "validate_interval_flops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0: off), got "
+                                 f"{getattr(self, name)}")
+        if (self.max_update <= 0 and self.max_epoch <= 0 and self.max_flops <= 0
+                and self.stop_time_hours <= 0):
+            raise ValueError("training has no end: set --max-update N (or --max-epoch N, "
+                             "--max-flops X, --stop-time-hours H)")
+        if self.finetune_from_model is not None and not str(self.finetune_from_model).strip():
+            raise ValueError("--finetune-from-model must name a checkpoint file")
         if not self.restore_file.strip() or not self.save_dir.strip():
             raise ValueError("--restore-file and --save-dir must not be empty")
         if not 0 <= self.seed < 2**32:

@@ -66,6 +66,14 @@ class TrainState:
     # (K,) the loss-free balancing bias on the log prior (--prior-bias-rate), updated in place
     # by moelab.train.assignment.PriorBias; None when the run has none
     prior_bias: torch.Tensor | None = None
+    # what training has cost (moelab.train.compute): model FLOPs of every update taken (skipped
+    # ones too: their compute was spent) and seconds spent training, validation and saving
+    # excluded, summed over resumed runs and, for a branched run, its dense parent's
+    train_flops: float = 0.0
+    train_seconds: float = 0.0
+    # the update from which train_flops counts: 0, or where a checkpoint written before moelab
+    # counted compute was resumed (its earlier updates' cost is unknown)
+    flops_from_update: int = 0
 
 
 # ----------------------------------------------------------------------------- the schema
@@ -90,6 +98,8 @@ def build_checkpoint(*, model: MixtureLM, optimizer: torch.optim.Optimizer, stat
         "meter": meters,  # the sums of the log interval in progress
         "best_valid_loss": state.best_valid_loss,
         "wall_time": wall_time,
+        "compute": {"train_flops": state.train_flops, "train_seconds": state.train_seconds,
+                    "flops_from_update": state.flops_from_update},
         "config": config.to_dict(),
         "model_config": dataclasses.asdict(model_config),
         "tokenizer": tokenizer,  # {"sha256", "vocab_size"} of the data-bin it was trained on
@@ -192,7 +202,8 @@ def restore_training(checkpoint: dict, path: str | Path, model: MixtureLM,
                      optimizer: torch.optim.Optimizer, *, rank: int, world_size: int
                      ) -> tuple[TrainState, dict | None, str | None]:
     """Load weights, optimizer and this rank's RNG state; -> (state, this rank's meter or None,
-    a note when the data order changes). Damage raises UnreadableCheckpoint."""
+    a note when the data order changes or the compute before it is unknown). Damage raises
+    UnreadableCheckpoint."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -213,6 +224,16 @@ def restore_training(checkpoint: dict, path: str | Path, model: MixtureLM,
         state.skipped_updates = int(checkpoint.get("skipped_updates", 0))
         state.best_valid_loss = float(checkpoint["best_valid_loss"])
         state.wall_time = float(checkpoint.get("wall_time", 0.0))
+        compute = checkpoint.get("compute")
+        if compute is None:  # written before compute was counted: count from here on
+            state.flops_from_update = state.num_updates
+            note = " ".join(filter(None, [note, (
+                f"{path} was written before moelab counted compute: train_flops and "
+                f"train_seconds count from update {state.num_updates} on")]))
+        else:
+            state.train_flops = float(compute["train_flops"])
+            state.train_seconds = float(compute["train_seconds"])
+            state.flops_from_update = int(compute.get("flops_from_update", 0))
         bias = checkpoint.get("prior_bias")  # absent before --prior-bias-rate, or without it
         state.prior_bias = None if bias is None else bias.float().to(
             next(model.parameters()).device)

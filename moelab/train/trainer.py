@@ -18,6 +18,7 @@ cut back to the checkpoint on resume; an update whose loss or gradient is not fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -163,12 +164,13 @@ class Trainer:
         self.meter.start_clock(self.meter.elapsed_before)  # setup time is not training time
         stop_now = False  # a signal reached some rank: stop at this update boundary
         with out_of_memory_is_an_error(state, config), prefetcher, StopSignals() as stop:
-            while not finished(state, config):
+            while self.stop_reason() is None:
                 if stop_now:
                     self.save(ckpt.LAST)
                     progress.close()
                     raise TrainingInterrupted(stop.signal_name or "SIGTERM", state.num_updates,
                                               self.save_dir)
+                update_started = time.perf_counter()
                 micro_batches = prefetcher.take(state)
                 if not micro_batches:
                     break
@@ -182,6 +184,10 @@ class Trainer:
                                    stop_requested=stop.requested,
                                    assign=warm_start.assignment if warm else None)
                 stop_now = stats.stop
+                flops_before = state.train_flops
+                # a skipped update's compute was spent all the same
+                state.train_flops += stats.flops.total
+                state.train_seconds += time.perf_counter() - update_started
                 if stats.skipped:
                     skip_update(stats, state, config, self.say)
                     continue
@@ -198,17 +204,18 @@ class Trainer:
                     progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
                     if self.on_log is not None and dist.is_main:
                         self.on_log(record)
-                if finished(state, config):
+                if self.stop_reason() is not None:
                     break  # the final validation and save follow the loop
-                if _due(state, config.train.validate_interval_updates):
+                if (_due(state, config.train.validate_interval_updates)
+                        or _passed(flops_before, state.train_flops,
+                                   config.train.validate_interval_flops)):
                     self.validate_and_save()
                 elif _due(state, config.train.save_interval_updates):
                     self.save(ckpt.LAST)
             progress.close()
-            if below_min_lr(config.optim, state.num_updates):
-                self.say(f"stopped at update {state.num_updates}: the learning rate "
-                         f"{learning_rate(config.optim, state.num_updates):.3g} is at or below "
-                         f"--min-lr {config.optim.min_lr:g} (fairseq's rule)")
+            reason = self.stop_reason()
+            if reason is not None and not reason.startswith(("--max-update", "--max-epoch")):
+                self.say(f"stopped at update {state.num_updates}: {reason}")
             if state.num_updates > updates_at_start or restore is None:
                 result = self.validate_and_save()
             else:  # the checkpoint was already finished: report, but write nothing new
@@ -233,8 +240,14 @@ class Trainer:
                                 dist=self.dist, hard=self.hard)
 
     def elapsed(self) -> float:
-        """Seconds spent training, over this process and the runs it resumed."""
+        """Seconds since the run started, over this process and the runs it resumed
+        (validation and saving included; `state.train_seconds` leaves them out)."""
         return self.state.wall_time + time.perf_counter() - self.started
+
+    def stop_reason(self) -> str | None:
+        """Why training stops now, None while it goes on: --max-update, --max-epoch, a budget
+        (--max-flops, --stop-time-hours) or the learning rate at --min-lr."""
+        return stop_reason(self.state, self.config, self.elapsed())
 
     def warm_start(self) -> WarmStart | None:
         """--init-clusters: the train documents' clusters, read from the save dir when a run
@@ -267,6 +280,7 @@ class Trainer:
             **result.confidence,
             "skipped_updates": state.skipped_updates,
             "wall": self.elapsed(),
+            **self.compute_fields(),
         }
         improved = result.loss < state.best_valid_loss
         if improved:
@@ -305,6 +319,7 @@ class Trainer:
             "usage_entropy": entropy(usage),
             "skipped_updates": state.skipped_updates,
             "wall": self.elapsed(),
+            **self.compute_fields(),
             **(self.assignment.log_fields() if self.assignment is not None else {}),
         }
         if self.reshaped and scored > 0:  # what the M-step trained on is not the posterior
@@ -313,6 +328,15 @@ class Trainer:
             _log_io(self.save_dir, append_record, record)
         meter.reset()
         return record
+
+    def compute_fields(self) -> dict:
+        """What training has cost so far, for every log line: model FLOPs and seconds spent
+        training (validation and saving excluded), summed over resumes."""
+        state = self.state
+        fields = {"train_flops": state.train_flops, "train_seconds": state.train_seconds}
+        if state.flops_from_update:  # resumed from a checkpoint that did not count compute
+            fields["train_flops_from_update"] = state.flops_from_update
+        return fields
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, *names: str | None) -> None:
@@ -406,11 +430,29 @@ def _due(state: TrainState, interval: int) -> bool:
     return interval > 0 and state.num_updates % interval == 0
 
 
-def finished(state: TrainState, config: RunConfig) -> bool:
+def _passed(before: float, after: float, interval: float) -> bool:
+    """Whether a count went past a multiple of `interval` (0: never) between two readings."""
+    return interval > 0 and math.floor(after / interval) > math.floor(before / interval)
+
+
+def stop_reason(state: TrainState, config: RunConfig, elapsed: float) -> str | None:
+    """Why a run at `state`, `elapsed` seconds after it first started, stops; None: it goes
+    on. Each limit stops like --max-update: the final validation and save follow."""
     t = config.train
-    return ((t.max_update > 0 and state.num_updates >= t.max_update)
-            or (t.max_epoch > 0 and state.epoch > t.max_epoch)
-            or below_min_lr(config.optim, state.num_updates))
+    if t.max_update > 0 and state.num_updates >= t.max_update:
+        return f"--max-update {t.max_update} reached"
+    if t.max_epoch > 0 and state.epoch > t.max_epoch:
+        return f"--max-epoch {t.max_epoch} reached"
+    if t.max_flops > 0 and state.train_flops >= t.max_flops:
+        return (f"--max-flops {t.max_flops:.4g} reached (training has spent "
+                f"{state.train_flops:.4g} model FLOPs)")
+    if t.stop_time_hours > 0 and elapsed >= t.stop_time_hours * 3600:
+        return (f"the run has taken {elapsed / 3600:.3g} hours, --stop-time-hours "
+                f"{t.stop_time_hours:g} (fairseq's rule: all of its time, resumes included)")
+    if below_min_lr(config.optim, state.num_updates):
+        return (f"the learning rate {learning_rate(config.optim, state.num_updates):.3g} is at "
+                f"or below --min-lr {config.optim.min_lr:g} (fairseq's rule)")
+    return None
 
 
 def set_seed(seed: int) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,7 @@ from moelab.data import Batch
 from moelab.model import MixtureLM
 from moelab.train import faults
 from moelab.train.assignment import Assignment
+from moelab.train.compute import Flops, batch_flops
 from moelab.train.config import RunConfig
 from moelab.train.distributed import DistInfo, all_reduce_sum
 from moelab.train.objectives import ExpertScorer, em_loss
@@ -86,6 +87,15 @@ class EMStep(nn.Module):
                       scorer=self.scorer, assignment=self.assignment, experts=experts)
         return out.loss, out.responsibilities, out.nll, out.posterior
 
+    def flops(self, batch: Batch, *, estep: bool = True) -> Flops:
+        """The model FLOPs of `forward(batch)` and its backward, as called now (whether the
+        E-step is read off the M-step depends on the mode and the autocast in force);
+        estep=False: a warm start's experts are given, so no E-step runs."""
+        return batch_flops(self.model.config, batch.lengths, batch.tokens.shape[1],
+                           hard=self.hard, uniform_prior=self.uniform_prior,
+                           estep_tokens=self.scorer.estep_tokens,
+                           reuse=self.scorer.reuses_estep(hard=self.hard), estep=estep)
+
 
 def wrap_for_training(model: MixtureLM, dist: DistInfo, *, hard: bool,
                       uniform_prior: bool, estep_tokens: int | None = None,
@@ -116,6 +126,7 @@ class StepStats:
     # a warm start's), and how many: a remedy reshapes it into responsibility_sum
     posterior_sum: torch.Tensor | None = None
     scored_chunks: int = 0
+    flops: Flops = field(default_factory=Flops)  # the update's model FLOPs, all ranks
     skipped: bool = False  # the loss or gradient was not finite: no optimizer step was taken
     stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): all stop after this one
 
@@ -134,7 +145,9 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     gradients, so NaN never reaches the weights or Adam's moments. Deciding that costs one
     device sync per update, before the optimizer step; the same all-reduce tells every rank
     whether any was asked to stop (`stop_requested`), so all stop at the same update.
-    `assign` (a warm start's chunk -> expert) replaces the E-step of this update.
+    `assign` (a warm start's chunk -> expert) replaces the E-step of this update. The update's
+    model FLOPs are counted from the batches' shapes on the CPU (no sync) and summed over the
+    ranks in that same all-reduce.
     """
     device = dist.device
     tokens = [b.num_tokens for b in micro_batches]  # counted on CPU: no device sync
@@ -146,13 +159,17 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     nll_sum = torch.zeros((), device=device)
     r_sum, counts, chunks = None, None, 0
     posterior_sum, scored = None, 0
+    module = getattr(step_module, "module", step_module)  # the EMStep inside DDP
+    flops = Flops()
     for i, batch in enumerate(micro_batches):
+        shapes = batch  # lengths stay on the CPU: counting FLOPs waits for no device
         batch = batch.to(device, non_blocking=True)
         last = i == len(micro_batches) - 1
         # gradients are all-reduced once per update: skip DDP's sync on all but the last
         sync = contextlib.nullcontext() if last or not dist.distributed else step_module.no_sync()
         with sync:
             with autocast():
+                flops = flops + module.flops(shapes, estep=assign is None)
                 loss, r, nll, posterior = step_module(batch,
                                                       None if assign is None else assign(batch))
             (loss * scale).backward()
@@ -169,9 +186,11 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     params = [p for p in optimizer.param_groups[0]["params"] if p.grad is not None]
     max_norm = clip_norm if clip_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
-    flags = torch.stack([bad, torch.tensor(float(stop_requested), device=device)])  # (2,)
-    bad_anywhere, stop_anywhere = all_reduce_sum(flags, dist).tolist()  # the one sync
+    bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).double()
+    parts = [flops.estep, flops.mstep, flops.gating, flops.output]
+    flags = torch.cat([bad[None], torch.tensor([float(stop_requested), *parts],
+                                               dtype=torch.float64, device=device)])  # (6,)
+    bad_anywhere, stop_anywhere, *parts = all_reduce_sum(flags, dist).tolist()  # the one sync
     skipped = bad_anywhere > 0  # the same decision on every rank
     faults.hit("step")
     if skipped:
@@ -181,5 +200,5 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     return StepStats(loss=loss_sum, nll=nll_sum, num_tokens=sum(tokens),
                      global_tokens=global_tokens, responsibility_sum=r_sum,
                      argmax_counts=counts, num_chunks=chunks, grad_norm=grad_norm.detach(),
-                     posterior_sum=posterior_sum, scored_chunks=scored,
+                     posterior_sum=posterior_sum, scored_chunks=scored, flops=Flops(*parts),
                      skipped=skipped, stop=stop_anywhere > 0)
