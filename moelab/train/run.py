@@ -74,6 +74,9 @@ class TrainState:
     # the update from which train_flops counts: 0, or where a checkpoint written before moelab
     # counted compute was resumed (its earlier updates' cost is unknown)
     flops_from_update: int = 0
+    # the dense checkpoint a branched run started from (--finetune-from-model): its path,
+    # updates and compute (moelab.train.branch); None for a run trained from scratch
+    branched_from: dict | None = None
 
 
 # ----------------------------------------------------------------------------- the schema
@@ -105,6 +108,7 @@ def build_checkpoint(*, model: MixtureLM, optimizer: torch.optim.Optimizer, stat
         "tokenizer": tokenizer,  # {"sha256", "vocab_size"} of the data-bin it was trained on
         # only with --prior-bias-rate, so that other checkpoints keep their keys
         **({} if state.prior_bias is None else {"prior_bias": state.prior_bias.detach().cpu()}),
+        **({} if state.branched_from is None else {"branched_from": state.branched_from}),
     }
 
 
@@ -234,6 +238,7 @@ def restore_training(checkpoint: dict, path: str | Path, model: MixtureLM,
             state.train_flops = float(compute["train_flops"])
             state.train_seconds = float(compute["train_seconds"])
             state.flops_from_update = int(compute.get("flops_from_update", 0))
+        state.branched_from = checkpoint.get("branched_from")
         bias = checkpoint.get("prior_bias")  # absent before --prior-bias-rate, or without it
         state.prior_bias = None if bias is None else bias.float().to(
             next(model.parameters()).device)

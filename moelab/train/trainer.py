@@ -37,6 +37,7 @@ from moelab.errors import MoelabError
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import checkpoint as ckpt
 from moelab.train.assignment import Assignment, build_assignment
+from moelab.train.branch import branch_from_dense
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
@@ -374,6 +375,12 @@ class Trainer:
         restore = find_restore_file(self.config, self.say)
         if restore is None and self.dist.is_main:
             refuse_earlier_run(self.save_dir)
+        parent = self.config.train.finetune_from_model
+        if restore is None and parent is not None:
+            self.branch(Path(parent))
+        elif parent is not None:
+            self.say(f"note: --finetune-from-model {parent} is ignored: {self.save_dir} holds a "
+                     "checkpoint, so the run resumes from it (fairseq's rule)")
         if restore is not None:
             restore = self.restore_with_fallback(restore)
             self.say(f"resumed from {restore} at update {self.state.num_updates} "
@@ -381,6 +388,25 @@ class Trainer:
         if self.dist.is_main:
             _log_io(self.save_dir, truncate_history, self.state.num_updates)
         return restore
+
+    def branch(self, parent: Path) -> None:
+        """--finetune-from-model: start from a dense checkpoint's network (moelab.train.branch),
+        counting its compute as this run's first."""
+        state = self.state
+        try:
+            info = branch_from_dense(self.model, parent, seed=self.config.train.seed,
+                                     tokenizer_sha256=self.train_ds.meta.get("tokenizer_sha256"))
+        except ckpt.CheckpointError as e:
+            raise MoelabError(str(e)) from None
+        state.branched_from = info
+        if info["train_flops"] is None:
+            self.say(f"note: {parent} was written before moelab counted compute: train_flops "
+                     "counts this run's updates only")
+        else:
+            state.train_flops, state.train_seconds = info["train_flops"], info["train_seconds"]
+        self.say(f"branched from the dense model {parent} (update {info['num_updates']}): "
+                 f"{self.model_config.num_experts} expert tokens from its indicator token, a "
+                 "fresh gating network, optimizer and schedule")
 
     def restore_with_fallback(self, path: Path) -> Path:
         """restore, falling back to the previous checkpoint if this one is damaged; -> the file
