@@ -14,6 +14,15 @@ layout runs_dir/<method>, so existing runs are that seed's; another seed k train
 runs_dir/seed<k>/<method>. `method_table` then gives each seed's row and their mean and standard
 deviation.
 
+Methods are compared two ways. At equal updates, every method trains the preset's max_update
+updates (the runs above). At equal compute, every method trains until it has spent the model
+FLOPs (moelab.train.compute) that the most expensive compared method spent in its run: that
+method's run is its own, and each cheaper method continues its run from there
+(runs_dir/at-<that method>/<method>, seeds as above), so dense trains several times as many
+updates as a mixture whose E-step scores K experts. Every run validates each time its count
+passes a multiple of the same FLOP interval, so their curves against compute can be read
+against each other.
+
 Training sizes come from a preset: `gpu` (picked by `auto` when CUDA is available), `cpu` (a few
 minutes per method on a laptop) and `smoke` (seconds; for CI).
 """
@@ -21,6 +30,8 @@ minutes per method on a laptop) and `smoke` (seconds; for CI).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,8 +47,10 @@ from moelab.evaluate import EvalResult
 from moelab.presets import STUDIES
 from moelab.train import Run, train
 from moelab.train import checkpoint as ckpt
-from moelab.train.config import TrainConfig
-from moelab.train.objectives import METHODS
+from moelab.train.compute import batch_flops
+from moelab.train.config import ModelArgs, TrainConfig, model_config
+from moelab.train.history import LOG_FILE
+from moelab.train.objectives import METHODS, method_flags
 
 # The presets' parts, by name (moelab.presets.STUDIES is where they are set).
 TRAIN_PRESETS: dict[str, dict] = {name: study.train for name, study in STUDIES.items()}
@@ -46,6 +59,10 @@ EXPERT_PRESETS: dict[str, int] = {name: study.num_experts for name, study in STU
 CHECKPOINT = ckpt.BEST
 SUBSET_FILE = "bundled-subset.jsonl"  # the bundled documents a quick preset keeps
 DONE_FILE = "done.json"  # written when a run has reached its max_update with these options
+# Validation points over the most expensive method's run: every run validates each time its
+# train_flops passes a multiple of that run's estimated cost / VALIDATION_POINTS. Each is a
+# K-expert pass over the valid split (seconds at the cpu preset), so a few, not many.
+VALIDATION_POINTS = 4
 
 
 def resolve_preset(preset: str) -> str:
@@ -139,43 +156,106 @@ class Workbench:
     def _seed(self, seed: int | None) -> int:
         return self.seeds[0] if seed is None else int(seed)
 
-    def save_dir(self, method: str, seed: int | None = None) -> Path:
+    def save_dir(self, method: str, seed: int | None = None, at: str | None = None) -> Path:
         """runs_dir/<method> for the home seed (the single-seed layout), else
-        runs_dir/seed<k>/<method>; seed None: the workbench's first seed."""
+        runs_dir/seed<k>/<method>; seed None: the workbench's first seed. `at` (a method
+        name): the run trained to the compute `at` spent, runs_dir/[seed<k>/]at-<at>/<method>
+        (`at`'s own run when method is `at`)."""
         seed = self._seed(seed)
-        return self.runs_dir / method if seed == self.home_seed else (
-            self.runs_dir / f"seed{seed}" / method)
+        home = self.runs_dir if seed == self.home_seed else self.runs_dir / f"seed{seed}"
+        if at is None or at == method:
+            return home / method
+        return home / f"at-{at}" / method
 
-    def train_options_for(self, method: str, seed: int | None = None) -> dict:
+    def train_options_for(self, method: str, seed: int | None = None,
+                          at: str | None = None) -> dict:
+        """The options `method` trains with; `at`: continued until it has spent the FLOPs of
+        `at`'s run (whose run must exist: see `budget`)."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        options = {**TRAIN_PRESETS[self.preset], **self.train_options, "method": method,
-                   "save_dir": str(self.save_dir(method, seed)), "device": self.device}
+        preset = {**TRAIN_PRESETS[self.preset], **self.train_options}
+        options = {**preset, "method": method,
+                   "save_dir": str(self.save_dir(method, seed, at)), "device": self.device}
+        if "validate_interval_flops" not in preset and "max_update" in preset:
+            options["validate_interval_flops"] = self.validation_interval()
         if method != "dense":
             options["num_experts"] = self.num_experts
         if self._seed(seed) != self.home_seed:  # the home seed's options stay as they were
             options["seed"] = self._seed(seed)
+        if at is not None and at != method:
+            options.update(max_update=0, max_flops=self.flops_spent(at, seed))
         return options
 
+    def validation_interval(self) -> float:
+        """The FLOP interval at which every run validates: the most expensive method's run at
+        this preset (full batches of max_tokens, all K experts scored and, for soft EM with a
+        learned prior, trained) over VALIDATION_POINTS. Rounded to 3 digits, so the options
+        read well; the same for every method, so their validations fall at the same compute."""
+        options = {**TRAIN_PRESETS[self.preset], **self.train_options}
+        meta = read_meta(self.ensure_data_bin())
+        T = int(options.get("tokens_per_sample", 1024))
+        rows = max(1, int(options.get("max_tokens") or T) // T)
+        args = {k: v for k, v in options.items() if k in ModelArgs.__dataclass_fields__}
+        costs = []
+        for method in METHODS:
+            margs = ModelArgs(**{**args, "method": method,
+                                 "num_experts": None if method == "dense" else self.num_experts})
+            config = model_config(margs, vocab_size=int(meta["vocab_size"]), pad_id=0,
+                                  tokens_per_sample=T)
+            hard, uniform = method_flags(method)
+            costs.append(batch_flops(config, [T] * rows, T, hard=hard,
+                                     uniform_prior=uniform).total)
+        interval = max(costs) * int(options["max_update"]) * int(
+            options.get("update_freq", 1)) / VALIDATION_POINTS
+        return float(f"{interval:.3g}")
+
+    def flops_spent(self, method: str, seed: int | None = None) -> float:
+        """The model FLOPs `method`'s run (at equal updates) spent, from its training log."""
+        log = self.save_dir(method, seed) / LOG_FILE
+        if not self.is_trained(method, seed) or not log.is_file():
+            raise MoelabError(f"{method} (seed {self._seed(seed)}) has no finished run in "
+                              f"{self.save_dir(method, seed)}: train it first "
+                              "(Workbench.train, or budget(), which trains what is missing)")
+        last = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+        return float(last["train_flops"])
+
+    def budget(self, methods: Sequence[str], seed: int | None = None) -> str:
+        """The method whose run (at equal updates) spent the most FLOPs, training what is
+        missing: the compute every method is compared at, `at=` of the equal-compute runs."""
+        seed = self._seed(seed)
+        self.train(methods, seeds=[seed])
+        return max(methods, key=lambda m: self.flops_spent(m, seed))
+
     def train(self, methods: Sequence[str] | str, *, live=None, retrain: bool = False,
-              seeds: Sequence[int] | None = None) -> dict[str, Path]:
+              seeds: Sequence[int] | None = None, at: str | None = None
+              ) -> dict[str, Path]:
         """Train each method, for each seed (default: the workbench's), whose save dir has no
         finished run yet; -> {method: save dir of the first seed}.
 
-        `live` (e.g. moelab.report.LiveCurves) receives every log line to plot as it comes.
+        `at` (a method name, or "flops" for `budget(methods)`): train each method on until it
+        has spent what `at`'s run spent (the equal-compute comparison); the runs at equal
+        updates are trained first where missing. `live` (e.g. moelab.report.LiveCurves)
+        receives every log line to plot as it comes.
         """
         methods = [methods] if isinstance(methods, str) else list(methods)
         data_bin = self.ensure_data_bin()
         seeds = self.seeds if seeds is None else [int(s) for s in seeds]
         for seed in seeds:
+            target = self.budget(methods, seed) if at == "flops" else at
+            if target is not None:
+                self.train([target], seeds=[seed], retrain=retrain, live=live)
             for method in methods:
-                self._train_one(data_bin, method, seed, live=live, retrain=retrain)
-        return {method: self.save_dir(method, seeds[0]) for method in methods}
+                self._train_one(data_bin, method, seed, live=live, retrain=retrain, at=target)
+        first = self.budget(methods, seeds[0]) if at == "flops" else at
+        return {method: self.save_dir(method, seeds[0], first) for method in methods}
 
-    def _train_one(self, data_bin: Path, method: str, seed: int, *, live, retrain: bool) -> None:
-        save_dir = self.save_dir(method, seed)
-        options = self.train_options_for(method, seed)
-        if self.is_trained(method, seed) and not retrain:
+    def _train_one(self, data_bin: Path, method: str, seed: int, *, live, retrain: bool,
+                   at: str | None = None) -> None:
+        save_dir = self.save_dir(method, seed, at)
+        if at is not None and at != method:
+            self._train_one(data_bin, method, seed, live=live, retrain=retrain)
+        options = self.train_options_for(method, seed, at)
+        if self.is_trained(method, seed, at) and not retrain:
             print(f"{method}: using the trained run in {save_dir} (delete it to retrain)")
         else:
             resumable = any((save_dir / name).is_file()
@@ -186,6 +266,8 @@ class Workbench:
                 for name in (ckpt.LAST, ckpt.previous_path(ckpt.LAST), CHECKPOINT,
                              "train_log.jsonl", DONE_FILE):
                     (save_dir / name).unlink(missing_ok=True)
+                if at is not None and at != method:  # continue the run at equal updates
+                    _branch_run(self.save_dir(method, seed), save_dir)
             else:
                 print(f"{method}: resuming the unfinished run in {save_dir}")
             callbacks = live.callbacks(method) if live is not None else {}
@@ -194,8 +276,9 @@ class Workbench:
             (save_dir / DONE_FILE).write_text(json.dumps(
                 {"num_updates": result.num_updates, "options": options,
                  "threads": torch.get_num_threads()}) + "\n")
-            self._runs.pop((method, seed), None)
-            self._evals = {k: v for k, v in self._evals.items() if k[:2] != (method, seed)}
+            key = (method, seed, at if at != method else None)
+            self._runs.pop(key, None)
+            self._evals = {k: v for k, v in self._evals.items() if k[:3] != key}
             self._profiles = {k: v for k, v in self._profiles.items()
                               if k[:2] != (method, seed)}
 
@@ -207,10 +290,12 @@ class Workbench:
             data["documents_per_domain"] = self.corpus_documents
         return ensure_data_bin(self.data_bin, **data)
 
-    def is_trained(self, method: str, seed: int | None = None) -> bool:
+    def is_trained(self, method: str, seed: int | None = None, at: str | None = None) -> bool:
         """Finished with the current options (an interrupted or re-sized run is not)."""
-        save_dir = self.save_dir(method, seed)
+        save_dir = self.save_dir(method, seed, at)
         if not (save_dir / DONE_FILE).is_file() or not (save_dir / CHECKPOINT).is_file():
+            return False
+        if at is not None and at != method and not self.is_trained(at, seed):
             return False
         done = json.loads((save_dir / DONE_FILE).read_text())
         # where the run lives and runs does not change what was trained: a moved runs folder,
@@ -218,25 +303,35 @@ class Workbench:
         def what(options: dict) -> dict:
             return {k: v for k, v in options.items() if k not in ("device", "save_dir")}
         return what(done.get("options") or {}) == what(
-            json.loads(json.dumps(self.train_options_for(method, seed))))
+            json.loads(json.dumps(self.train_options_for(method, seed, at))))
 
-    def training_threads(self, method: str, seed: int | None = None) -> int | None:
+    def training_threads(self, method: str, seed: int | None = None,
+                         at: str | None = None) -> int | None:
         """The torch thread count the run trained with (None: trained before it was kept)."""
-        done = self.save_dir(method, seed) / DONE_FILE
+        done = self.save_dir(method, seed, at) / DONE_FILE
         return json.loads(done.read_text()).get("threads") if done.is_file() else None
 
-    def threads_trained_with(self, methods: Sequence[str]) -> list[str]:
+    def threads_trained_with(self, methods: Sequence[str], at: str | None = None) -> list[str]:
         """The torch thread counts the methods' runs of every seed trained with ("None": not
-        recorded), sorted."""
-        return sorted({str(self.training_threads(m, s)) for m in methods for s in self.seeds})
+        recorded), sorted; at="flops": their runs at equal compute (and the ones before)."""
+        seen = set()
+        for seed in self.seeds:
+            target = self.budget(methods, seed) if at == "flops" else at
+            for m in methods:
+                seen.add(str(self.training_threads(m, seed)))
+                if target is not None:
+                    seen.add(str(self.training_threads(m, seed, target)))
+        return sorted(seen)
 
-    def run(self, method: str, seed: int | None = None) -> Run:
-        """The trained run of `method` (trained first when missing), loaded once."""
-        key = (method, self._seed(seed))
+    def run(self, method: str, seed: int | None = None, at: str | None = None) -> Run:
+        """The trained run of `method` (trained first when missing), loaded once; `at`: its run
+        at the compute `at` spent."""
+        seed = self._seed(seed)
+        key = (method, seed, at if at != method else None)
         if key not in self._runs:
-            if not self.is_trained(*key):
-                self.train([method], seeds=[key[1]])
-            self._runs[key] = Run.load(self.save_dir(*key), device=self.device)
+            if not self.is_trained(method, seed, at):
+                self.train([method], seeds=[seed], at=at)
+            self._runs[key] = Run.load(self.save_dir(method, seed, at), device=self.device)
         return self._runs[key]
 
     def histories(self, methods: Sequence[str]) -> dict[str, pd.DataFrame]:
@@ -244,38 +339,50 @@ class Workbench:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, method: str, split: str = "valid", *, context_window: int = 0,
-                 seed: int | None = None) -> EvalResult:
+                 seed: int | None = None, at: str | None = None) -> EvalResult:
         """Perplexities, responsibilities and clusters of one method on one split (cached in
         memory here, and on disk by the Run)."""
-        key = (method, self._seed(seed), split, context_window)
+        seed = self._seed(seed)
+        key = (method, seed, at if at != method else None, split, context_window)
         if key not in self._evals:
-            self._evals[key] = self.run(method, seed).evaluate(split,
-                                                               context_window=context_window)
+            self._evals[key] = self.run(method, seed, at).evaluate(
+                split, context_window=context_window)
         return self._evals[key]
 
     def method_runs(self, methods: Sequence[str], *, context_window: int = 0,
-                    seed: int | None = None) -> list:
-        """One moelab.report.MethodRun per method: valid and test evaluation plus the log."""
+                    seed: int | None = None, at: str | None = None) -> list:
+        """One moelab.report.MethodRun per method: valid and test evaluation plus the log.
+        at="flops": every method at the compute of the most expensive one (`budget`)."""
         from moelab.report import MethodRun
 
+        target = self.budget(methods, seed) if at == "flops" else at
         return [MethodRun(name=m, valid=self.evaluate(m, "valid", context_window=context_window,
-                                                      seed=seed),
-                          test=self.evaluate(m, "test", context_window=context_window, seed=seed),
-                          history=self.run(m, seed).history) for m in methods]
+                                                      seed=seed, at=target),
+                          test=self.evaluate(m, "test", context_window=context_window,
+                                             seed=seed, at=target),
+                          history=self.run(m, seed, target).history) for m in methods]
 
-    def method_table(self, methods: Sequence[str], *, context_window: int = 0) -> pd.DataFrame:
+    def method_table(self, methods: Sequence[str], *, context_window: int = 0,
+                     at: str | None = None) -> pd.DataFrame:
         """moelab.report.method_table of every seed: with one seed, that table; with several,
         each seed's rows then each method's mean and standard deviation (moelab.report.
-        over_seeds). Its notes say the torch threads the runs trained and evaluate with."""
+        over_seeds). at="flops": at equal compute (each seed's most expensive method's). Its
+        notes say which, and the torch threads the runs trained and evaluate with."""
         from moelab import report
 
-        tables = {seed: report.method_table(self.method_runs(methods, seed=seed,
+        tables = {seed: report.method_table(self.method_runs(methods, seed=seed, at=at,
                                                              context_window=context_window))
                   for seed in self.seeds}
         table = tables[self.seeds[0]] if len(tables) == 1 else report.over_seeds(tables)
-        trained = self.threads_trained_with(methods)
+        trained = self.threads_trained_with(methods, at=at)
+        if at == "flops":
+            owners = sorted({self.budget(methods, seed) for seed in self.seeds})
+            compared = (f"At equal training compute: every method trained until it had spent "
+                        f"the model FLOPs of {' / '.join(owners)}'s run (the most expensive).")
+        else:
+            compared = "At equal updates: every method trained the same number of updates."
         table.attrs["threads"] = torch.get_num_threads()
-        table.attrs["notes"] = [*table.attrs.get("notes", []),
+        table.attrs["notes"] = [compared, *table.attrs.get("notes", []),
                                 f"torch threads: {'/'.join(trained)} in training (None: not "
                                 f"recorded), {torch.get_num_threads()} in evaluation."]
         return table
@@ -362,3 +469,18 @@ def notebook_workbench(parameters: dict[str, object], notebook: str) -> Workbenc
     print(f"preset {wb.preset!r} on {wb.device}, K = {wb.num_experts}; data-bin {wb.data_bin}, "
           f"runs in {wb.runs_dir}, exports to {wb.results_dir}\ntraining options: {trained}")
     return wb
+
+
+def _branch_run(source: Path, save_dir: Path) -> None:
+    """Start `save_dir` as a copy of the finished run in `source`, for training on from there:
+    its checkpoints hard-linked where the filesystem allows (a save replaces a file, never
+    writes into it), its log copied (a log line is appended in place)."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for name in (ckpt.LAST, CHECKPOINT):
+        target = save_dir / name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source / name, target)
+        except OSError:
+            shutil.copy2(source / name, target)
+    shutil.copy2(source / LOG_FILE, save_dir / LOG_FILE)

@@ -33,8 +33,11 @@ def fake_history(K: int, updates: int = 5) -> pd.DataFrame:
     for u in range(1, updates + 1):
         mass = np.full(K, 1 / K)
         rows.append({"kind": "train", "update": u, "loss": 6 - 0.1 * u, "tokens_per_s": 1000.0,
-                     "wall": 2.0 * u, **{f"posterior_mass_{k}": mass[k] for k in range(K)}})
+                     "wall": 2.0 * u, "train_flops": 1e9 * K * u, "train_seconds": 1.5 * u,
+                     **{f"posterior_mass_{k}": mass[k] for k in range(K)}})
+    # validation took 1 s of wall time and no training time
     rows.append({"kind": "valid", "update": updates, "loss": 5.5, "wall": 2.0 * updates + 1,
+                 "train_flops": 1e9 * K * updates, "train_seconds": 1.5 * updates,
                  **{f"posterior_mass_{k}": 1 / K for k in range(K)}})
     return pd.DataFrame(rows)
 
@@ -154,7 +157,7 @@ def test_method_table_has_one_row_per_method(table, results):
     assert list(table.index) == ["dense", "hMoEup", "sMoElp"]
     for column in ("valid ppl", "valid oracle ppl", "test ppl", "test oracle ppl", "alpha ppl",
                    "experts used", "usage entropy", "NMI", "ARI", "tokens/s",
-                   "train time (s)"):
+                   "train time (s)", "updates", "train FLOPs"):
         assert column in table.columns
     r = results["hMoEup"]
     assert table.loc["hMoEup", "test ppl"] == pytest.approx(r.perplexity.loc["overall",
@@ -162,7 +165,10 @@ def test_method_table_has_one_row_per_method(table, results):
     assert table.loc["hMoEup", "beta ppl"] == pytest.approx(r.perplexity.loc["beta", "mixture"])
     assert table.loc["hMoEup", "NMI"] == pytest.approx(r.clusters["nmi"])
     assert table.loc["hMoEup", "tokens/s"] == 1000.0
-    assert table.loc["hMoEup", "train time (s)"] == 11.0
+    # what the run cost: its updates, model FLOPs and training time without validation
+    assert table.loc["hMoEup", "train time (s)"] == 7.5
+    assert table.loc["hMoEup", "updates"] == 5 and table.loc["hMoEup", "train FLOPs"] == 1.5e10
+    assert table.loc["dense", "train FLOPs"] == 5e9
     assert (table["test oracle ppl"] <= table["test ppl"] + 1e-9).all()
     assert any("bound" in note for note in table.attrs["notes"])
 

@@ -164,3 +164,47 @@ def test_attribution_labels_each_experts_samples(smoke_workbench):
     owned = wb.evaluate("hMoEup", "valid").responsibilities.idxmax()
     assert table["owned domain"].to_dict() == owned.to_dict()
     assert set(table["samples read as"]) <= {*wb.domain_classifier().domains, ""}
+
+
+def test_equal_compute_trains_each_cheaper_method_to_the_most_expensive_runs_flops(
+        smoke_workbench, tmp_path, one_thread):
+    """The comparison at equal compute: the most expensive method's run sets the budget, every
+    cheaper one continues its own run until it has spent as much, and all validate at the
+    same FLOP points."""
+    import json
+
+    from moelab.train.history import LOG_FILE
+
+    wb = smoke_workbench(runs_dir=tmp_path / "runs")
+    methods = ["dense", "hMoEup", "sMoEup"]
+    assert wb.budget(methods) == "sMoEup"  # soft EM backpropagates all K experts
+    budget = wb.flops_spent("sMoEup")
+    wb.train(methods, at="flops")
+    interval = wb.validation_interval()
+    updates = {}
+    for method in methods:
+        save_dir = wb.save_dir(method, at="sMoEup")
+        lines = [json.loads(x) for x in (save_dir / LOG_FILE).read_text().splitlines()]
+        train = [x for x in lines if x["kind"] == "train"]
+        # trained until it had spent the budget, and not one update longer
+        assert train[-1]["train_flops"] >= budget > (train[-2]["train_flops"]
+                                                     if method != "sMoEup" else 0)
+        updates[method] = train[-1]["update"]
+        # a continuation of its run at equal updates, whose log it starts with
+        own = (wb.save_dir(method) / LOG_FILE).read_text().splitlines()
+        assert (save_dir / LOG_FILE).read_text().splitlines()[: len(own) - 1] == own[:-1]
+        # validated at the first update whose count passed each multiple of the one interval
+        validated = {x["update"] for x in lines if x["kind"] == "valid"}
+        for k in range(1, int(budget // interval) + 1):
+            assert next(x["update"] for x in train
+                        if x["train_flops"] >= k * interval) in validated, (method, k)
+    assert wb.save_dir("sMoEup", at="sMoEup") == wb.save_dir("sMoEup")
+    assert updates["dense"] > updates["hMoEup"] > updates["sMoEup"] == 6
+    table = wb.method_table(methods, at="flops")
+    assert table["updates"].to_dict() == updates
+    assert (table["train FLOPs"] >= budget).all()
+    assert table.attrs["notes"][0].startswith("At equal training compute")
+    at_updates = wb.method_table(methods)
+    assert (at_updates["updates"] == 6).all()
+    assert at_updates.loc["dense", "train FLOPs"] < budget / 2
+    assert wb.is_trained("dense", at="sMoEup")

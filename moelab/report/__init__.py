@@ -9,6 +9,7 @@
 from moelab.report.plots import (
     METHOD_COLORS,
     LiveCurves,
+    compute_curves,
     expert_profiles_figure,
     expert_usage,
     perplexity_by_domain,
@@ -30,7 +31,7 @@ from moelab.report.tables import (
     to_markdown,
 )
 
-__all__ = ["METHOD_COLORS", "LiveCurves", "MethodRun", "cluster_table",
+__all__ = ["METHOD_COLORS", "LiveCurves", "MethodRun", "cluster_table", "compute_curves",
            "expert_profiles_figure", "expert_profiles_markdown", "expert_usage",
            "export_table", "format_value", "mean_std", "method_table",
            "over_seeds", "perplexity_by_domain",

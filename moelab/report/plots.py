@@ -363,6 +363,50 @@ def training_curves(histories: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame
     return fig
 
 
+def compute_curves(histories: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame]], *,
+                   title: str | None = None) -> Figure:
+    """Validation perplexity per method against cumulative training FLOPs (moelab.train.compute).
+
+    `histories` maps a method to its training log, or to one per training seed: the i-th
+    validation of every seed is read together (the workbench's runs validate where their count
+    passes the same multiples of one FLOP interval), drawn at the seeds' mean FLOPs with a band
+    of one standard deviation in perplexity. Methods whose runs differ in cost per update reach
+    the same FLOPs after different numbers of updates: this is the figure that compares them at
+    equal compute.
+    """
+    fig = Figure(figsize=(6.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for i, (name, history) in enumerate(histories.items()):
+        color = method_color(name, i)
+        seeds = [history] if isinstance(history, pd.DataFrame) else list(history)
+        points = []
+        for h in seeds:
+            if "kind" not in h or "train_flops" not in h:
+                continue
+            valid = h[(h["kind"] == "valid") & h["train_flops"].notna()]
+            points.append(valid[["train_flops", "ppl"]].reset_index(drop=True))
+        if not points:
+            continue
+        n = min(len(p) for p in points)  # a seed cut short leaves the others' last points out
+        flops = np.mean([p["train_flops"].to_numpy(float)[:n] for p in points], axis=0)
+        ppl = np.array([p["ppl"].to_numpy(float)[:n] for p in points])  # (seeds, points)
+        ax.plot(flops, ppl.mean(0), color=color, label=name, marker="o", markersize=4)
+        if len(points) > 1:
+            std = ppl.std(0, ddof=1)
+            ax.fill_between(flops, ppl.mean(0) - std, ppl.mean(0) + std, color=color,
+                            alpha=0.2, linewidth=0)
+    ax.set_xlabel("training compute (model FLOPs)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(frameon=False, fontsize=8)
+    if any(n.startswith("hMoE") for n in histories):
+        fig.supxlabel("hard EM (hMoE*) validates -log p(z*, x) of the winning expert; soft EM "
+                      "and dense the marginal -log p(x)", fontsize=8, x=0.01, ha="left")
+    fig.suptitle(title or "Validation perplexity against training compute", x=0.01, ha="left")
+    return fig
+
+
 def _mass_columns(history: pd.DataFrame) -> list[str]:
     columns = [c for c in history.columns if c.startswith("posterior_mass_")]
     return sorted(columns, key=lambda c: int(c.rsplit("_", 1)[1]))

@@ -66,21 +66,33 @@ def _confidence(result: EvalResult) -> dict[str, float]:
             for key, column in CONFIDENCE_COLUMNS.items()}
 
 
-def _training_speed(history: pd.DataFrame | None) -> tuple[float, float]:
-    """(mean tokens/s over the train log lines, seconds of training) from a training log."""
-    if history is None or "kind" not in history:
-        return math.nan, math.nan
+def _training_cost(history: pd.DataFrame | None) -> dict[str, float]:
+    """What a run cost, from its training log: updates, model FLOPs (moelab.train.compute) and
+    seconds spent training (validation excluded), and its mean tokens/s. NaN where the log does
+    not say (a log written before moelab counted compute has no FLOPs; its time is the run's
+    wall time, validation included)."""
+    cost = {"updates": math.nan, "train FLOPs": math.nan, "train time (s)": math.nan,
+            "tokens/s": math.nan}
+    if history is None or "kind" not in history or not len(history):
+        return cost
     train = history[history["kind"] == "train"]
-    speed = float(train["tokens_per_s"].mean()) if "tokens_per_s" in train and len(train) else (
-        math.nan)
-    seconds = float(history["wall"].max()) if "wall" in history else math.nan
-    return speed, seconds
+    if "tokens_per_s" in train and len(train):
+        cost["tokens/s"] = float(train["tokens_per_s"].mean())
+    if "update" in history:
+        cost["updates"] = float(history["update"].max())
+    if "train_flops" in history and history["train_flops"].notna().any():
+        cost["train FLOPs"] = float(history["train_flops"].max())
+    seconds = "train_seconds" if "train_seconds" in history else "wall"
+    if seconds in history:
+        cost["train time (s)"] = float(history[seconds].max())
+    return cost
 
 
 def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
-    """One row per method: perplexities, usage, cluster agreement, speed.
+    """One row per method: perplexities, cost, usage, cluster agreement, speed.
 
-    Columns: mixture and oracle perplexity on valid and test; the mixture perplexity of each
+    Columns: mixture and oracle perplexity on valid and test; what training cost (updates,
+    model FLOPs, seconds spent training, validation excluded); the mixture perplexity of each
     domain, usage (experts used of K, usage entropy) and cluster agreement (NMI, ARI) with its
     confidence (mean max posterior, posterior entropy, expert spread) on the test split (valid
     when a run has no test evaluation); training tokens/s and time. The oracle is a bound, not a
@@ -94,6 +106,8 @@ def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
             overall = result.perplexity.loc["overall"] if result is not None else None
             row[f"{split} ppl"] = math.nan if overall is None else float(overall["mixture"])
             row[f"{split} oracle ppl"] = math.nan if overall is None else float(overall["oracle"])
+        cost = _training_cost(run.history)
+        row.update({k: v for k, v in cost.items() if k != "tokens/s"})
         main, split = (run.test, "test") if run.test is not None else (run.valid, "valid")
         domain_split[run.name] = split
         for domain, values in main.perplexity.drop(index="overall").iterrows():
@@ -105,7 +119,7 @@ def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
         row["NMI"] = float(main.clusters["nmi"])
         row["ARI"] = float(main.clusters["ari"])
         row.update(_confidence(main))
-        row["tokens/s"], row["train time (s)"] = _training_speed(run.history)
+        row["tokens/s"] = cost["tokens/s"]
         rows[run.name] = row
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "method"
@@ -115,8 +129,9 @@ def method_table(runs: Sequence[MethodRun]) -> pd.DataFrame:
         f"Per-domain perplexity, experts used (winning >= 1/(4K) of documents), usage entropy "
         f"(nats) and NMI/ARI (argmax posterior vs domain) on the {' / '.join(splits)} split.",
         CONFIDENCE_NOTE,
-        "tokens/s: training throughput (mean over log intervals); train time includes "
-        "validation.",
+        "updates, train FLOPs (model FLOPs, moelab.train.compute) and train time (seconds "
+        "spent training, validation excluded): what each run cost; tokens/s: training "
+        "throughput (mean over log intervals).",
     ]
     return df
 
