@@ -1,10 +1,12 @@
 """`moelab demo`: the whole study on the bundled corpus in one command.
 
 Preprocess the bundled corpus, train the dense baseline and the four EM methods with a preset
-sized to the machine, evaluate them on valid and test, sample from every expert, and write a
-report folder. It is the notebooks' Workbench run end to end: every stage is cached in the output
-folder, so running the demo again skips finished work and resumes unfinished training from its
-last checkpoint.
+sized to the machine, then train each on until it has spent the compute of the most expensive
+one (the comparison at equal training FLOPs, which the report gives first; moelab.workbench),
+evaluate them on valid and test, sample from every expert, and write a report folder. It is
+the notebooks' Workbench run end to end: every stage is cached in the output folder, so
+running the demo again skips finished work and resumes unfinished training from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -71,16 +73,17 @@ def demo(config: DemoConfig) -> Path:
          f"K = {wb.num_experts}; training seeds {', '.join(map(str, wb.seeds))}; "
          f"{torch.get_num_threads()} torch threads; output in {out}")
     wb.ensure_data_bin()
-    timings = {}
     for seed in wb.seeds:
         for method in config.methods:
-            t = time.perf_counter()
             wb.train([method], seeds=[seed])
-            timings[method, seed] = time.perf_counter() - t
+        owner = wb.budget(config.methods, seed)
+        _say(f"seed {seed}: training every method on to the compute of {owner}'s run "
+             f"({wb.flops_spent(owner, seed):.3g} model FLOPs)")
+        wb.train(config.methods, seeds=[seed], at=owner)
     _say("evaluating every method on valid and test")
     runs = wb.method_runs(config.methods)  # the first seed's: samples and expert figures
     _say("writing tables, figures and samples")
-    table = report_tables(wb, runs, config.methods)
+    table, flops_table = report_tables(wb, runs, config.methods)
     figures = report_figures(wb, runs, config.methods)
     samples = sample_experts(wb, config)
     (out / "samples.md").write_text(samples, encoding="utf-8")
@@ -89,7 +92,7 @@ def demo(config: DemoConfig) -> Path:
     path = out / "report.md"
     path.write_text(report_markdown(wb, runs, table, figures, samples,
                                     time.perf_counter() - started, attribution,
-                                    [s for s in sections if s]),
+                                    [s for s in sections if s], flops_table=flops_table),
                     encoding="utf-8")
     return path
 
@@ -97,20 +100,25 @@ def demo(config: DemoConfig) -> Path:
 # ----------------------------------------------------------------------------- the report
 
 
-def report_tables(wb: Workbench, runs: list, methods: list[str]) -> pd.DataFrame:
-    """tables/methods (over the seeds when there are several) and tables/clusters (the first
-    seed's: expert k of one seed is not expert k of another)."""
+def report_tables(wb: Workbench, runs: list, methods: list[str]
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """tables/methods (at equal updates) and tables/methods_equal_flops (at equal training
+    compute), over the seeds when there are several, and tables/clusters (the first seed's at
+    equal updates: expert k of one seed is not expert k of another)."""
     from moelab import report
 
     table = wb.method_table(methods)
     wb.export_table(table, "tables/methods")
+    flops_table = wb.method_table(methods, at="flops")
+    wb.export_table(flops_table, "tables/methods_equal_flops")
     mixtures = {run.name: run.test for run in runs if run.name != "dense"}
     if mixtures:
         wb.export_table(report.cluster_table(mixtures), "tables/clusters")
-    return table
+    return table, flops_table
 
 
 FIGURE_CAPTIONS = {
+    "compute_curves": "Validation perplexity against training compute",
     "perplexity_by_domain": "Test perplexity per method and domain",
     "responsibilities": "Responsibilities: domains x experts",
     "training_curves": "Training and validation curves",
@@ -134,7 +142,12 @@ def report_figures(wb: Workbench, runs: list, methods: list[str]) -> list[str]:
     else:
         tests = {m: [wb.evaluate(m, "test", seed=s) for s in wb.seeds] for m in methods}
         histories = {m: [wb.run(m, s).history for s in wb.seeds] for m in methods}
+    owners = {seed: wb.budget(methods, seed) for seed in wb.seeds}
+    at_flops = {m: [wb.run(m, seed, owners[seed]).history for seed in wb.seeds]
+                for m in methods}
     figures = {
+        "compute_curves": report.compute_curves(at_flops,
+                                                title=FIGURE_CAPTIONS["compute_curves"]),
         "perplexity_by_domain": report.perplexity_by_domain(
             tests, title=FIGURE_CAPTIONS["perplexity_by_domain"]),
         "training_curves": report.training_curves(histories),
@@ -296,26 +309,59 @@ def _doubt(row: pd.Series) -> list[str] | None:
     return flat_reasons(row["mean max posterior"], row["expert spread"], int(row["K"]))
 
 
-def reading(table: pd.DataFrame, max_update: int,
-            heatmap: str = "figures/responsibilities.png", seeds: int = 1) -> list[str]:
-    """A short, honest reading of the method table, generated from its numbers.
+def equal_compute_lines(table: pd.DataFrame, budget_method: str, seeds: int = 1) -> list[str]:
+    """The reading of the table at equal training compute: what each method reached, in how
+    many updates, and whether any mixture beats dense there."""
+    ppl, updates = table["test ppl"], table["updates"]
+    reached = ", ".join(f"{m} {_fmt(ppl[m])} after {updates[m]:.0f} updates" for m in table.index)
+    which = ("in this one training seed" if seeds == 1 else
+             f"means over {seeds} training seeds (standard deviations in the table)")
+    line = (f"- **At equal training compute.** Every method trained until it had spent the "
+            f"model FLOPs of {budget_method}'s run; test perplexity, {which}: {reached}.")
+    if "dense" in table.index and len(table.index) > 1:
+        dense = ppl["dense"]
+        below = [m for m in table.index if m != "dense" and ppl[m] < dense]
+        if below:
+            line += (f" {', '.join(below)} {'is' if len(below) == 1 else 'are'} below dense at "
+                     "equal compute.")
+        else:
+            ratio = updates["dense"] / updates[budget_method]
+            line += (f" No mixture beats dense at equal compute: dense spends nothing on "
+                     f"scoring K experts, so the same FLOPs buy it {ratio:.1f}x the updates of "
+                     f"{budget_method}, and every expert here shares dense's one network.")
+    return [line]
 
-    heatmap: where the reader finds the responsibility heatmap (the report's figure, or the
-    notebook that draws it). seeds: how many training seeds the table's numbers are means of.
+
+def reading(table: pd.DataFrame, max_update: int,
+            heatmap: str = "figures/responsibilities.png", seeds: int = 1,
+            flops_table: pd.DataFrame | None = None, budget_method: str | None = None
+            ) -> list[str]:
+    """A short, honest reading of the method tables, generated from their numbers.
+
+    table: at equal updates; flops_table (with budget_method, the method whose compute every
+    method spent): at equal training compute, read first. heatmap: where the reader finds the
+    responsibility heatmap (the report's figure, or the notebook that draws it). seeds: how
+    many training seeds the tables' numbers are means of.
     """
     lines = []
+    if flops_table is not None and budget_method is not None:
+        lines += equal_compute_lines(flops_table, budget_method, seeds)
     ppl = table["test ppl"]
     if "dense" in table.index and "hMoEup" in table.index:
         dense, moe = ppl["dense"], ppl["hMoEup"]
         verdict = ("beats" if moe < dense else "does not beat")
         lines.append(
-            f"- **hMoEup vs dense.** hMoEup's mixture perplexity on test is {_fmt(moe)} against "
+            f"- **hMoEup vs dense at equal updates.** hMoEup's mixture perplexity on test is "
+            f"{_fmt(moe)} against "
             + (f"dense's {_fmt(dense)}: in this one training seed it {verdict} the dense "
-               f"baseline at an equal number of updates ({max_update}); seeds move these numbers "
-               "a lot, so compare over several (`moelab demo --seeds 3`)." if seeds == 1 else
+               f"baseline at an equal number of updates ({max_update}), where each of its "
+               "updates costs several of dense's (the train FLOPs column); seeds move these "
+               "numbers a lot, so compare over several (`moelab demo --seeds 3`)."
+               if seeds == 1 else
                f"dense's {_fmt(dense)}, means over {seeds} training seeds: on average it "
-               f"{verdict} the dense baseline at an equal number of updates ({max_update}); the "
-               "standard deviations are in the table.") + (
+               f"{verdict} the dense baseline at an equal number of updates ({max_update}), "
+               "where each of its updates costs several of dense's (the train FLOPs column); "
+               "the standard deviations are in the table.") + (
                 "" if moe < dense else
                 " Every update of a mixture trains each expert on only the chunks it wins, and "
                 "the mixture pays log K nats per document for not knowing the domain; in a short "
@@ -377,7 +423,7 @@ def reading(table: pd.DataFrame, max_update: int,
         lines.append(
             f"- **Soft EM.** {best} reaches test perplexity {_fmt(ppl[best])}; soft EM trains "
             "every expert on every chunk (weighted by its responsibility), which costs K "
-            "backward passes per update and shows in the tokens/s column.")
+            "backward passes per update: the train FLOPs column.")
     lines.append(
         "- **Oracle.** The oracle perplexity picks the best expert per document after seeing "
         "it: a bound, not a density. Compare methods by mixture perplexity.")
@@ -386,7 +432,8 @@ def reading(table: pd.DataFrame, max_update: int,
 
 def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: list[str],
                     samples: str, seconds: float, attribution: pd.DataFrame | None = None,
-                    sections: Sequence[str] = ()) -> str:
+                    sections: Sequence[str] = (), flops_table: pd.DataFrame | None = None
+                    ) -> str:
     from moelab.report import mean_std, to_markdown
     from moelab.report.machine import cpu_model, device_name
 
@@ -399,8 +446,32 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
     trained_in = sorted({wb.run(r.name).config.train.precision for r in runs})
     estep = sorted({wb.run(r.name).config.train.estep_dtype or "float32" for r in runs})
     several = len(wb.seeds) > 1
-    means = table[table["seed"] == "mean"].drop(columns="seed") if several else table
-    trained_threads = wb.threads_trained_with([r.name for r in runs])
+    methods = [r.name for r in runs]
+
+    def means(t: pd.DataFrame) -> pd.DataFrame:
+        return t[t["seed"] == "mean"].drop(columns="seed") if several else t
+
+    def shown(t: pd.DataFrame) -> str:
+        return to_markdown(mean_std(t) if several else t)
+
+    owners = sorted({wb.budget(methods, seed) for seed in wb.seeds})
+    trained_threads = wb.threads_trained_with(methods, at="flops" if flops_table is not None
+                                              else None)
+    columns = (
+        "Mixture (`ppl`) and oracle perplexity on valid and test; what training cost (updates, "
+        "model FLOPs, seconds spent training, validation excluded); per-domain mixture "
+        "perplexity, experts used, usage entropy and NMI/ARI on test with the posterior's "
+        "confidence beside them (mean max posterior, posterior entropy, expert spread: a flat "
+        "posterior's NMI is not a clean split); training speed."
+        + (" Mean ± standard deviation over the training seeds; each seed's row is in the "
+           "CSV." if several else ""))
+    compute = [] if flops_table is None else [
+        "## Methods at equal training compute", "",
+        f"Every method trained until it had spent the model FLOPs of {' / '.join(owners)}'s "
+        f"run of {options['max_update']} updates (the most expensive): its run itself, and each "
+        "cheaper method's run continued from its last update. " + columns, "",
+        shown(flops_table), "",
+        "Also as `tables/methods_equal_flops.csv` and `.tex`.", ""]
     lines = [
         "# moelab demo report", "",
         f"moelab {__version__}, torch {torch.__version__}, on {device}; preset `{wb.preset}` "
@@ -411,15 +482,14 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
         f"{'/'.join(trained_threads)} in training, {torch.get_num_threads()} in evaluation (the "
         "same seed, thread count and machine give the same numbers).",
         "",
-        "## Reading", "", *reading(means, options["max_update"], seeds=len(wb.seeds)), "",
-        "## Methods", "",
-        "Mixture (`ppl`) and oracle perplexity on valid and test; per-domain mixture perplexity, "
-        "experts used, usage entropy and NMI/ARI on test with the posterior's confidence beside "
-        "them (mean max posterior, posterior entropy, expert spread: a flat posterior's NMI is "
-        "not a clean split); training speed and time."
-        + (" Mean ± standard deviation over the training seeds; each seed's row is in "
-           "`tables/methods.csv`." if several else ""), "",
-        to_markdown(mean_std(table) if several else table), "",
+        "## Reading", "",
+        *reading(means(table), options["max_update"], seeds=len(wb.seeds),
+                 flops_table=None if flops_table is None else means(flops_table),
+                 budget_method=" / ".join(owners)), "",
+        *compute,
+        "## Methods at equal updates", "",
+        f"Every method trained {options['max_update']} updates. " + columns, "",
+        shown(table), "",
         "Also as `tables/methods.csv` and `tables/methods.tex`; cluster agreement per method in "
         "`tables/clusters.*`.", "",
         "## Figures", "",

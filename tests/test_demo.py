@@ -24,15 +24,23 @@ def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
     # the precision the runs trained in, read from their checkpoints (float32 on a CPU)
     assert ("Precision: M-step float32, E-step float32, validation and evaluation float32"
             in report)
-    for stem in ("tables/methods", "tables/clusters"):
+    for stem in ("tables/methods", "tables/methods_equal_flops", "tables/clusters"):
         for suffix in ("csv", "md", "tex"):
             assert (out / f"{stem}.{suffix}").stat().st_size > 0
-    for stem in ("perplexity_by_domain", "training_curves", "responsibilities", "expert_usage",
-                 "expert_profiles", "routing"):
+    for stem in ("compute_curves", "perplexity_by_domain", "training_curves", "responsibilities",
+                 "expert_usage", "expert_profiles", "routing"):
         for suffix in ("png", "svg", "pdf"):
             assert (out / "figures" / f"{stem}.{suffix}").stat().st_size > 0
     links = re.findall(r"\]\((figures/[^)]+)\)", report)
-    assert len(links) == 6 and all((out / link).is_file() for link in links)
+    assert len(links) == 7 and all((out / link).is_file() for link in links)
+    # equal compute first: every method trained until it had spent sMoElp's FLOPs
+    assert report.index("## Methods at equal training compute") < report.index(
+        "## Methods at equal updates")
+    assert "- **At equal training compute.**" in report
+    at_flops = pd.read_csv(out / "tables/methods_equal_flops.csv", index_col=0)
+    assert at_flops.loc["dense", "updates"] > at_flops.loc["hMoEup", "updates"] > 6
+    assert at_flops.loc["sMoElp", "updates"] == 6
+    assert (at_flops["train FLOPs"] >= at_flops.loc["sMoElp", "train FLOPs"]).all()
     # the headline mixture's experts are profiled (moelab.profiles) and routed (moelab.routing),
     # not another method's
     assert "## What each expert has learnt (hMoEup, valid split)" in report
@@ -103,7 +111,8 @@ def test_a_dense_only_report_links_only_the_figures_it_made(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--preset", "smoke", "--out", str(out), "--methods", "dense"]) == 0
     links = re.findall(r"\]\((figures/[^)]+)\)", (out / "report.md").read_text())
-    assert links == ["figures/perplexity_by_domain.png", "figures/training_curves.png"]
+    assert links == ["figures/compute_curves.png", "figures/perplexity_by_domain.png",
+                     "figures/training_curves.png"]
     assert all((out / link).is_file() for link in links)
 
 

@@ -223,11 +223,14 @@ def test_notebooks_run_in_order_sharing_runs(tiny_bin, tmp_path, kernel):
     assert_exports_only_its_own(results, before, "03_compare_methods")
     ours = results / "03_compare_methods"
     assert_exported(ours, figure_files("perplexity_by_domain") + table_files("method_comparison")
-                    + figure_files("training_curves"))
-    md = (ours / "method_comparison.md").read_text()
-    for method in ("dense", "hMoEup", "hMoElp", "sMoEup", "sMoElp"):
-        assert f"| {method}" in md
-    assert "not a density" in md
+                    + table_files("method_comparison_equal_flops")
+                    + figure_files("compute_curves") + figure_files("training_curves"))
+    for name in ("method_comparison", "method_comparison_equal_flops"):
+        md = (ours / f"{name}.md").read_text()
+        for method in ("dense", "hMoEup", "hMoElp", "sMoEup", "sMoElp"):
+            assert f"| {method}" in md
+        assert "not a density" in md
+    assert "At equal training compute" in (ours / "method_comparison_equal_flops.md").read_text()
     assert outputs(nb, "text/markdown") == 1  # the reading of this run, from its numbers
 
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("checkpoint_best.pt")}
