@@ -192,3 +192,21 @@ def test_demo_over_seeds_gives_mean_std_each_seed_and_attribution(tmp_path, one_
     experts = int(table.loc["hMoEup", "K"].iloc[0])
     assert sorted(set(attribution["seed"])) == [1, 2] and len(attribution) == 2 * experts
     assert "## Samples you can attribute" in report and "over 2 seeds of its experts" in report
+
+
+def test_reading_gives_the_equal_compute_verdict_first():
+    at_updates = pd.DataFrame({"test ppl": [200.0, 170.0], "experts used": [1, 7], "K": [1, 7],
+                               "usage entropy": [0.0, 1.9], "updates": [400, 400],
+                               "NMI": [0.0, 0.9], "ARI": [0.0, 0.8]},
+                              index=["dense", "hMoEup"])
+    at_flops = pd.DataFrame({"test ppl": [110.0, 160.0, 150.0], "updates": [3600, 1100, 400]},
+                            index=["dense", "hMoEup", "sMoElp"])
+    lines = reading(at_updates, max_update=400, flops_table=at_flops, budget_method="sMoElp")
+    assert lines[0].startswith("- **At equal training compute.**")
+    assert "No mixture beats dense at equal compute" in lines[0]
+    assert "9.0x the updates of sMoElp" in lines[0]
+    assert "dense 110.00 after 3600 updates" in lines[0]
+    assert "hMoEup vs dense at equal updates" in lines[1] and "it beats" in lines[1]
+    at_flops.loc["sMoElp", "test ppl"] = 100.0
+    first = reading(at_updates, max_update=400, flops_table=at_flops, budget_method="sMoElp")[0]
+    assert "sMoElp is below dense at equal compute" in first and "No mixture" not in first
