@@ -276,3 +276,21 @@ def test_train_seconds_leave_validation_out(tiny_bin, tmp_path, monkeypatch):
     last = result.history.iloc[-1]
     assert last["kind"] == "valid" and last["update"] == 3
     assert last["wall"] - last["train_seconds"] >= 1.5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["hMoElp", "sMoEup"])
+def test_the_count_holds_on_cuda_under_the_bf16_m_step(tiny_bin, method):
+    """On CUDA the M-step runs under bf16 autocast, where the E-step is never read off it: the
+    count of the step as `moelab train` runs it there is still what the counter sees."""
+    from moelab.train.update import autocast_context
+
+    model = _model(tiny_bin, method, dropout=0.0).cuda()
+    hard, uniform = method_flags(method)
+    step = EMStep(model, hard=hard, uniform_prior=uniform)
+    batch = _real_batch(tiny_bin)
+    with autocast_context(torch.device("cuda"), "bfloat16")():
+        flops = step.flops(batch)
+        counted = _counted(step, batch.to(torch.device("cuda")))
+    assert flops.total == pytest.approx(counted, rel=1e-9)
