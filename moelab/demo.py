@@ -269,7 +269,8 @@ def attribution_lines(rows: pd.DataFrame, seeds: list[int]) -> list[str]:
         values = per_seed.to_numpy(float)
         spread = f" ± {values.std(ddof=1):.2f} over {len(values)} seeds" if len(values) > 1 else ""
         first = rows[(rows.index == method) & (rows["seed"] == seeds[0])]
-        experts = "; ".join(f"{r['expert'].removeprefix('expert_')} owns {r['owned domain']}, "
+        experts = "; ".join(f"{r['expert'].removeprefix('expert_')} owns "
+                            f"{r['owned domain'] or 'nothing (unused)'}, "
                             f"reads as {r['samples read as'] or '(no text)'}"
                             for _, r in first.iterrows())
         lines.append(f"- **{method}**: {values.mean():.2f}{spread} of its experts write the "
@@ -431,9 +432,11 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
            if several else ""), "",
         *(["## Samples you can attribute", "",
            "A tf-idf domain classifier fit on the training documents labels each expert's "
-           "samples; an expert owns the domain of its highest mean responsibility on valid. The "
-           "score is the share of experts whose samples read as the domain they own "
-           "(`tables/attribution.csv`).", "",
+           "samples; an expert owns the domain of its highest mean responsibility on valid, and "
+           "one that wins under 1/(4K) of the valid documents owns nothing. An expert matches "
+           "when strictly more than half of its samples read as the domain it owns; the score "
+           "is the share of the K experts that match, one that owns nothing counting as one "
+           "that does not (`tables/attribution.csv`).", "",
            *attribution_lines(attribution, wb.seeds), ""] if attribution is not None else []),
         *(part for section in sections for part in (section, "")),
         samples.replace("# Samples", "## Samples", 1),

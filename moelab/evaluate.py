@@ -362,13 +362,21 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
         "documents": D, "tokens": int(tokens.sum()), "num_experts": K,
         "tokens_per_sample": tokens_per_sample, "context_window": context_window,
         "usage_entropy": entropy, "usage_entropy_max": math.log(K),
-        "experts_used": int((share >= 1 / (4 * K)).sum()),
+        "experts_used": int(experts_in_use(share).sum()),
         "precision": "float32",  # moelab.windows scores in float32 on every device
         "prior": "start", "latent": "document", "routing": "full", **(settings or {}),
     })
     return EvalResult(perplexity=perplexity, documents=documents, posteriors=posteriors,
                       responsibilities=responsibilities, clusters=clusters, usage=usage,
                       summary=summary, log_prior=log_pi, notes=notes)
+
+
+def experts_in_use(share: np.ndarray) -> np.ndarray:
+    """(K,) whether each expert is in use: it wins at least 1/(4K) of the documents (share: the
+    fraction each wins), a quarter of an even split. The summary's `experts_used` counts them;
+    moelab.attribution gives no domain to the others."""
+    share = np.asarray(share, dtype=float)
+    return share >= 1 / (4 * len(share))
 
 
 def posterior_confidence(ll: np.ndarray, log_posterior: np.ndarray, tokens: np.ndarray
