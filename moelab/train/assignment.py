@@ -18,7 +18,10 @@ evaluation keep the model's own scores l. All of them are off by default.
   the experts' counts equal up to one on each rank (so at most ceil(B / K)), the plan's
   strongest pairs first (a greedy form of the balanced assignment BASE layers solve for tokens):
   the plan's argmax alone would send a batch of alike chunks, whose plan is uniform, all to one
-  expert. The plan's shares are over the whole update's batch, all ranks together.
+  expert. The plan's shares are per micro-batch, over all ranks together: with --update-freq N
+  each of an update's N micro-batches is balanced on its own (the E-step scores one micro-batch
+  at a time), so a micro-batch whose chunks all prefer one expert is spread over the experts
+  even when the update's other micro-batches prefer the others.
 
 The order is the one the methods need: bias the scores, temper them, then balance.
 """
