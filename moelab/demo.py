@@ -247,15 +247,17 @@ def report_routing(wb: Workbench, methods: list[str]) -> str | None:
     wb.save_figure(fig, "figures/routing")
     plt.close(fig)
     shown = curve[["prefix", "top_k", "documents", "mixture", "routed", "gap", "accuracy",
-                   "winner_in_chosen", "forwards_full", "forwards_routed"]]
+                   "winner_in_chosen", "forwards_per_doc_token_full",
+                   "forwards_per_doc_token_routed"]]
     return "\n".join([
         f"## Routed inference ({method}, test split)", "",
         "The first M tokens of each document are read by every expert; the top K' experts by "
         "the posterior after them read the rest, weighted by that posterior (moelab.routing, "
         "`eval-lm --routing prefix:M,topk:K'`). On the tokens after the prefix: the full "
-        "mixture's perplexity and the routed one, the gap (routed - full, nats/token), routing "
-        "accuracy (the prefix's top expert is the whole document's) and expert forwards per "
-        "token. Documents of at most M tokens are left out.", "",
+        "mixture's perplexity and the routed one, the gap (routed - full, nats/token) and "
+        "routing accuracy (the prefix's top expert is the whole document's); on every token of "
+        "the routed documents, prefix included: expert forwards per token of each pass. "
+        "Documents of at most M tokens are left out.", "",
         report.to_markdown(shown.set_index("prefix")), "",
         f"![Routed against full inference ({method})](figures/routing.png)", ""])
 
