@@ -2,11 +2,13 @@
 
 - speed: eval-lm's full scoring (every expert on every token) against the routed pass of
   `--routing prefix:M` (all K experts on the first M tokens, the chosen K' after), alternated
-  `--repeats` times on the same split; tokens/s of each (median), their ratio, and the expert
-  forwards per token each pass ran (moelab.routing counts them from the windows it runs);
+  `--repeats` times on the documents longer than M (the ones routing scores); tokens/s of each
+  (median), their ratio, and the expert forwards per token each pass ran (moelab.routing counts
+  them from the windows it runs), all over every token of those documents, prefix included;
 - accuracy: for each M of `--prefixes`, routing accuracy (the top-1 choice after M tokens is the
   full-document winner) and the perplexity gap (routed against the full mixture on the same
-  tokens after the prefix), from moelab.routing.routing_curve.
+  tokens after the prefix), from moelab.routing.routing_curve, whose notes say which tokens each
+  column counts.
 
     python benchmarks/routing.py --save-dir runs/hMoEup --data-bin data-bin/mix
     python benchmarks/routing.py               # trains hMoEup with Workbench(preset="cpu") first
@@ -29,7 +31,7 @@ from moelab.data import Chunk
 from moelab.latents import start_log_prior
 from moelab.report import to_markdown
 from moelab.report.machine import device_name
-from moelab.routing import Routing, forwards, routed_scores, routing_curve
+from moelab.routing import Routing, forwards, routed_docs, routed_scores, routing_curve
 from moelab.train import Run
 from moelab.windows import resolve_window, window_log_likelihoods
 
@@ -45,11 +47,14 @@ def load(args: argparse.Namespace) -> Run:
 
 def time_passes(run: Run, split: str, routing: Routing, *, repeats: int, max_sentences: int,
                 tokens_per_sample: int | None, context_window: int) -> dict:
-    """Full and routed passes alternated (after one untimed round each): median tokens/s."""
+    """Full and routed passes alternated (after one untimed round each) over the documents the
+    routing scores: median tokens/s, both over every token of those documents."""
     model, dataset = run.model, run.dataset(split)
     T, C = resolve_window(model, tokens_per_sample, context_window)
-    lengths = np.diff(np.asarray(dataset.offsets, dtype=np.int64))
-    fetch = lambda d, s, e: dataset.chunk_tokens(Chunk(d, s, e))  # noqa: E731
+    every = np.diff(np.asarray(dataset.offsets, dtype=np.int64))
+    docs = routed_docs(every, routing)  # the full pass reads the same documents as the routed
+    lengths = every[docs]
+    fetch = lambda d, s, e: dataset.chunk_tokens(Chunk(int(docs[d]), s, e))  # noqa: E731
     scoring = dict(tokens_per_sample=T, context_window=C, max_sentences=max_sentences,
                    pad_id=dataset.pad_id)
     log_prior = start_log_prior(model).numpy()
@@ -57,7 +62,7 @@ def time_passes(run: Run, split: str, routing: Routing, *, repeats: int, max_sen
                                                              model.num_experts, T, C)
 
     def full() -> None:
-        window_log_likelihoods(model, len(dataset), lengths, fetch, **scoring)
+        window_log_likelihoods(model, len(lengths), lengths, fetch, **scoring)
 
     def routed() -> int:
         return routed_scores(model, lengths, fetch, log_prior, routing, **scoring).forwards
@@ -71,10 +76,11 @@ def time_passes(run: Run, split: str, routing: Routing, *, repeats: int, max_sen
             job()
             if round_:  # the first round warms up (allocations, caches)
                 seconds[name].append(time.perf_counter() - started)
-    full_tps = int(lengths.sum()) / statistics.median(seconds["full"])
+    full_tps = routed_tokens / statistics.median(seconds["full"])
     routed_tps = routed_tokens / statistics.median(seconds["routed"])
-    return {"routing": str(routing), "tokens_full": int(lengths.sum()),
-            "tokens_routed": routed_tokens, "tokens_per_s_full": full_tps,
+    return {"routing": str(routing), "documents": len(docs),
+            "short_documents": len(every) - len(docs), "tokens": routed_tokens,
+            "tokens_per_s_full": full_tps,
             "tokens_per_s_routed": routed_tps, "ratio": routed_tps / full_tps,
             "forwards_per_token_full": full_forwards / max(routed_tokens, 1),
             "forwards_per_token_routed": routed_forwards / max(routed_tokens, 1),
@@ -122,15 +128,18 @@ def main() -> None:
     env = environment(args.device)
     print(f"{run!r} on the {args.split} split; {env['device']}, {env['precision']}, "
           f"{env['torch_threads']} torch threads, torch {env['torch']}")
-    print(f"speed, {speed['routing']} against full scoring: {speed['tokens_per_s_routed']:.0f} "
-          f"vs {speed['tokens_per_s_full']:.0f} tokens/s = {speed['ratio']:.2f}x; expert "
-          f"forwards per token {speed['forwards_per_token_routed']:.2f} vs "
+    print(f"speed, {speed['routing']} against full scoring, over every token of the "
+          f"{speed['documents']} documents longer than the prefix ({speed['tokens']} tokens, "
+          f"prefix included): {speed['tokens_per_s_routed']:.0f} vs "
+          f"{speed['tokens_per_s_full']:.0f} tokens/s = {speed['ratio']:.2f}x; expert forwards "
+          f"per token {speed['forwards_per_token_routed']:.2f} vs "
           f"{speed['forwards_per_token_full']:.2f} (K = {run.num_experts})")
     shown = curve.assign(**{"gap %": 100 * (curve["routed"] / curve["mixture"] - 1)})
     shown.index = [f"M={m}, K'={k}" for m, k in zip(curve["prefix"], curve["top_k"],
                                                     strict=True)]
     print(to_markdown(shown[["documents", "short_documents", "tokens", "mixture", "routed",
-                             "gap %", "accuracy", "winner_in_chosen", "forwards_routed"]]))
+                             "gap %", "accuracy", "winner_in_chosen",
+                             "forwards_per_doc_token_routed"]]))
     if args.out is not None:
         Path(args.out).write_text(json.dumps({
             "run": repr(run), "split": args.split, **env, "speed": speed,

@@ -1,13 +1,19 @@
 """Samples you can attribute: which domain does each expert's text read as?
 
-A tf-idf domain classifier is fit on the training split's documents (decoded with the data-bin's
-tokenizer); it labels each expert's samples with a domain. An expert *owns* the domain where its
-mean responsibility on the valid split is highest (moelab.evaluate's responsibilities table), so
-an expert whose samples read as the domain it owns has learned that domain's text, not only its
-documents' posteriors. The attribution score is the share of experts for which that holds.
+A tf-idf domain classifier is fit on the training split's documents only (decoded with the
+data-bin's tokenizer); it labels each expert's samples with a domain. An expert in use *owns* the
+domain where its mean responsibility on the valid split is highest (moelab.evaluate's
+responsibilities table); an expert is in use when it wins at least 1/(4K) of the split's
+documents, the rule of eval-lm's "experts used" (moelab.evaluate.experts_in_use), and an unused
+expert owns nothing: a collapsed model's idle experts, whose responsibilities are all near zero,
+do not own a domain by a tie. An expert *matches* when strictly more than half of its samples
+read as the domain it owns (an empty sample reads as none), so it has learned that domain's text,
+not only its documents' posteriors. The attribution score is the share of the K experts that
+match; an expert that owns nothing counts as one that does not.
 
     classifier = fit_domain_classifier("data-bin/mix")
-    table = attribute_samples(classifier, {0: [text, ...], 1: [...]}, result.responsibilities)
+    table = attribute_samples(classifier, {0: [text, ...], 1: [...]}, result.responsibilities,
+                              usage=result.usage)
     attribution_score(table)  # 1.0: every expert writes its own domain
 """
 
@@ -22,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from moelab.data import BinarizedDataset
+from moelab.evaluate import experts_in_use
 
 # Documents per domain the classifier reads at most: enough for tf-idf to see each domain's
 # vocabulary, few enough that fitting takes a second on a laptop CPU.
@@ -91,41 +98,51 @@ def fit_domain_classifier(data_bin: str | Path, *, split: str = "train",
                                                     max_per_domain=max_per_domain))
 
 
-def owned_domains(responsibilities: pd.DataFrame) -> pd.Series:
-    """expert -> the domain with its highest mean responsibility (domains x experts table)."""
-    return responsibilities.idxmax(axis=0).rename("owned domain")
+def owned_domains(responsibilities: pd.DataFrame, usage: pd.DataFrame) -> pd.Series:
+    """expert -> the domain with its highest mean responsibility (domains x experts table), or
+    "" for an expert not in use (usage: moelab.evaluate's per-expert table, its `share` of the
+    documents won, on the same split)."""
+    owned = responsibilities.idxmax(axis=0).astype(str)
+    used = pd.Series(experts_in_use(usage["share"].to_numpy()), index=usage.index)
+    return owned.where(used.reindex(owned.index, fill_value=False), "").rename("owned domain")
 
 
 def attribute_samples(classifier: DomainClassifier, samples: Mapping[int, Sequence[str]],
-                      responsibilities: pd.DataFrame) -> pd.DataFrame:
-    """One row per expert: the domain it owns, the domain its samples read as (the majority of
-    the classifier's labels; ties go to the owned domain, then alphabetically), that label's share
-    of its samples, and whether the two domains match.
+                      responsibilities: pd.DataFrame, *, usage: pd.DataFrame) -> pd.DataFrame:
+    """One row per expert of `responsibilities`: the domain it owns ("" when unused), the domain
+    its samples read as (the classifier's most frequent label, ties alphabetically), that label's
+    share of all its samples, and whether it matches: the owned domain is strictly more than half
+    of its samples. An expert without samples reads as "" and does not match.
 
-    samples: expert index -> its sample texts; responsibilities: moelab.evaluate's domains x
-    experts table (columns expert_k), usually of the valid split.
+    samples: expert index -> its sample texts; responsibilities and usage: moelab.evaluate's
+    domains x experts and per-expert tables (expert_k), of one split, usually valid.
     """
-    owned = owned_domains(responsibilities)
+    owned = owned_domains(responsibilities, usage)
+    unknown = sorted(set(samples) - {int(e.removeprefix("expert_")) for e in owned.index})
+    if unknown:
+        raise ValueError(f"samples of experts {unknown}, which the responsibilities table does "
+                         f"not have (it has {', '.join(owned.index)})")
     rows = {}
-    for expert, texts in samples.items():
-        own = str(owned[f"expert_{expert}"])
-        texts = [t for t in texts if t.strip()]  # an empty sample says nothing about a domain
-        votes = Counter(classifier.predict(texts))
+    for name, own in owned.items():
+        texts = samples.get(int(name.removeprefix("expert_")), [])
+        # an empty sample reads as no domain: it counts among the samples, never as a vote
+        votes = Counter(classifier.predict([t for t in texts if t.strip()]))
         if votes:
             most = max(votes.values())
-            read_as = own if votes[own] == most else min(d for d, n in votes.items() if n == most)
-            share = most / len(texts)
+            read_as = min(d for d, n in votes.items() if n == most)
         else:
-            read_as, share = "", 0.0
-        rows[f"expert_{expert}"] = {"owned domain": own, "samples read as": read_as,
-                                    "share": share, "samples": len(texts),
-                                    "match": read_as == own}
+            read_as, most = "", 0
+        rows[name] = {"owned domain": own, "samples read as": read_as,
+                      "share": most / len(texts) if texts else 0.0, "samples": len(texts),
+                      "match": bool(own) and 2 * votes[own] > len(texts)}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "expert"
     table.attrs["notes"] = [
-        "owned domain: the domain with the expert's highest mean responsibility; samples read "
-        "as: the domain a tf-idf classifier fit on the training documents gives most of the "
-        "expert's samples (share: of its non-empty samples); match: the two agree."]
+        "owned domain: the domain with the expert's highest mean responsibility, none for an "
+        "expert that wins under 1/(4K) of the documents (not among the experts used); samples "
+        "read as: the domain a tf-idf classifier fit on the training documents gives most of "
+        "the expert's samples (share: of all its samples, an empty one reading as none); match: "
+        "strictly more than half of its samples read as the domain it owns."]
     return table
 
 
@@ -150,5 +167,6 @@ def expert_samples(model, tokenizer, *, per_expert: int, max_new_tokens: int, se
 
 
 def attribution_score(table: pd.DataFrame) -> float:
-    """The share of experts whose samples read as the domain they own (NaN without experts)."""
+    """The share of the table's experts (all K of attribute_samples) that match: an expert that
+    owns nothing is one that does not (NaN without experts)."""
     return float(table["match"].mean()) if len(table) else float("nan")

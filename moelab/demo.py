@@ -260,15 +260,17 @@ def report_routing(wb: Workbench, methods: list[str]) -> str | None:
     wb.save_figure(fig, "figures/routing")
     plt.close(fig)
     shown = curve[["prefix", "top_k", "documents", "mixture", "routed", "gap", "accuracy",
-                   "winner_in_chosen", "forwards_full", "forwards_routed"]]
+                   "winner_in_chosen", "forwards_per_doc_token_full",
+                   "forwards_per_doc_token_routed"]]
     return "\n".join([
         f"## Routed inference ({method}, test split)", "",
         "The first M tokens of each document are read by every expert; the top K' experts by "
         "the posterior after them read the rest, weighted by that posterior (moelab.routing, "
         "`eval-lm --routing prefix:M,topk:K'`). On the tokens after the prefix: the full "
-        "mixture's perplexity and the routed one, the gap (routed - full, nats/token), routing "
-        "accuracy (the prefix's top expert is the whole document's) and expert forwards per "
-        "token. Documents of at most M tokens are left out.", "",
+        "mixture's perplexity and the routed one, the gap (routed - full, nats/token) and "
+        "routing accuracy (the prefix's top expert is the whole document's); on every token of "
+        "the routed documents, prefix included: expert forwards per token of each pass. "
+        "Documents of at most M tokens are left out.", "",
         report.to_markdown(shown.set_index("prefix")), "",
         f"![Routed against full inference ({method})](figures/routing.png)", ""])
 
@@ -282,7 +284,8 @@ def attribution_lines(rows: pd.DataFrame, seeds: list[int]) -> list[str]:
         values = per_seed.to_numpy(float)
         spread = f" ± {values.std(ddof=1):.2f} over {len(values)} seeds" if len(values) > 1 else ""
         first = rows[(rows.index == method) & (rows["seed"] == seeds[0])]
-        experts = "; ".join(f"{r['expert'].removeprefix('expert_')} owns {r['owned domain']}, "
+        experts = "; ".join(f"{r['expert'].removeprefix('expert_')} owns "
+                            f"{r['owned domain'] or 'nothing (unused)'}, "
                             f"reads as {r['samples read as'] or '(no text)'}"
                             for _, r in first.iterrows())
         lines.append(f"- **{method}**: {values.mean():.2f}{spread} of its experts write the "
@@ -501,9 +504,11 @@ def report_markdown(wb: Workbench, runs: list, table: pd.DataFrame, figures: lis
            if several else ""), "",
         *(["## Samples you can attribute", "",
            "A tf-idf domain classifier fit on the training documents labels each expert's "
-           "samples; an expert owns the domain of its highest mean responsibility on valid. The "
-           "score is the share of experts whose samples read as the domain they own "
-           "(`tables/attribution.csv`).", "",
+           "samples; an expert owns the domain of its highest mean responsibility on valid, and "
+           "one that wins under 1/(4K) of the valid documents owns nothing. An expert matches "
+           "when strictly more than half of its samples read as the domain it owns; the score "
+           "is the share of the K experts that match, one that owns nothing counting as one "
+           "that does not (`tables/attribution.csv`).", "",
            *attribution_lines(attribution, wb.seeds), ""] if attribution is not None else []),
         *(part for section in sections for part in (section, "")),
         samples.replace("# Samples", "## Samples", 1),

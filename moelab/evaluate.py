@@ -132,7 +132,10 @@ class EvalResult:
     log_prior: np.ndarray  # (K,) log pi_z at the document start, or the cached prior
     notes: list[str] = field(default_factory=list)
     # with routing (moelab.routing): overall and per domain, routed documents, tokens after the
-    # prefix, full mixture and routed perplexity on them, gap, accuracy, winner_in_chosen
+    # prefix, full mixture and routed perplexity on them, gap, accuracy, winner_in_chosen; the
+    # summary's cost beside it is per token read: forwards_per_token_* over every token of the
+    # routed documents, prefix included, tokens_per_second_full over every token of the split
+    # (the full pass reads them all), tokens_per_second_routed over the routed documents' tokens
     routing: pd.DataFrame | None = None
     routed_documents: pd.DataFrame | None = None  # the same, per routed document
 
@@ -362,13 +365,21 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
         "documents": D, "tokens": int(tokens.sum()), "num_experts": K,
         "tokens_per_sample": tokens_per_sample, "context_window": context_window,
         "usage_entropy": entropy, "usage_entropy_max": math.log(K),
-        "experts_used": int((share >= 1 / (4 * K)).sum()),
+        "experts_used": int(experts_in_use(share).sum()),
         "precision": "float32",  # moelab.windows scores in float32 on every device
         "prior": "start", "latent": "document", "routing": "full", **(settings or {}),
     })
     return EvalResult(perplexity=perplexity, documents=documents, posteriors=posteriors,
                       responsibilities=responsibilities, clusters=clusters, usage=usage,
                       summary=summary, log_prior=log_pi, notes=notes)
+
+
+def experts_in_use(share: np.ndarray) -> np.ndarray:
+    """(K,) whether each expert is in use: it wins at least 1/(4K) of the documents (share: the
+    fraction each wins), a quarter of an even split. The summary's `experts_used` counts them;
+    moelab.attribution gives no domain to the others."""
+    share = np.asarray(share, dtype=float)
+    return share >= 1 / (4 * len(share))
 
 
 def posterior_confidence(ll: np.ndarray, log_posterior: np.ndarray, tokens: np.ndarray
@@ -495,8 +506,8 @@ def describe_mixture(result: EvalResult) -> str:
 def describe_routing(result: EvalResult) -> str:
     """The routed figures beside the full mixture's on the same tokens, and what each cost."""
     s, table = result.summary, result.routing
-    shown = table.rename(columns={"mixture": "full ppl", "routed": "routed ppl",
-                                  "gap": "gap (nats/token)"})
+    shown = table.rename(columns={"tokens": "tokens after prefix", "mixture": "full ppl",
+                                  "routed": "routed ppl", "gap": "gap (nats/token)"})
     lines = [
         f"routed inference (--routing {s['routing']}): the top {int(s['top_k'])} expert(s) by "
         f"the posterior after the first {int(s['prefix_tokens'])} tokens score the rest; "
@@ -506,10 +517,11 @@ def describe_routing(result: EvalResult) -> str:
                         float_format=lambda x: f"{x:.3f}"),
         f"routing accuracy {s['routing_accuracy']:.3f} (top-1 choice = the full-document "
         f"winner); winner among the chosen {s['winner_in_chosen']:.3f}",
-        f"cost: {s['forwards_per_token_full']:.2f} expert forwards per token in full, "
-        f"{s['forwards_per_token_routed']:.2f} routed; "
-        f"{s['tokens_per_second_full']:.0f} tokens/s in full, "
-        f"{s['tokens_per_second_routed']:.0f} routed",
+        f"cost, per token read (every token of the routed documents, prefix included, not "
+        f"only the tokens after it): {s['forwards_per_token_full']:.2f} expert forwards per "
+        f"token in full, {s['forwards_per_token_routed']:.2f} routed; "
+        f"{s['tokens_per_second_full']:.0f} tokens/s in full (every token of the split), "
+        f"{s['tokens_per_second_routed']:.0f} routed (every token of the routed documents)",
     ]
     return "\n".join(lines)
 

@@ -18,6 +18,12 @@ alone: M = 0, the experts ranked by the prior alone, a static choice per split; 
   then the windows that reach past M with the K' chosen ones (a window that straddles M is read
   again from its start, so that every token keeps the context it has in the full pass).
 
+Two token sets, each named where it is used: the perplexities, gap and `tokens` are over the
+tokens after the prefix (the only ones routing can change); the cost, expert forwards per token
+and tokens/s, is over every token of the documents a pass reads, prefix included (the routed pass
+must read the prefix with all K experts to choose), so full scoring costs K forwards per token
+and routing about K' + (K - K') M / n.
+
 p(. | z) are eval-lm's sliding-window scores (moelab.windows), so the routed pass gives each
 token the log-probability the full pass gives it. Documents of M tokens or fewer have no tokens
 to route: they are left out of every routed figure and counted (`short_documents`).
@@ -231,10 +237,15 @@ def routed_documents(*, docs: np.ndarray, domains: np.ndarray, tokens_after: np.
     return frame
 
 
+ROUTING_TABLE_NOTE = ("tokens, mixture, routed and gap: the tokens after the prefix of the routed "
+                      "documents (mixture: the full mixture's perplexity on them; gap: routed - "
+                      "full, nats/token); accuracy: the top-1 choice is the full-document winner")
+
+
 def routing_table(frame: pd.DataFrame, domains: Sequence[str]) -> pd.DataFrame:
     """Overall and per domain: routed documents, tokens after the prefix, the full mixture's and
     the routed perplexity on them, the gap (routed - full, nats/token), routing accuracy and how
-    often the winner is among the chosen."""
+    often the winner is among the chosen. Every figure is over the tokens after the prefix."""
     parts = {"overall": frame, **{d: frame[frame["domain"] == d] for d in domains
                                   if (frame["domain"] == d).any()}}
     rows = {}
@@ -247,9 +258,15 @@ def routing_table(frame: pd.DataFrame, domains: Sequence[str]) -> pd.DataFrame:
                       "accuracy": part["correct"].mean() if len(part) else np.nan,
                       "winner_in_chosen": part["winner_in_chosen"].mean() if len(part)
                       else np.nan}
-    table = pd.DataFrame(rows).T
+    table = pd.DataFrame(rows).T.astype({"documents": int, "tokens": int})
     table.index.name = "subset"
-    return table.astype({"documents": int, "tokens": int})
+    table.attrs["notes"] = [ROUTING_TABLE_NOTE]
+    return table
+
+
+CURVE_COST_NOTE = ("forwards_per_doc_token_full and _routed: expert forwards each pass runs per "
+                   "token of the routed documents, prefix included (every token a pass reads: "
+                   "full scoring costs K per token)")
 
 
 def routing_curve(model: MixtureLM, dataset: BinarizedDataset, *,
@@ -259,7 +276,10 @@ def routing_curve(model: MixtureLM, dataset: BinarizedDataset, *,
                   max_sentences: int = 8, progress: bool = True) -> pd.DataFrame:
     """Routed against full perplexity, routing accuracy and cost at every (M, K'), from one pass
     of every expert over every token (their cumulative sums give every prefix at once): the
-    numbers `eval-lm --routing prefix:M,topk:K'` reports overall, one row each."""
+    numbers `eval-lm --routing prefix:M,topk:K'` reports overall, one row each. The perplexities
+    are over the tokens after the prefix, the cost columns (forwards_per_doc_token_full,
+    forwards_per_doc_token_routed) over every token of the routed documents: the table's note
+    says so."""
     T, C = resolve_window(model, tokens_per_sample, context_window)
     K = model.num_experts
     routings = [Routing(prefix=int(m), top_k=int(k)) for m in prefixes for k in top_k]
@@ -291,11 +311,12 @@ def routing_curve(model: MixtureLM, dataset: BinarizedDataset, *,
         overall = routing_table(frame, dataset.domains).loc["overall"]
         out.append({"prefix": routing.prefix, "top_k": routing.top_k, **overall.to_dict(),
                     "short_documents": len(lengths) - len(docs),
-                    "forwards_full": full / max(scored, 1),
-                    "forwards_routed": routed / max(scored, 1)})
-    curve = pd.DataFrame(out)
+                    "forwards_per_doc_token_full": full / max(scored, 1),
+                    "forwards_per_doc_token_routed": routed / max(scored, 1)})
+    curve = pd.DataFrame(out).astype({"documents": int, "tokens": int})
     curve.attrs.update(prior=prior, num_experts=K, tokens_per_sample=T, context_window=C)
-    return curve.astype({"documents": int, "tokens": int})
+    curve.attrs["notes"] = [ROUTING_TABLE_NOTE, CURVE_COST_NOTE]
+    return curve
 
 
 __all__ = ["RoutedScores", "Routing", "choose_experts", "forwards", "full_after_prefix",

@@ -422,14 +422,16 @@ class Workbench:
 
     def attribution(self, method: str, *, seed: int | None = None,
                     samples: dict[int, list[str]] | None = None, **sampling) -> pd.DataFrame:
-        """Per expert: the domain it owns on valid, the domain its samples read as, and whether
-        they match (moelab.attribution.attribute_samples); `sampling` goes to expert_samples."""
+        """Per expert: the domain it owns on valid (none when unused), the domain its samples read
+        as, and whether they match (moelab.attribution.attribute_samples); `sampling` goes to
+        expert_samples."""
         from moelab.attribution import attribute_samples
 
         if samples is None:
             samples = self.expert_samples(method, seed=seed, **sampling)
-        return attribute_samples(self.domain_classifier(), samples,
-                                 self.evaluate(method, "valid", seed=seed).responsibilities)
+        valid = self.evaluate(method, "valid", seed=seed)
+        return attribute_samples(self.domain_classifier(), samples, valid.responsibilities,
+                                 usage=valid.usage)
 
     # ------------------------------------------------------------------ exports
     def save_figure(self, fig, name: str, formats: Sequence[str] = ("png", "svg", "pdf")

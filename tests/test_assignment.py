@@ -14,8 +14,11 @@ import torch
 import torch.multiprocessing as mp
 
 from moelab.cli import main
+from moelab.errors import MoelabError
 from moelab.train import RunConfig, read_history, train
 from moelab.train.assignment import (
+    SINKHORN_MAX_ITERATIONS,
+    SINKHORN_TOLERANCE,
     Assignment,
     PriorBias,
     anneal_temperature,
@@ -43,14 +46,45 @@ def _scores(B: int, K: int, seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------------------- sinkhorn
 
 
+def _collapsed(B: int, K: int, low: float, high: float, seed: int = 0) -> torch.Tensor:
+    """Scores (B, K) where every chunk prefers expert 0, by margins from `low` to `high` nats."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, K, generator=generator) * 3
+    scores[:, 0] += torch.linspace(low, high, B)[torch.randperm(B, generator=generator)]
+    return scores
+
+
+def _deviation(plan: torch.Tensor) -> float:
+    """The largest relative deviation of a column sum from B / K."""
+    B, K = plan.shape
+    return float((plan.double().sum(0) / (B / K) - 1).abs().max())
+
+
 def test_sinkhorn_plan_has_rows_one_and_columns_b_over_k():
-    scores = _scores(12, 3)
-    plan = sinkhorn(scores, iterations=50)
+    plan, residual, _ = sinkhorn(_scores(12, 3))
     torch.testing.assert_close(plan.sum(1), torch.ones(12))  # each row a posterior
-    torch.testing.assert_close(plan.sum(0), torch.full((3,), 12 / 3), atol=1e-4, rtol=0)
-    few = sinkhorn(scores)  # the default few iterations: rows exact, columns close
-    torch.testing.assert_close(few.sum(1), torch.ones(12))
-    assert (few.sum(0) - 4).abs().max() < (scores.softmax(-1).sum(0) - 4).abs().max()
+    assert _deviation(plan) < SINKHORN_TOLERANCE
+    assert residual == pytest.approx(_deviation(plan), abs=1e-6)
+
+
+def test_sinkhorn_balances_a_batch_that_prefers_one_expert_by_hundreds_of_nats():
+    """B = 8, K = 7, expert 0 ahead by 50-500 nats: 3 iterations left column sums of about
+    [4.0, 0.6, 0.4, ...] against 8 / 7; iterating to the tolerance balances them."""
+    scores = _collapsed(8, 7, 50, 500)
+    plan, residual, iterations = sinkhorn(scores)
+    assert residual < SINKHORN_TOLERANCE and _deviation(plan) < SINKHORN_TOLERANCE
+    assert 3 < iterations < SINKHORN_MAX_ITERATIONS
+    few = sinkhorn(scores, max_iterations=3)
+    assert few.iterations == 3 and few.plan.sum(0)[0] > 2.5 and few.residual > 1
+
+
+def test_the_cap_stops_sinkhorn_and_the_residual_shows_how_far_it_got():
+    plan, residual, iterations = sinkhorn(_collapsed(8, 7, 50, 500), max_iterations=20)
+    assert iterations == 20
+    assert residual == pytest.approx(_deviation(plan), rel=1e-5) and residual > 0.1
+    for cap in (0, 1, 2):  # the residual is the returned plan's, where each iteration counts
+        plan, residual, iterations = sinkhorn(_scores(12, 3), max_iterations=cap)
+        assert iterations == cap and residual == pytest.approx(_deviation(plan), rel=1e-5)
 
 
 def test_sinkhorn_keeps_the_argmax_of_an_already_balanced_batch():
@@ -58,7 +92,7 @@ def test_sinkhorn_keeps_the_argmax_of_an_already_balanced_batch():
     # each expert preferred by 4 of 12 chunks, in no order (a round robin would not pass)
     preferred = torch.randperm(12, generator=torch.Generator().manual_seed(0)) % K
     scores = _scores(12, K, seed=1) * 0.3 + 4 * torch.nn.functional.one_hot(preferred, K)
-    plan = sinkhorn(scores, iterations=20)
+    plan = sinkhorn(scores).plan
     assert torch.equal(plan.argmax(1), scores.argmax(1))
     assert torch.equal(plan.argmax(1), preferred)
 
@@ -70,9 +104,55 @@ def test_sinkhorn_spreads_a_collapsed_batch_over_the_experts():
     scores = _scores(B, K, seed=2)
     scores[:, 0] += 300
     assert (scores.softmax(-1).argmax(1) == 0).all()
-    won = torch.bincount(sinkhorn(scores).argmax(1), minlength=K)
+    plan = sinkhorn(scores).plan
+    won = torch.bincount(plan.argmax(1), minlength=K)
     assert (won >= B // (2 * K)).all(), won
-    assert torch.isfinite(sinkhorn(scores)).all()
+    assert torch.isfinite(plan).all()
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_margins_of_800_nats_give_a_finite_balanced_plan_and_the_strongest_choice(hard):
+    """exp(-800) underflows even in float64: the column sums need their maximum taken out
+    first, or the plan is nan and the hard choice arbitrary. Chunks that all prefer expert 0 by
+    800-1000 nats: expert 0 keeps the two it is surest of, the others share the rest."""
+    K, B = 3, 6
+    scores = _collapsed(B, K, 800, 1000, seed=4)
+    plan, residual, _ = sinkhorn(scores)
+    assert torch.isfinite(plan).all() and residual < SINKHORN_TOLERANCE
+    r = Assignment(balance="sinkhorn", hard=hard).posterior(scores)
+    assert torch.isfinite(r).all()
+    surest = set(torch.topk(scores[:, 0] - scores[:, 1:].max(1).values, 2).indices.tolist())
+    if hard:
+        assert torch.bincount(r.argmax(1), minlength=K).tolist() == [2, 2, 2]
+        assert set(torch.nonzero(r.argmax(1) == 0).flatten().tolist()) == surest
+    else:
+        assert set(torch.topk(r[:, 0], 2).indices.tolist()) == surest
+        assert _deviation(r) < SINKHORN_TOLERANCE
+
+
+def test_a_plan_of_scores_that_are_not_finite_is_refused():
+    """A nan in the scores must not become a silent, arbitrary choice."""
+    scores = _scores(6, 3)
+    scores[2, 1] = float("nan")
+    for hard in (True, False):
+        with pytest.raises(MoelabError, match="not finite"):
+            Assignment(balance="sinkhorn", hard=hard).posterior(scores)
+
+
+def test_the_log_shows_the_largest_residual_and_iterations_since_the_last_line():
+    assignment = Assignment(balance="sinkhorn")
+    assert "sinkhorn_residual" not in assignment.log_fields()  # no plan made yet
+    easy, hard = _scores(12, 3), _collapsed(12, 3, 20, 60)
+    for scores in (easy, hard, easy):
+        assignment.posterior(scores)
+    worst = sinkhorn(hard)
+    assert worst.iterations > sinkhorn(easy).iterations
+    fields = assignment.log_fields()
+    assert fields["sinkhorn_residual"] == max(worst.residual, sinkhorn(easy).residual)
+    assert fields["sinkhorn_iterations"] == worst.iterations
+    assert "sinkhorn_residual" not in assignment.log_fields()  # counted afresh after a line
+    assignment.posterior(easy)
+    assert assignment.log_fields()["sinkhorn_iterations"] == sinkhorn(easy).iterations
 
 
 def test_hard_em_spreads_a_batch_of_alike_chunks_with_each_expert_capped():
@@ -111,9 +191,12 @@ def _sinkhorn_worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         scores = _scores(8, 2, seed=rank).abs()  # rank 0's chunks prefer expert 0, rank 1's 1
-        scores[:, rank] += 5
-        plan = sinkhorn(scores, iterations=20, dist=DistInfo(rank=rank, world_size=2))
-        torch.save(plan, os.path.join(out_dir, f"plan{rank}.pt"))
+        scores[:, rank] += 5 + 30 * rank
+        plan, residual, iterations = sinkhorn(scores, dist=DistInfo(rank=rank, world_size=2))
+        # rank 1's chunks prefer their expert by far more: the ranks' own sums would stop at
+        # different iterations, the all-reduced ones stop both at the same
+        torch.save({"plan": plan, "residual": residual, "iterations": iterations},
+                   os.path.join(out_dir, f"plan{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -123,11 +206,13 @@ def test_sinkhorn_shares_are_global_over_ddp_ranks(tmp_path):
     """Two ranks with opposite preferences balance each other: each keeps its chunks on its
     expert, where shares counted per rank would move half of them to the other."""
     mp.spawn(_sinkhorn_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    plans = [torch.load(tmp_path / f"plan{r}.pt", weights_only=True) for r in range(2)]
+    out = [torch.load(tmp_path / f"plan{r}.pt", weights_only=True) for r in range(2)]
+    plans = [o["plan"] for o in out]
     for rank, plan in enumerate(plans):
         assert (plan.argmax(1) == rank).all(), (rank, plan)
-    torch.testing.assert_close(plans[0].sum(0) + plans[1].sum(0), torch.full((2,), 8.0),
-                               atol=0.05, rtol=0)  # 16 chunks, 8 per expert over both ranks
+    total = plans[0].sum(0) + plans[1].sum(0)  # 16 chunks, 8 per expert over both ranks
+    assert float((total / 8 - 1).abs().max()) < SINKHORN_TOLERANCE
+    assert out[0]["iterations"] == out[1]["iterations"] and out[0]["residual"] == out[1]["residual"]
 
 
 # --------------------------------------------------------------------------- prior bias
@@ -179,6 +264,28 @@ def test_annealing_flattens_at_t0_and_is_exactly_softmax_at_update_n():
     assert entropy(assignment.posterior(scores)) > entropy(scores.softmax(-1)) + 0.5
     assignment.start_update(10)
     assert torch.equal(assignment.posterior(scores), scores.softmax(-1))
+
+
+def test_the_bias_is_added_before_the_temperature_and_the_balance_comes_last():
+    """bias, temper, balance: the hot start flattens the biased scores (the bias is a part of
+    the log prior, which the temperature divides with the rest), and Sinkhorn balances the
+    tempered posterior, not a posterior tempered after balancing."""
+    scores = torch.zeros(4, 3)
+    scores[:, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    bias = torch.tensor([2.0, 0.0, -1.0])
+
+    def assignment(**options) -> Assignment:
+        a = Assignment(prior_bias=PriorBias(bias.clone(), rate=0.1), estep_temperature=4.0,
+                       anneal_updates=10, **options)
+        a.start_update(0)  # T = 4
+        return a
+
+    torch.testing.assert_close(assignment().posterior(scores), ((scores + bias) / 4).softmax(-1))
+    assert not torch.allclose(assignment().posterior(scores), (scores / 4 + bias).softmax(-1))
+    plan = assignment(balance="sinkhorn").posterior(scores)
+    torch.testing.assert_close(plan, sinkhorn((scores + bias) / 4).plan)
+    tempered_after = sinkhorn(scores).plan.log().div(4).softmax(-1)
+    assert not torch.allclose(plan, tempered_after, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -240,7 +347,8 @@ def test_defaults_leave_every_number_unchanged(tiny_bin, tmp_path):
           log_interval=1, save_dir=tmp_path, **TINY)
     assert "prior_bias" not in read_checkpoint(tmp_path / LAST)
     columns = set(read_history(tmp_path).columns)
-    assert not {"estep_temperature", "prior_bias_spread", "model_posterior_mass_0"} & columns
+    assert not {"estep_temperature", "prior_bias_spread", "model_posterior_mass_0",
+                "sinkhorn_residual", "sinkhorn_iterations"} & columns
 
 
 # --------------------------------------------------------------------------- training
@@ -346,3 +454,9 @@ def test_with_a_remedy_the_log_shows_the_models_own_posterior_beside_the_reshape
         assert line["model_posterior_mass"] == pytest.approx(posterior.tolist(), abs=1e-6)
         assert line["posterior_mass"] == pytest.approx(trained_on.tolist(), abs=1e-6)
         assert line["model_posterior_mass"] != pytest.approx(line["posterior_mass"], abs=1e-3)
+        # how balanced the plan it trained on is: within the tolerance, or the cap was hit
+        assert line["sinkhorn_iterations"] > 0
+        assert (line["sinkhorn_residual"] < SINKHORN_TOLERANCE
+                or line["sinkhorn_iterations"] == SINKHORN_MAX_ITERATIONS)
+        assert line["posterior_mass"] == pytest.approx(
+            [1 / 3] * 3, rel=max(line["sinkhorn_residual"], 1e-6) + 1e-6)

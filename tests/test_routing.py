@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moelab.cli import main
 from moelab.data import BinarizedDataset, TrainBatches
-from moelab.evaluate import evaluate, format_result
+from moelab.evaluate import describe_routing, evaluate, format_result
 from moelab.model import MixtureLM, ModelConfig
 from moelab.routing import Routing, parse_routing, routing_curve
 from moelab.train import Run
@@ -429,9 +429,15 @@ def test_the_routing_curve_matches_brute_force_and_eval_lms_routed_figures(
         brute = brute_routing(gated_tokens["test"], cached, int(row["prefix"]),
                               int(row["top_k"]), domain_names(test_split), T, C)
         for column, value in {**brute_table(brute["docs"]),
-                              "forwards_full": brute["cost_full"] / brute["tokens"],
-                              "forwards_routed": brute["cost_routed"] / brute["tokens"]}.items():
+                              "forwards_per_doc_token_full": brute["cost_full"] / brute["tokens"],
+                              "forwards_per_doc_token_routed":
+                                  brute["cost_routed"] / brute["tokens"]}.items():
             assert row[column] == pytest.approx(value, rel=1e-5, abs=1e-6), column
+    # the brute force's tokens: after the prefix for the perplexities, every token for the cost
+    notes = " ".join(curve.attrs["notes"])
+    assert "mixture, routed and gap: the tokens after the prefix" in notes
+    assert "forwards_per_doc_token_full and _routed" in notes
+    assert "per token of the routed documents, prefix included" in notes
     routed = evaluate(gated, test_split, tokens_per_sample=T, context_window=C, prior="cached",
                       prior_dataset=valid, routing="prefix:30,topk:2", progress=False)
     last = curve.iloc[-1]
@@ -445,8 +451,8 @@ def test_the_routing_figure_draws_the_curves_numbers():
     curve = pd.DataFrame({"prefix": [16, 16, 64, 64], "top_k": [1, 2, 1, 2],
                           "mixture": [30.0, 30.0, 29.0, 29.0], "routed": [33.0, 31.0, 29.5, 29.1],
                           "accuracy": [0.7, 0.7, 0.9, 0.9], "winner_in_chosen": [0.7, 0.85, 0.9, 1],
-                          "forwards_full": [3.0, 3.0, 3.0, 3.0],
-                          "forwards_routed": [1.1, 2.1, 1.4, 2.3]})
+                          "forwards_per_doc_token_full": [3.0, 3.0, 3.0, 3.0],
+                          "forwards_per_doc_token_routed": [1.1, 2.1, 1.4, 2.3]})
     ppl, acc, cost = routing_curves(curve).axes
     lines = {ax: {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
                   for line in ax.get_lines()} for ax in (ppl, acc, cost)}
@@ -458,6 +464,26 @@ def test_the_routing_figure_draws_the_curves_numbers():
     assert lines[cost] == {"full scoring": ([16, 64], [3.0, 3.0]),
                            "routed, K'=1": ([16, 64], [1.1, 1.4]),
                            "routed, K'=2": ([16, 64], [2.1, 2.3])}
+
+
+def test_each_routed_figure_says_which_tokens_it_counts(model, valid):
+    """Perplexities over the tokens after the prefix, cost over every token a pass reads: the
+    numbers are over the sets the table, its note and eval-lm's lines name (the routing curve's
+    columns and notes: test_the_routing_curve_matches_brute_force...)."""
+    M = 30
+    result = evaluate(model, valid, tokens_per_sample=T, context_window=C, routing=f"prefix:{M}",
+                      progress=False)
+    lengths = np.array([valid.document_length(i) for i in range(len(valid))])
+    routed = lengths[lengths > M]
+    s = result.summary
+    assert result.routing.loc["overall", "tokens"] == (routed - M).sum()
+    assert any("tokens after the prefix" in n for n in result.routing.attrs["notes"])
+    assert s["tokens_per_second_routed"] * s["seconds_routed"] == pytest.approx(routed.sum())
+    assert s["tokens_per_second_full"] * s["seconds_full"] == pytest.approx(lengths.sum())
+    text = describe_routing(result)
+    assert "tokens after prefix" in text and "perplexity on the tokens after the prefix" in text
+    assert "per token read (every token of the routed documents, prefix included" in text
+    assert "tokens/s in full (every token of the split)" in text
 
 
 # ----------------------------------------------------------------------------- reports, cache

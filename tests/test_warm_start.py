@@ -57,6 +57,26 @@ def test_balanced_kmeans_is_deterministic_by_seed():
     assert np.array_equal(first, warm_start.balanced_kmeans(vectors, 4, seed=5))
 
 
+def test_balanced_kmeans_seeds_give_their_own_clusters():
+    """Rows without planted groups, where the seeding decides the clusters: seeds 1, 2 and 3
+    give three different partitions, so training seeds do not share one warm start."""
+    rng = np.random.default_rng(0)
+    rows = rng.random((60, 30)) * (rng.random((60, 30)) < 0.3)
+    vectors = sp.csr_matrix(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+    clusters = [warm_start.balanced_kmeans(vectors, 4, seed=s) for s in (1, 2, 3)]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert adjusted_rand_score(clusters[a], clusters[b]) < 0.9
+
+
+def test_the_documents_are_clustered_with_the_runs_seed(tiny_bin):
+    ds = BinarizedDataset(tiny_bin, "train")
+    vectors = warm_start.tfidf_vectors(ds)
+    by_seed = {s: warm_start.cluster_documents(ds, 3, seed=s) for s in (1, 2, 3)}
+    for seed, clusters in by_seed.items():
+        assert np.array_equal(clusters, warm_start.balanced_kmeans(vectors, 3, seed=seed))
+    assert len({tuple(c) for c in by_seed.values()}) > 1  # the check above can tell seeds apart
+
+
 def test_tfidf_clusters_of_the_tiny_corpus_are_its_domains(tiny_bin):
     ds = BinarizedDataset(tiny_bin, "train")
     clusters = warm_start.cluster_documents(ds, 3, seed=1)
@@ -194,3 +214,24 @@ def test_a_cache_made_for_another_k_is_not_reused(tiny_bin, tmp_path):
     assert two.max() == 1 and three.max() == 2
     again = warm_start.load_or_cluster(ds, tmp_path, 3, seed=1, write=True, say=say)
     assert np.array_equal(again, three)
+
+
+def test_a_cache_made_with_another_seed_is_not_reused(tiny_bin, tmp_path, monkeypatch):
+    """A run with seed 2 clusters its own documents, not seed 1's cached clusters; the cache it
+    writes then serves seed 2."""
+    ds = BinarizedDataset(tiny_bin, "train")
+    notes = []
+    warm_start.load_or_cluster(ds, tmp_path, 3, seed=1, write=True, say=notes.append)
+    real, seeds = warm_start.cluster_documents, []
+
+    def spy(ds, k, *, seed):
+        seeds.append(seed)
+        return real(ds, k, seed=seed)
+
+    monkeypatch.setattr(warm_start, "cluster_documents", spy)
+    second = warm_start.load_or_cluster(ds, tmp_path, 3, seed=2, write=True, say=notes.append)
+    assert seeds == [2] and "K or seed" in notes[-1]
+    assert np.array_equal(second, real(ds, 3, seed=2))
+    again = warm_start.load_or_cluster(ds, tmp_path, 3, seed=2, write=True, say=notes.append)
+    assert seeds == [2] and np.array_equal(again, second)
+

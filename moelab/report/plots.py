@@ -268,7 +268,8 @@ def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
     """moelab.routing.routing_curve's table against the prefix length M, one line per K':
     routed perplexity (solid) beside the full mixture's on the same tokens (dashed, black),
     routing accuracy (black; dotted: the winner among the K' chosen) and the expert forwards per
-    token each costs (dashed, black: full scoring)."""
+    token each costs (dashed, black: full scoring), over every token of the routed documents,
+    prefix included, where the perplexities are over the tokens after the prefix."""
     if curve.empty:
         raise ValueError("routing_curves needs at least one (prefix, top_k) row")
     fig = Figure(figsize=(12.5, 3.8), layout="constrained")
@@ -277,8 +278,8 @@ def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
     full = curve.drop_duplicates("prefix")  # the full mixture does not depend on K'
     ppl.plot(full["prefix"], full["mixture"], color="black", linestyle="--", marker="o",
              label="full mixture")
-    cost.plot(full["prefix"], full["forwards_full"], color="black", linestyle="--", marker="o",
-              label="full scoring")
+    cost.plot(full["prefix"], full["forwards_per_doc_token_full"], color="black", linestyle="--",
+              marker="o", label="full scoring")
     # the top-1 choice does not depend on K' either
     acc.plot(full["prefix"], full["accuracy"], color="black", marker="o",
              label="top-1 choice = winner")
@@ -289,7 +290,7 @@ def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
         if k > 1:
             acc.plot(part["prefix"], part["winner_in_chosen"], color=color, marker="s",
                      linestyle=":", label=f"winner among the {k} chosen")
-        cost.plot(part["prefix"], part["forwards_routed"], color=color, marker="o",
+        cost.plot(part["prefix"], part["forwards_per_doc_token_routed"], color=color, marker="o",
                   label=f"routed, K'={k}")
     for ax in (ppl, acc, cost):
         ax.set_xscale("log", base=2)
@@ -301,7 +302,7 @@ def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
     ppl.set_ylabel("perplexity after the prefix")
     acc.set_ylabel("routing accuracy")
     acc.set_ylim(-0.02, 1.02)
-    cost.set_ylabel("expert forwards per token")
+    cost.set_ylabel("expert forwards per document token")
     cost.set_ylim(bottom=0)
     fig.suptitle(title or "Routed inference against the full mixture", x=0.01, ha="left")
     return fig

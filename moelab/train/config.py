@@ -276,8 +276,9 @@ class TrainConfig:
     # the remedies against collapse (moelab.train.assignment): they reshape the posterior the
     # M-step trains on, never the loss or evaluation; all off by default
     balance: str = field(default="none", metadata=_help(
-        "sinkhorn: project each update's posterior onto equal expert shares (Sinkhorn-Knopp, "
-        "over all ranks); hard EM trains the balanced plan's argmax, soft EM its weights",
+        "sinkhorn: project each micro-batch's posterior onto equal expert shares (Sinkhorn-"
+        "Knopp, over all ranks together; with --update-freq N, each of the N micro-batches on "
+        "its own); hard EM trains the balanced plan's argmax, soft EM its weights",
         choices=BALANCES))
     prior_bias_rate: float = field(default=0.0, metadata=_help(
         "loss-free balancing of the learned prior: a per-expert bias on log p(z|c), used only "
