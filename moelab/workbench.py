@@ -223,7 +223,9 @@ class Workbench:
         """The method whose run (at equal updates) spent the most FLOPs, training what is
         missing: the compute every method is compared at, `at=` of the equal-compute runs."""
         seed = self._seed(seed)
-        self.train(methods, seeds=[seed])
+        missing = [m for m in methods if not self.is_trained(m, seed)]
+        if missing:
+            self.train(missing, seeds=[seed])
         return max(methods, key=lambda m: self.flops_spent(m, seed))
 
     def train(self, methods: Sequence[str] | str, *, live=None, retrain: bool = False,
