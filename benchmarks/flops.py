@@ -5,7 +5,8 @@ torch's FLOP counter on a real update.
 
 Per preset (moelab.presets.STUDIES: its model, K, tokens-per-sample and max-tokens; the
 vocabulary it preprocesses the bundled corpus to) and method: moelab.train.compute's count of an
-update on a full batch (max_tokens // T chunks of T tokens), by part, and its ratio to dense's.
+update on a full batch (max_tokens // T chunks of T tokens), by part, and its ratio to dense's,
+for the step as training runs it (soft EM without dropout reads its E-step off the M-step).
 Then one real update of a smaller batch (two chunks, one of them padded, each with a context),
 forward and backward under `torch.utils.flop_counter.FlopCounterMode` (SDPA's math backend, whose
 matmuls the counter sees), against the count of the same update: the relative difference.
@@ -74,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         for method in METHODS:
             config, T, rows = preset_config(preset, method)
             hard, uniform = method_flags(method)
-            flops = batch_flops(config, [T] * rows, T, hard=hard, uniform_prior=uniform)
+            # the step as training runs it: soft EM without dropout reads its E-step off the
+            # M-step's forward (moelab.train.scoring), which the count follows
+            step = EMStep(MixtureLM(config).train(), hard=hard, uniform_prior=uniform)
+            flops = batch_flops(config, [T] * rows, T, hard=hard, uniform_prior=uniform,
+                                reuse=step.scorer.reuses_estep(hard=hard))
             dense = dense or flops.total
             counter, ours = counted_update(config, T, method)
             row = {"preset": preset, "method": method, "K": config.num_experts,
+                   "dropout": config.dropout,
+                   "reused_estep": step.scorer.reuses_estep(hard=hard),
                    "batch": f"{rows} x {T}", "update_flops": flops.total,
                    "by_part": flops.as_dict(), "x_dense": flops.total / dense,
                    "counter_check": {"torch": counter, "moelab": ours,
