@@ -111,6 +111,11 @@ def summary(out: Path) -> str:
         lines.append(f"- branched {method} below {method} from scratch at equal FLOPs in "
                      f"{below} of {len(ours)} seeds ({', '.join(f'{x:.1f}' for x in ours)} "
                      f"against {', '.join(f'{x:.1f}' for x in scratch)})")
+        dense = ppl.loc[("equal FLOPs", "dense")]
+        lines.append(f"- branched {method} below dense at equal FLOPs in "
+                     f"{int((ours < dense).sum())} of {len(ours)} seeds "
+                     f"({', '.join(f'{x:.1f}' for x in ours)} against "
+                     f"{', '.join(f'{x:.1f}' for x in dense)})")
     return "\n".join(lines)
 
 

@@ -74,11 +74,12 @@ STUDIES: dict[str, Study] = {
                    validate_interval_updates=1000),
         data=dict(vocab_size=8000, valid_fraction=0.05, test_fraction=0.05),
         num_experts=10),
-    # Sized so that `moelab demo` trains and evaluates all five methods within 12 minutes on 2
-    # cores: soft EM scores and backpropagates all K experts every update, which is what bounds
-    # the budget. Dropout 0: a few hundred updates underfit, so dropout would only slow
-    # learning. A small vocabulary keeps the output layer cheap; small held-out shares keep the
-    # evaluation within budget.
+    # Sized so that `moelab demo` trained and evaluated all five methods at equal updates within
+    # 12 minutes on 2 cores; with every method also trained to soft EM's compute (the comparison
+    # at equal FLOPs) it takes about 16 (2026-12-07). Soft EM, which backpropagates all K
+    # experts every update, sets that budget. Dropout 0: a few hundred updates underfit, so
+    # dropout would only slow learning. A small vocabulary keeps the output layer cheap; small
+    # held-out shares keep the evaluation within budget.
     "cpu": Study(
         train=dict(arch="tiny", decoder_embed_dim=96, decoder_ffn_embed_dim=384,
                    decoder_attention_heads=4, mean_pool_gating_network_encoder_dim=96,
