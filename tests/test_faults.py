@@ -51,7 +51,8 @@ def _checkpoints_all_readable(save_dir: Path) -> list[str]:
 def _log(save_dir: Path) -> list[dict]:
     """The log lines minus what depends on the clock."""
     lines = [json.loads(x) for x in (save_dir / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("wall", "tokens_per_s")} for r in lines]
+    return [{k: v for k, v in r.items() if k not in ("wall", "tokens_per_s", "train_seconds")}
+            for r in lines]
 
 
 def _same_weights(a: dict, b: dict) -> None:
