@@ -132,6 +132,7 @@ class Workbench:
     _evals: dict = field(default_factory=dict, init=False, repr=False)
     _classifier: object = field(default=None, init=False, repr=False)
     _profiles: dict = field(default_factory=dict, init=False, repr=False)
+    _interval: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_bin, self.runs_dir = Path(self.data_bin), Path(self.runs_dir)
@@ -190,7 +191,10 @@ class Workbench:
         """The FLOP interval at which every run validates: the most expensive method's run at
         this preset (full batches of max_tokens, all K experts scored and, for soft EM with a
         learned prior, trained) over VALIDATION_POINTS. Rounded to 3 digits, so the options
-        read well; the same for every method, so their validations fall at the same compute."""
+        read well; the same for every method, so their validations fall at the same compute.
+        Computed once: every run's options (and so every `is_trained`) ask for it."""
+        if self._interval is not None:
+            return self._interval
         options = {**TRAIN_PRESETS[self.preset], **self.train_options}
         meta = read_meta(self.ensure_data_bin())
         T = int(options.get("tokens_per_sample", 1024))
@@ -207,7 +211,8 @@ class Workbench:
                                      uniform_prior=uniform).total)
         interval = max(costs) * int(options["max_update"]) * int(
             options.get("update_freq", 1)) / VALIDATION_POINTS
-        return float(f"{interval:.3g}")
+        self._interval = float(f"{interval:.3g}")
+        return self._interval
 
     def flops_spent(self, method: str, seed: int | None = None) -> float:
         """The model FLOPs `method`'s run (at equal updates) spent, from its training log."""
