@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from moelab import report
+from moelab.eval import evaluate_run
 from moelab.report.machine import device_name
 from moelab.train import Run, train
 from moelab.train.checkpoint import BEST
@@ -67,8 +68,8 @@ def one_seed(args: argparse.Namespace) -> dict:
                                                                        "checkpoint_last.pt"),
                                             "save_dir": str(save_dir), "progress_bar": False})
         run = Run.load(save_dir / BEST)
-        branched.append(report.MethodRun(method, valid=run.evaluate("valid", progress=False),
-                                         test=run.evaluate("test", progress=False),
+        branched.append(report.MethodRun(method, valid=evaluate_run(run, "valid", progress=False),
+                                         test=evaluate_run(run, "test", progress=False),
                                          history=run.history))
     rows += rows_of(report.method_table(branched), "branched from dense at half the budget")
     return {"seed": args.seed, "preset": args.preset, "budget_method": owner,

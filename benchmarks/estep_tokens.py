@@ -2,7 +2,7 @@
 
 Trains hMoEup on the bundled corpus with the demo's `cpu` preset (K = 7, T = 128, 200 updates),
 once with the full float32 E-step, once per M and once per --estep-dtype, for each seed; then
-scores the test split with `moelab.evaluate` (all K experts, whole documents) and reports NMI,
+scores the test split with `moelab.eval.lm` (all K experts, whole documents) and reports NMI,
 ARI, mixture perplexity and training tokens/s per run, one JSON line each, then a Markdown table
 of the means.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from moelab.data import BinarizedDataset
-from moelab.evaluate import evaluate
+from moelab.eval.lm import evaluate
 from moelab.train import load_checkpoint, read_history, train
 from moelab.train.scoring import ESTEP_DTYPES
 from moelab.workbench import DATA_PRESETS, EXPERT_PRESETS, TRAIN_PRESETS, ensure_data_bin

@@ -2,7 +2,7 @@
 
 Trains the chosen methods once per (remedy, seed) on the same data-bin and preset (trained runs
 are reused), evaluates them and attributes each expert's samples to a domain
-(moelab.attribution, as the demo does). Writes one table per remedy (each seed, mean and std in
+(moelab.eval.attribution, as the demo does). Writes one table per remedy (each seed, mean and std in
 CSV; mean ± std in Markdown) and a summary over remedies (`summary.csv` long, `summary.md`
 mean ± std): test mixture perplexity, NMI, ARI, experts used, mean max posterior, attribution
 (the share of experts whose samples read as the domain they own). The issue's targets are read
@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 
 from moelab import report
-from moelab.attribution import attribution_score
 from moelab.data import PreprocessConfig, preprocess
 from moelab.demo import SAMPLE_TOKENS
+from moelab.eval.attribution import attribution_score
 from moelab.presets import STUDIES
 from moelab.train.objectives import method_flags
 from moelab.workbench import Workbench

@@ -3,12 +3,12 @@
 - speed: eval-lm's full scoring (every expert on every token) against the routed pass of
   `--routing prefix:M` (all K experts on the first M tokens, the chosen K' after), alternated
   `--repeats` times on the documents longer than M (the ones routing scores); tokens/s of each
-  (median), their ratio, and the expert forwards per token each pass ran (moelab.routing counts
+  (median), their ratio, and the expert forwards per token each pass ran (moelab.eval.routing counts
   them from the windows it runs), all over every token of those documents, prefix included;
 - accuracy: for each M of `--prefixes`, routing accuracy (the top-1 choice after M tokens is the
   full-document winner) and the perplexity gap (routed against the full mixture on the same
-  tokens after the prefix), from moelab.routing.routing_curve, whose notes say which tokens each
-  column counts.
+  tokens after the prefix), from moelab.eval.routing.routing_curve, whose notes say which
+  tokens each column counts.
 
     python benchmarks/routing.py --save-dir runs/hMoEup --data-bin data-bin/mix
     python benchmarks/routing.py               # trains hMoEup with Workbench(preset="cpu") first
@@ -28,12 +28,11 @@ import numpy as np
 import torch
 
 from moelab.data import Chunk
-from moelab.latents import start_log_prior
+from moelab.eval.routing import Routing, forwards, routed_docs, routed_scores, routing_curve
+from moelab.eval.windows import resolve_window, window_log_likelihoods
 from moelab.report import to_markdown
 from moelab.report.machine import device_name
-from moelab.routing import Routing, forwards, routed_docs, routed_scores, routing_curve
 from moelab.train import Run
-from moelab.windows import resolve_window, window_log_likelihoods
 
 
 def load(args: argparse.Namespace) -> Run:
@@ -57,7 +56,7 @@ def time_passes(run: Run, split: str, routing: Routing, *, repeats: int, max_sen
     fetch = lambda d, s, e: dataset.chunk_tokens(Chunk(int(docs[d]), s, e))  # noqa: E731
     scoring = dict(tokens_per_sample=T, context_window=C, max_sentences=max_sentences,
                    pad_id=dataset.pad_id)
-    log_prior = start_log_prior(model).numpy()
+    log_prior = model.start_log_prior().numpy()
     full_forwards, routed_forwards, routed_tokens = forwards(lengths, routing,
                                                              model.num_experts, T, C)
 

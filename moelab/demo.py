@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from moelab import __version__
+from moelab.clustering import flat_reasons
 from moelab.errors import MoelabError
-from moelab.evaluate import flat_reasons
 from moelab.train.objectives import METHODS
 from moelab.workbench import TRAIN_PRESETS, Workbench
 
@@ -185,8 +185,9 @@ def sample_experts(wb: Workbench, config: DemoConfig) -> str:
 
 def report_attribution(wb: Workbench, config: DemoConfig) -> pd.DataFrame | None:
     """Per mixture method and training seed, each expert's owned domain against the domain its
-    samples read as (moelab.attribution); exported as tables/attribution. None: not asked for."""
-    from moelab.attribution import attribution_score
+    samples read as (moelab.eval.attribution); exported as tables/attribution. None: not asked
+    for."""
+    from moelab.eval.attribution import attribution_score
 
     mixtures = [m for m in config.methods if m != "dense"]
     if not config.attribution_samples or not mixtures:
@@ -218,7 +219,7 @@ def headline_method(methods: list[str]) -> str | None:
 
 
 def report_profiles(wb: Workbench, methods: list[str]) -> str | None:
-    """What each expert of the headline method has learnt on valid (moelab.profiles): the
+    """What each expert of the headline method has learnt on valid (moelab.eval.profiles): the
     report's section, with figures/expert_profiles; None without a mixture."""
     import matplotlib.pyplot as plt
 
@@ -241,12 +242,12 @@ ROUTING_TOP_K = (1, 2)
 
 
 def report_routing(wb: Workbench, methods: list[str]) -> str | None:
-    """Routed against full inference for the headline method on test (moelab.routing): the
+    """Routed against full inference for the headline method on test (moelab.eval.routing): the
     report's section, with figures/routing and tables/routing; None without a mixture."""
     import matplotlib.pyplot as plt
 
     from moelab import report
-    from moelab.routing import routing_curve
+    from moelab.eval.routing import routing_curve
 
     method = headline_method(methods)
     if method is None:
@@ -265,7 +266,7 @@ def report_routing(wb: Workbench, methods: list[str]) -> str | None:
     return "\n".join([
         f"## Routed inference ({method}, test split)", "",
         "The first M tokens of each document are read by every expert; the top K' experts by "
-        "the posterior after them read the rest, weighted by that posterior (moelab.routing, "
+        "the posterior after them read the rest, weighted by that posterior (moelab.eval.routing, "
         "`eval-lm --routing prefix:M,topk:K'`). On the tokens after the prefix: the full "
         "mixture's perplexity and the routed one, the gap (routed - full, nats/token) and "
         "routing accuracy (the prefix's top expert is the whole document's); on every token of "
@@ -298,8 +299,8 @@ def _fmt(x: float) -> str:
 
 
 # The reading calls a clustering a split of the domains only when its posterior is sure: mean
-# max posterior >= moelab.evaluate.FLAT_MAX_POSTERIOR and expert spread >= FLAT_EXPERT_SPREAD
-# (defined, with their reasons, once in moelab.evaluate and shared with eval-lm and the tables).
+# max posterior >= moelab.eval.lm.FLAT_MAX_POSTERIOR and expert spread >= FLAT_EXPERT_SPREAD
+# (defined, with their reasons, once in moelab.eval.lm and shared with eval-lm and the tables).
 NMI_ALIGNED = 0.7  # NMI from which a sure posterior's experts "line up with the domains"
 NMI_PARTLY = 0.4  # ... and "partly line up"; below it they do not
 

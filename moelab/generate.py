@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.data.tokenizer import EOS_ID, Tokenizer
-from moelab.evaluate import start_log_prior, window_log_likelihoods
+from moelab.eval.windows import window_log_likelihoods
 from moelab.model import KVCache, MixtureLM
 
 
@@ -171,7 +171,7 @@ def expert_posterior(model: MixtureLM, tokenizer: Tokenizer, prompt: str) -> tor
     A prompt longer than the context is scored whole, with sliding windows as in evaluation.
     """
     ids = tokenizer.encode(prompt)
-    joint = start_log_prior(model)  # (K,)
+    joint = model.start_log_prior()  # (K,)
     if ids:
         T = model.config.max_seq_len
         ll = window_log_likelihoods(

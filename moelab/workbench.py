@@ -43,7 +43,7 @@ import torch
 from moelab.data import PreprocessConfig, bundled_corpus, preprocess, read_meta
 from moelab.data.preprocess import STAGING_PREFIX
 from moelab.errors import MoelabError
-from moelab.evaluate import EvalResult
+from moelab.eval import EvalResult, evaluate_run
 from moelab.presets import STUDIES
 from moelab.train import Run, train
 from moelab.train import checkpoint as ckpt
@@ -352,7 +352,7 @@ class Workbench:
         seed = self._seed(seed)
         key = (method, seed, at if at != method else None, split, context_window)
         if key not in self._evals:
-            self._evals[key] = self.run(method, seed, at).evaluate(
+            self._evals[key] = evaluate_run(self.run(method, seed, at),
                 split, context_window=context_window)
         return self._evals[key]
 
@@ -398,8 +398,8 @@ class Workbench:
                         min_count: int = 5, top_words: int = 10, top_documents: int = 3):
         """What each expert of `method` has learnt on `split`: its top words by log-ratio to
         the mixture, its documents of highest posterior, the domains it takes
-        (moelab.profiles.ExpertProfiles; computed once per setting, kept in memory)."""
-        from moelab.profiles import expert_profiles
+        (moelab.eval.profiles.ExpertProfiles; computed once per setting, kept in memory)."""
+        from moelab.eval.profiles import expert_profiles
 
         key = (method, self._seed(seed), split, min_count, top_words, top_documents)
         if key not in self._profiles:
@@ -411,8 +411,8 @@ class Workbench:
 
     # ------------------------------------------------------------------ samples
     def domain_classifier(self):
-        """moelab.attribution's tf-idf classifier of the data-bin's domains (fit once)."""
-        from moelab.attribution import fit_domain_classifier
+        """moelab.eval.attribution's tf-idf classifier of the data-bin's domains (fit once)."""
+        from moelab.eval.attribution import fit_domain_classifier
 
         if self._classifier is None:
             self._classifier = fit_domain_classifier(self.ensure_data_bin())
@@ -420,8 +420,8 @@ class Workbench:
 
     def expert_samples(self, method: str, *, per_expert: int = 3, max_new_tokens: int = 48,
                        sampling_seed: int = 1, seed: int | None = None) -> dict[int, list[str]]:
-        """expert -> `per_expert` continuations of the empty prompt (moelab.attribution)."""
-        from moelab.attribution import expert_samples
+        """expert -> `per_expert` continuations of the empty prompt (moelab.eval.attribution)."""
+        from moelab.eval.attribution import expert_samples
 
         run = self.run(method, seed)
         return expert_samples(run.model, run.tokenizer, per_expert=per_expert,
@@ -430,9 +430,9 @@ class Workbench:
     def attribution(self, method: str, *, seed: int | None = None,
                     samples: dict[int, list[str]] | None = None, **sampling) -> pd.DataFrame:
         """Per expert: the domain it owns on valid (none when unused), the domain its samples read
-        as, and whether they match (moelab.attribution.attribute_samples); `sampling` goes to
+        as, and whether they match (moelab.eval.attribution.attribute_samples); `sampling` goes to
         expert_samples."""
-        from moelab.attribution import attribute_samples
+        from moelab.eval.attribution import attribute_samples
 
         if samples is None:
             samples = self.expert_samples(method, seed=seed, **sampling)

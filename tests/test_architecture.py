@@ -95,5 +95,27 @@ def test_the_cycle_finder_sees_a_cycle_hidden_in_a_function():
     graph = import_graph()
     assert "moelab.train.trainer" in graph["moelab.train"]  # the package runs its submodule
     # a function-level import back from a module the trainer uses closes a loop
-    graph["moelab.evaluate"] = graph["moelab.evaluate"] | {"moelab.train.run"}
+    graph["moelab.clustering"] = graph["moelab.clustering"] | {"moelab.train.trainer"}
     assert find_cycle(graph) is not None
+
+
+def evaluation_reached_from_training(graph: dict[str, set[str]]) -> list[str]:
+    """'train module -> eval module' for every arrow from moelab.train into moelab.eval."""
+    return [f"{name} -> {target}" for name, targets in sorted(graph.items())
+            if name == "moelab.train" or name.startswith("moelab.train.")
+            for target in sorted(targets)
+            if target == "moelab.eval" or target.startswith("moelab.eval.")]
+
+
+def test_training_imports_nothing_from_evaluation():
+    """Training sits below evaluation: what both need (the posterior, its clustering and
+    confidence) lives in moelab.clustering, the score cache in moelab.eval.cache."""
+    arrows = evaluation_reached_from_training(import_graph())
+    assert arrows == [], "moelab.train imports evaluation: " + "; ".join(arrows)
+
+
+def test_the_layer_check_sees_an_arrow_into_evaluation():
+    graph = import_graph()
+    graph["moelab.train.validation"] = graph["moelab.train.validation"] | {"moelab.eval.lm"}
+    assert evaluation_reached_from_training(graph) == [
+        "moelab.train.validation -> moelab.eval.lm"]

@@ -1,4 +1,5 @@
-"""moelab.attribution: a tf-idf domain classifier labels each expert's samples with a domain."""
+"""moelab.eval.attribution: a tf-idf domain classifier labels each expert's samples with a
+domain."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import DOMAINS
 
-from moelab.attribution import (
+from moelab.eval.attribution import (
     DomainClassifier,
     attribute_samples,
     attribution_score,
@@ -15,7 +16,7 @@ from moelab.attribution import (
     owned_domains,
     training_documents,
 )
-from moelab.evaluate import summarize
+from moelab.eval.lm import summarize
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def responsibilities(owner: dict[int, str]) -> pd.DataFrame:
 
 
 def usage(*shares: float) -> pd.DataFrame:
-    """moelab.evaluate's per-expert table: the share of the documents each expert wins."""
+    """moelab.eval.lm's per-expert table: the share of the documents each expert wins."""
     return pd.DataFrame({"share": shares},
                         index=pd.Index([f"expert_{k}" for k in range(len(shares))], name="expert"))
 

@@ -18,7 +18,7 @@ from moelab.cli.flags import add_config_arguments, field_default
 from moelab.cli.train import config_from_args
 from moelab.data import PreprocessConfig
 from moelab.demo import DemoConfig
-from moelab.evaluate import EvalConfig
+from moelab.eval.lm import EvalConfig
 from moelab.generate import GenerationConfig
 from moelab.train import RunConfig
 from moelab.train.config import CONFIG_CLASSES

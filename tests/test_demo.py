@@ -41,8 +41,8 @@ def test_demo_writes_the_report_and_skips_finished_work(tmp_path, capsys):
     assert at_flops.loc["dense", "updates"] > at_flops.loc["hMoEup", "updates"] > 6
     assert at_flops.loc["sMoElp", "updates"] == 6
     assert (at_flops["train FLOPs"] >= at_flops.loc["sMoElp", "train FLOPs"]).all()
-    # the headline mixture's experts are profiled (moelab.profiles) and routed (moelab.routing),
-    # not another method's
+    # the headline mixture's experts are profiled (moelab.eval.profiles) and routed
+    # (moelab.eval.routing), not another method's
     assert "## What each expert has learnt (hMoEup, valid split)" in report
     assert "## Routed inference (hMoEup, test split)" in report
     routing = pd.read_csv(out / "tables/routing.csv")
@@ -121,7 +121,7 @@ def flat_aligned_table(shift: float, tokens: int = 500) -> pd.DataFrame:
     import numpy as np
 
     from moelab import report
-    from moelab.evaluate import summarize
+    from moelab.eval.lm import summarize
 
     domain_ids = np.arange(8) % 2
     ll = np.full((8, 2), -3.0 * tokens)

@@ -1,4 +1,4 @@
-"""moelab.evaluate and `moelab eval-lm`: sliding windows, mixture/oracle bounds, tables, CLI."""
+"""moelab.eval.lm and `moelab eval-lm`: sliding windows, mixture/oracle bounds, tables, CLI."""
 
 from __future__ import annotations
 
@@ -17,13 +17,8 @@ from hypothesis import strategies as st
 
 from moelab.cli import main
 from moelab.data import BinarizedDataset, PreprocessConfig, collate, preprocess
-from moelab.evaluate import (
-    evaluate,
-    start_log_prior,
-    summarize,
-    window_log_likelihoods,
-    windows,
-)
+from moelab.eval.lm import evaluate, summarize
+from moelab.eval.windows import window_log_likelihoods, windows
 from moelab.model import MixtureLM, ModelConfig
 
 T = 64  # the tiny checkpoint's tokens-per-sample (its max_seq_len)
@@ -128,7 +123,7 @@ def test_mixture_uses_the_gating_networks_prior_at_the_document_start(valid):
     model = random_model(valid, num_experts=3, gating=True, gating_dim=32)
     with torch.no_grad():
         model.gating.fc2.bias.copy_(torch.tensor([2.0, 0.0, -2.0]))  # clearly not uniform
-    log_pi = start_log_prior(model)
+    log_pi = model.start_log_prior()
     empty = model.log_prior(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     torch.testing.assert_close(log_pi, empty[0].double())
     result = evaluate(model, valid, context_window=8, progress=False)
@@ -523,7 +518,7 @@ def test_confidence_matches_brute_force_with_a_learned_prior_and_uneven_document
 
 
 def test_a_single_expert_is_sure_with_no_spread_and_no_warning():
-    from moelab.evaluate import format_result
+    from moelab.eval.lm import format_result
 
     ll = np.array([[-300.0], [-200.0], [-250.0], [-100.0]])
     result = summarize(ll, np.zeros(1), np.full(4, 50), np.array([0, 0, 1, 1]), ["a", "b"],
@@ -534,7 +529,7 @@ def test_a_single_expert_is_sure_with_no_spread_and_no_warning():
 
 def test_flat_posterior_with_aligned_argmax_is_reported_with_low_confidence(tmp_path):
     """The sMoElp incident: NMI = ARI = purity = 1 from a posterior that is almost a coin toss."""
-    from moelab.evaluate import format_result, write_results
+    from moelab.eval.lm import format_result, write_results
 
     ll = np.full((6, 2), -1000.0)  # 500 tokens per document
     ll[:3, 0] += 0.5
@@ -561,7 +556,7 @@ def test_flat_posterior_with_aligned_argmax_is_reported_with_low_confidence(tmp_
 
 
 def test_a_sure_posterior_gets_no_warning():
-    from moelab.evaluate import format_result
+    from moelab.eval.lm import format_result
 
     ll = np.full((6, 2), -1000.0)
     ll[:3, 0] += 50.0
@@ -575,7 +570,7 @@ def test_a_sure_posterior_gets_no_warning():
 
 
 def test_experts_that_barely_differ_are_flagged_even_when_the_posterior_is_sharp():
-    from moelab.evaluate import format_result
+    from moelab.eval.lm import format_result
 
     ll = np.full((6, 2), -30000.0)  # 10,000-token documents
     ll[:3, 0] += 40.0
@@ -589,7 +584,7 @@ def test_experts_that_barely_differ_are_flagged_even_when_the_posterior_is_sharp
 
 
 def test_a_flat_posterior_is_flagged_even_when_the_experts_differ_per_token():
-    from moelab.evaluate import format_result
+    from moelab.eval.lm import format_result
 
     ll = np.full((6, 2), -40.0)  # 10-token documents
     ll[:3, 0] += 0.5
@@ -602,7 +597,7 @@ def test_a_flat_posterior_is_flagged_even_when_the_experts_differ_per_token():
 
 
 def test_unknown_domains_report_no_clustering_and_no_confidence_warning():
-    from moelab.evaluate import format_result
+    from moelab.eval.lm import format_result
 
     ll = np.zeros((2, 2))  # flat, but there is no clustering to misread
     result = summarize(ll, np.log([0.5, 0.5]), np.array([5, 5]), np.array([0, 0]), ["unknown"],

@@ -15,6 +15,7 @@ import pytest
 from moelab.cli import main
 from moelab.data import BinarizedDataset
 from moelab.errors import MoelabError
+from moelab.eval import evaluate_run
 from moelab.train import Run
 
 
@@ -64,7 +65,7 @@ def test_a_new_corpus_encoded_with_the_training_tokenizer_evaluates(tiny_bin, ck
     assert "responsibilities" in out and "delta" in out and "epsilon" in out
     # which experts take the new domains: the table eval-lm writes is the Python API's
     shown = pd.read_csv(results / "test_responsibilities.csv", index_col=0)
-    expected = Run.load(ckpt, data_bin=dest).evaluate("test", cache=False,
+    expected = evaluate_run(Run.load(ckpt, data_bin=dest), "test", cache=False,
                                                       progress=False).responsibilities
     pd.testing.assert_frame_equal(shown, expected, check_names=False, atol=1e-6)
     assert list(shown.index) == ["delta", "epsilon"]

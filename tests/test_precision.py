@@ -14,7 +14,7 @@ import torch
 from test_em import make_batch, make_model
 
 from moelab.data import BinarizedDataset
-from moelab.evaluate import evaluate
+from moelab.eval.lm import evaluate
 from moelab.generate import GenerationConfig, generate
 from moelab.train import load_checkpoint, train
 from moelab.train.config import TrainConfig

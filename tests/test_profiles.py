@@ -1,6 +1,6 @@
-"""moelab.profiles: each expert's words (log-ratio to the mixture), documents and domains, checked
-against explicit per-expert forward passes on a tiny model; the figure, the report section and
-the Workbench call."""
+"""moelab.eval.profiles: each expert's words (log-ratio to the mixture), documents and domains,
+checked against explicit per-expert forward passes on a tiny model; the figure, the report
+section and the Workbench call."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import torch
 
 from moelab import report
 from moelab.data import BinarizedDataset, PreprocessConfig, preprocess
-from moelab.evaluate import evaluate, window_log_likelihoods
+from moelab.eval.lm import evaluate
+from moelab.eval.profiles import expert_profiles, token_log_probs
+from moelab.eval.windows import window_log_likelihoods
 from moelab.model import MixtureLM, ModelConfig
-from moelab.profiles import expert_profiles, token_log_probs
 
 WORDS = {"alpha": ["ab", "cd", "ef", "ab,", "gh.", "12", "ijk"],
          "beta": ["mn", "op", "qr", "st!", "uv", "2024", "wx"]}
@@ -244,7 +245,7 @@ def test_workbench_profiles_a_trained_method_once(smoke_workbench):
 def test_scoring_the_split_in_small_groups_of_documents_changes_nothing(model, dataset,
                                                                         monkeypatch):
     whole = expert_profiles(model, dataset, dataset.tokenizer(), min_count=1)
-    monkeypatch.setattr("moelab.profiles.GROUP_TOKENS", 40)  # a few documents per group
+    monkeypatch.setattr("moelab.eval.profiles.GROUP_TOKENS", 40)  # a few documents per group
     grouped = expert_profiles(model, dataset, dataset.tokenizer(), min_count=1)
     pd.testing.assert_frame_equal(grouped.word_scores.sort_index(),
                                   whole.word_scores.sort_index(), atol=1e-6)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from moelab import report
-from moelab.evaluate import summarize
+from moelab.eval.lm import summarize
 from moelab.report.tables import format_value, latex_escape
 
 matplotlib.use("Agg")

@@ -14,7 +14,7 @@ import torch
 
 from moelab.cli import main
 from moelab.data import BinarizedDataset, Tokenizer
-from moelab.evaluate import start_log_prior, window_log_likelihoods
+from moelab.eval.windows import window_log_likelihoods
 from moelab.generate import (
     GenerationConfig,
     expert_posterior,
@@ -64,7 +64,7 @@ def by_hand(model: MixtureLM, ids: list[int]) -> tuple[torch.Tensor, torch.Tenso
 
 def test_the_gating_prior_is_not_uniform(distinct):
     """What the tests below lean on: the start prior and the posterior are far from flat."""
-    prior = start_log_prior(distinct).exp()
+    prior = distinct.start_log_prior().exp()
     assert float(prior.max() - prior.min()) > 0.2
 
 
@@ -97,7 +97,7 @@ def test_topk_of_all_experts_is_the_full_mixtures_predictive_distribution(distin
         lambda d, s, e: np.asarray(docs[d][s:e], dtype=np.int64),
         tokens_per_sample=distinct.config.max_seq_len, context_window=0, max_sentences=64,
         pad_id=3)  # (1 + V, K)
-    log_mix = torch.logsumexp(ll + start_log_prior(distinct)[None, :], dim=1)  # (1 + V,)
+    log_mix = torch.logsumexp(ll + distinct.start_log_prior()[None, :], dim=1)  # (1 + V,)
     expected = log_mix[1:] - log_mix[0]  # (V,)
 
     got = route(distinct, tokenizer, PROMPT, distinct.num_experts).next_log_probs().double()

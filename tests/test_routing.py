@@ -1,5 +1,5 @@
-"""Routed inference (moelab.routing) and eval-lm's --routing, --prior, --latent: every number is
-checked against a brute-force computation on a tiny model (each token scored by its own forward
+"""Routed inference (moelab.eval.routing) and eval-lm's --routing, --prior, --latent: every number
+is checked against a brute-force computation on a tiny model (each token scored by its own forward
 of its window's text, the formulas written out per document)."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from moelab.cli import main
 from moelab.data import BinarizedDataset, TrainBatches
-from moelab.evaluate import describe_routing, evaluate, format_result
+from moelab.eval import evaluate_run
+from moelab.eval.lm import describe_routing, evaluate, format_result
+from moelab.eval.routing import Routing, parse_routing, routing_curve
 from moelab.model import MixtureLM, ModelConfig
-from moelab.routing import Routing, parse_routing, routing_curve
 from moelab.train import Run
 from moelab.train.distributed import DistInfo
 from moelab.train.validation import validate
@@ -275,7 +276,7 @@ def test_the_routed_pass_runs_only_the_chosen_experts_after_the_prefix(valid, mo
         calls.append((int(lengths.sum()), experts.tolist()))
         return original(self, tokens, lengths, experts)
 
-    from moelab.routing import routed_scores
+    from moelab.eval.routing import routed_scores
 
     monkeypatch.setattr(MixtureLM, "token_log_probs", counting)
     scores = routed_scores(model, [40], lambda d, s, e: one[s:e], np.zeros(3),
@@ -513,22 +514,22 @@ def test_a_routed_result_is_cached_apart_and_reads_back_as_routed(ckpt, tmp_path
     folder.mkdir()
     shutil.copy(ckpt, folder / "checkpoint_best.pt")
     run = Run.load(folder)
-    full = run.evaluate("valid", progress=False)
-    routed = run.evaluate("valid", routing="prefix:8", prior="cached", progress=False)
+    full = evaluate_run(run, "valid", progress=False)
+    routed = evaluate_run(run, "valid", routing="prefix:8", prior="cached", progress=False)
     assert sorted(p.name for p in folder.glob("eval_*.npz")) == [
         "eval_valid_c0.npz", "eval_valid_c0_rprefix8_pcached.npz"]
-    again = Run.load(folder).evaluate("valid", routing="prefix:8", prior="cached",
+    again = evaluate_run(Run.load(folder), "valid", routing="prefix:8", prior="cached",
                                       progress=False)
     assert again.routing is not None and full.routing is None
-    assert Run.load(folder).evaluate("valid", progress=False).routing is None
+    assert evaluate_run(Run.load(folder), "valid", progress=False).routing is None
     for name in ("routing", "prior", "latent", "prior_from", "routing_accuracy",
                  "forwards_per_token_routed", "tokens_per_second_routed"):
         assert again.summary[name] == routed.summary[name], name
     np.testing.assert_allclose(again.routing.to_numpy(float), routed.routing.to_numpy(float))
     assert again.notes == routed.notes
     assert format_result(again) == format_result(routed)
-    chunk = Run.load(folder).evaluate("valid", latent="chunk", progress=False)
-    reread = Run.load(folder).evaluate("valid", latent="chunk", progress=False)
+    chunk = evaluate_run(Run.load(folder), "valid", latent="chunk", progress=False)
+    reread = evaluate_run(Run.load(folder), "valid", latent="chunk", progress=False)
     assert (folder / "eval_valid_c0_lchunk.npz").is_file()
     np.testing.assert_allclose(reread.documents["mixture"], chunk.documents["mixture"])
     assert reread.summary["latent"] == "chunk"

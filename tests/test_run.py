@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moelab.errors import MoelabError
+from moelab.eval import evaluate_run
 from moelab.model import MixtureLM
 from moelab.train import Run, RunConfig, train
 from moelab.train.checkpoint import BEST, LAST, read_checkpoint, rng_state
@@ -35,7 +36,7 @@ def test_a_checkpoint_from_before_the_run_module_loads_and_scores_the_same(old_r
     assert run.method == "hMoElp" and run.num_experts == 2 and run.num_updates == 4
     assert not run.model.training
     expected = json.loads((old_run / "expected.json").read_text())
-    result = run.evaluate("valid", progress=False)
+    result = evaluate_run(run, "valid", progress=False)
     for column, value in expected["perplexity"].items():
         assert result.perplexity.loc["overall", column] == pytest.approx(value, rel=1e-5), column
     assert result.log_prior.tolist() == pytest.approx(expected["log_prior"], rel=1e-5)
@@ -138,17 +139,17 @@ def test_resuming_with_another_world_size_starts_the_next_epoch(saved_by, epoch,
 
 
 def test_evaluations_are_cached_on_disk_until_the_checkpoint_changes(old_run, monkeypatch):
-    import moelab.train.run as run_module
+    import moelab.eval.cache as run_module
 
     file = old_run / "run" / LAST
-    first = Run.load(file, data_bin=old_run / "data-bin").evaluate("valid", progress=False)
+    first = evaluate_run(Run.load(file, data_bin=old_run / "data-bin"), "valid", progress=False)
     cache = old_run / "run" / "eval_checkpoint_last_valid_c0.npz"
     assert cache.is_file()
 
     calls = []
     real = run_module.evaluate
     monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = Run.load(file, data_bin=old_run / "data-bin").evaluate("valid", progress=False)
+    again = evaluate_run(Run.load(file, data_bin=old_run / "data-bin"), "valid", progress=False)
     assert calls == []  # read from the cache, and the same tables
     assert again.perplexity.equals(first.perplexity)
     assert again.posteriors.equals(first.posteriors)
@@ -156,7 +157,7 @@ def test_evaluations_are_cached_on_disk_until_the_checkpoint_changes(old_run, mo
     # a newer checkpoint (training went on) makes the cached scores stale
     later = cache.stat().st_mtime + 10
     os.utime(file, (later, later))
-    Run.load(file, data_bin=old_run / "data-bin").evaluate("valid", progress=False)
+    evaluate_run(Run.load(file, data_bin=old_run / "data-bin"), "valid", progress=False)
     assert calls == [1]
 
 
@@ -179,7 +180,7 @@ def test_validation_reports_what_evaluation_measures(tiny_bin, tmp_path):
                    decoder_ffn_embed_dim=64, decoder_attention_heads=2, tokens_per_sample=32,
                    max_tokens=256, method="hMoElp", num_experts=3, max_update=6, lr=3e-3,
                    warmup_updates=2, save_dir=str(tmp_path), device="cpu", progress_bar=False)
-    evaluated = result.run.evaluate("valid", progress=False, cache=False)
+    evaluated = evaluate_run(result.run, "valid", progress=False, cache=False)
     # float32 scores batched differently: equal to a few 1e-6
     assert result.valid.posterior == pytest.approx(evaluated.posteriors.to_numpy(), abs=1e-4)
     assert result.valid.nmi == pytest.approx(evaluated.clusters["nmi"], abs=1e-6)
@@ -208,11 +209,11 @@ def test_the_readmes_python_example_runs(tiny_bin, tmp_path, monkeypatch, capsys
 def test_evaluations_with_another_window_length_are_cached_apart(old_run):
     """A window length other than the model's is its own evaluation, on disk too."""
     run = Run.load(old_run / "run" / LAST, data_bin=old_run / "data-bin")
-    default = run.evaluate("valid", progress=False)
-    shorter = run.evaluate("valid", tokens_per_sample=16, progress=False)
+    default = evaluate_run(run, "valid", progress=False)
+    shorter = evaluate_run(run, "valid", tokens_per_sample=16, progress=False)
     assert int(default.summary["tokens_per_sample"]) == 32
     assert int(shorter.summary["tokens_per_sample"]) == 16
     again = Run.load(old_run / "run" / LAST, data_bin=old_run / "data-bin")
-    assert int(again.evaluate("valid", tokens_per_sample=16, progress=False
+    assert int(evaluate_run(again, "valid", tokens_per_sample=16, progress=False
                               ).summary["tokens_per_sample"]) == 16
-    assert int(again.evaluate("valid", progress=False).summary["tokens_per_sample"]) == 32
+    assert int(evaluate_run(again, "valid", progress=False).summary["tokens_per_sample"]) == 32

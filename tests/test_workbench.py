@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moelab.attribution import DomainClassifier, training_documents
+from moelab.eval.attribution import DomainClassifier, training_documents
 from moelab.train import checkpoint as ckpt
 from moelab.workbench import DONE_FILE, TRAIN_PRESETS
 

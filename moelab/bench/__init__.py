@@ -6,7 +6,7 @@
 - harness.py: presets, the benchmark's model and batch, timing, memory, FLOPs and MFU;
 - runner.py: `moelab bench` itself, its arguments and its one JSON line.
 
-Nothing in moelab.train, moelab.model, moelab.evaluate or moelab.generate imports this package
+Nothing in moelab.train, moelab.model, moelab.eval.lm or moelab.generate imports this package
 (tests/test_bench.py checks it).
 """
 

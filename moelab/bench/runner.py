@@ -119,7 +119,7 @@ def measure_eval_and_sample(config: BenchConfig, preset: BenchPreset, device: to
                             *, new_tokens: int = 128, repeat: int = 2) -> dict:
     """eval-lm document tokens per second (all K experts) and sampling with/without KV cache."""
     from moelab.data import BinarizedDataset
-    from moelab.evaluate import evaluate
+    from moelab.eval.lm import evaluate
     from moelab.generate import GenerationConfig, generate
     from moelab.model import config_from_preset
 

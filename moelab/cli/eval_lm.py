@@ -2,8 +2,8 @@
 
 Perplexity per method (mixture, oracle, each expert), responsibilities and cluster agreement on
 one split; the closing lines are fairseq-eval-lm's, for scripts that parse them. Beyond the seed:
---routing (routed inference beside the full mixture, moelab.routing), --prior and --latent
-(moelab.latents), each named in the printed report and the JSON.
+--routing (routed inference beside the full mixture, moelab.eval.routing), --prior and --latent
+(moelab.eval.latents), each named in the printed report and the JSON.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from moelab.cli.checkpoint import add_checkpoint_arguments, load_run
 from moelab.cli.flags import add_config_arguments, build_config
 from moelab.data import BinarizedDataset, read_meta
 from moelab.errors import MoelabError
-from moelab.evaluate import (
+from moelab.eval.latents import CACHED_FROM, LATENTS, PRIORS
+from moelab.eval.lm import (
     EvalConfig,
     evaluate,
     format_result,
     write_results,
 )
-from moelab.latents import CACHED_FROM, LATENTS, PRIORS
 
 FLAGS = {
     "tokens_per_sample": dict(help="window length (default: the model's context length)",

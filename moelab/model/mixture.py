@@ -180,3 +180,18 @@ class MixtureLM(nn.Module):
             return torch.full((B, K), -math.log(K), device=context.device)  # (B, K)
         reps = self.transformer.tok_emb(context)  # (B, C, n_embd)
         return self.gating(reps, context_lengths.to(context.device))  # (B, K)
+
+    @torch.no_grad()
+    def start_log_prior(self) -> torch.Tensor:
+        """log pi_z at a document's start (empty context), (K,) float64 on the CPU: -log K, or
+        the gating network's own prior. Evaluation, validation and generation all weigh a
+        whole document's experts by it."""
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            empty = torch.zeros(1, 0, dtype=torch.long, device=device)
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            return self.log_prior(empty, zero)[0].double().cpu()  # (K,)
+        finally:
+            self.train(was_training)

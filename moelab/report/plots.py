@@ -20,8 +20,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from moelab.evaluate import EvalResult
-from moelab.profiles import ExpertProfiles
+from moelab.eval.lm import EvalResult
+from moelab.eval.profiles import ExpertProfiles
 from moelab.report.export import output_paths
 
 # One colour per method, the same in every figure.
@@ -131,7 +131,7 @@ def responsibility_heatmap(responsibilities: EvalResult | pd.DataFrame
 
 def expert_profiles_figure(profiles: ExpertProfiles, *, top_words: int = 8, columns: int = 4,
                            title: str | None = None) -> Figure:
-    """One panel per expert: its top words by mean log-ratio log p_z / p_mix (moelab.profiles),
+    """One panel per expert: its top words by mean log-ratio log p_z / p_mix (moelab.eval.profiles),
     titled with the documents it wins and the domain holding most of its posterior mass."""
     K = profiles.num_experts
     ncols = min(columns, K)
@@ -265,7 +265,7 @@ def perplexity_by_domain(results: Mapping[str, EvalResult | pd.DataFrame
 
 
 def routing_curves(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
-    """moelab.routing.routing_curve's table against the prefix length M, one line per K':
+    """moelab.eval.routing.routing_curve's table against the prefix length M, one line per K':
     routed perplexity (solid) beside the full mixture's on the same tokens (dashed, black),
     routing accuracy (black; dotted: the winner among the K' chosen) and the expert forwards per
     token each costs (dashed, black: full scoring), over every token of the routed documents,

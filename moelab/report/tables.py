@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moelab.evaluate import FLAT_EXPERT_SPREAD, FLAT_MAX_POSTERIOR, ORACLE_NOTE, EvalResult
-from moelab.profiles import ExpertProfiles
+from moelab.clustering import FLAT_EXPERT_SPREAD, FLAT_MAX_POSTERIOR
+from moelab.eval.lm import ORACLE_NOTE, EvalResult
+from moelab.eval.profiles import ExpertProfiles
 from moelab.report.export import output_paths
 from moelab.train import Run, TrainResult, read_history
 

@@ -1,16 +1,15 @@
 """Validation during training: the objective on the valid split, and each document's
-posterior summarized as eval-lm summarizes it."""
+posterior read as eval-lm reads it (moelab.clustering)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from moelab.clustering import agreement, document_posterior, posterior_confidence
 from moelab.data import TrainBatches
-from moelab.evaluate import CONFIDENCE_KEYS, posterior_confidence, start_log_prior, summarize
 from moelab.model import MixtureLM
 from moelab.train import faults
 from moelab.train.distributed import DistInfo, all_reduce_sum
@@ -26,7 +25,7 @@ class ValidResult:
     posterior: np.ndarray  # (documents, K) p(z | whole document), prior at the document start
     domain_ids: np.ndarray  # (documents,)
     nmi: float | None  # argmax posterior vs domain labels; None with fewer than 2 domains
-    # how sure that clustering is (moelab.evaluate.posterior_confidence): read beside the NMI
+    # how sure that clustering is (moelab.clustering.posterior_confidence): read beside the NMI
     confidence: dict[str, float] = field(default_factory=dict)
 
 
@@ -36,7 +35,7 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
     """Objective per token on the valid split, and each document's posterior over experts.
 
     Eval mode, no grad. The documents' scores (log p(x | z) summed over their chunks) and the
-    prior at a document's start go through moelab.evaluate.summarize, as eval-lm's do, so the
+    prior at a document's start go through moelab.clustering, as eval-lm's do, so the
     posterior, NMI and confidence logged here are eval-lm's at context window 0. Ranks take every
     world_size-th batch and the sums are all-reduced, so every rank returns the same result.
     """
@@ -67,18 +66,13 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
     sums = sums.cpu()
     tokens = np.diff(np.asarray(ds.offsets, dtype=np.int64))
     domain_ids = np.asarray(ds.domain_ids, dtype=np.int64)
-    summary = summarize(doc_ll.cpu().numpy(), start_log_prior(model).numpy(), tokens, domain_ids,
-                        list(ds.domains), tokens_per_sample=batches.tokens_per_sample,
-                        context_window=0)
-    clusters = summary.clusters
-    if math.isnan(clusters["nmi"]):  # no two known domains: no NMI, but still a confidence
-        nmi = None
-        posterior = summary.posteriors.to_numpy()
-        confidence = posterior_confidence(doc_ll.cpu().numpy(), np.log(posterior), tokens)
-    else:
-        nmi = float(clusters["nmi"])
-        confidence = {key: float(clusters[key]) for key in CONFIDENCE_KEYS}
+    ll = doc_ll.cpu().numpy()  # (D, K)
+    _, log_posterior = document_posterior(ll, model.start_log_prior().numpy())
+    winner = log_posterior.argmax(1)
+    labelled = list(ds.domains) != ["unknown"] and len(np.unique(domain_ids)) > 1
+    nmi = agreement(domain_ids, winner)["nmi"] if labelled else None  # no two known domains
+    confidence = posterior_confidence(ll, log_posterior, tokens)
     loss = float(sums[0] / sums[2])
     return ValidResult(loss=loss, nll=float(sums[1] / sums[2]), ppl=perplexity(loss),
-                       num_tokens=int(sums[2]), posterior=summary.posteriors.to_numpy(),
+                       num_tokens=int(sums[2]), posterior=np.exp(log_posterior),
                        domain_ids=domain_ids, nmi=nmi, confidence=confidence)

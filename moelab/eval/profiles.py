@@ -1,6 +1,6 @@
 """What each expert has learnt: its words, its surest documents and the domains it takes.
 
-Every expert scores every token of a split with the sliding windows of evaluation (moelab.evaluate:
+Every expert scores every token of a split with the sliding windows of evaluation (moelab.eval.lm:
 tokens-per-sample T, context-window C, `<expert_z>` at position 0 of each window), so that
 log p_z(x_t | x_<t) is known for every token t and expert z. From these:
 
@@ -45,9 +45,8 @@ from tqdm.auto import tqdm
 
 from moelab.data import BinarizedDataset, Chunk, Tokenizer
 from moelab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from moelab.evaluate import resolve_window, start_log_prior
+from moelab.eval.windows import resolve_window, window_token_log_probs
 from moelab.model import MixtureLM
-from moelab.windows import window_token_log_probs
 
 WORD_MARK = "\u2581"  # SentencePiece's word-boundary mark, the space before a word
 # Tokens scored per group of documents: the per-token log-probabilities of a group (K x tokens,
@@ -106,7 +105,7 @@ def token_log_probs(model: MixtureLM, dataset: BinarizedDataset, docs: list[int]
                     tokens_per_sample: int, context_window: int, max_sentences: int
                     ) -> dict[int, np.ndarray]:
     """log p_z(x_t | x_<t) of every token of `docs` under every expert -> {doc: (K, n) float64},
-    from the sliding windows of evaluation (moelab.windows.window_token_log_probs: each token
+    from the sliding windows of evaluation (moelab.eval.windows.window_token_log_probs: each token
     scored once, by the window that scores it)."""
     lengths = [dataset.document_length(d) for d in docs]
     flat = window_token_log_probs(
@@ -228,7 +227,7 @@ def expert_profiles(model: MixtureLM, dataset: BinarizedDataset, tokenizer: Toke
     D, K = len(dataset), model.num_experts
     if D == 0:
         raise ValueError(f"the {dataset.split} split has no documents to profile")
-    log_pi = start_log_prior(model).numpy()  # (K,)
+    log_pi = model.start_log_prior().numpy()  # (K,)
     splitter = WordSplitter(tokenizer)
     totals = _WordTotals(K)
     doc_ll = np.zeros((D, K))

@@ -2,9 +2,9 @@
 
 A tf-idf domain classifier is fit on the training split's documents only (decoded with the
 data-bin's tokenizer); it labels each expert's samples with a domain. An expert in use *owns* the
-domain where its mean responsibility on the valid split is highest (moelab.evaluate's
+domain where its mean responsibility on the valid split is highest (moelab.eval.lm's
 responsibilities table); an expert is in use when it wins at least 1/(4K) of the split's
-documents, the rule of eval-lm's "experts used" (moelab.evaluate.experts_in_use), and an unused
+documents, the rule of eval-lm's "experts used" (moelab.eval.lm.experts_in_use), and an unused
 expert owns nothing: a collapsed model's idle experts, whose responsibilities are all near zero,
 do not own a domain by a tie. An expert *matches* when strictly more than half of its samples
 read as the domain it owns (an empty sample reads as none), so it has learned that domain's text,
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moelab.clustering import experts_in_use
 from moelab.data import BinarizedDataset
-from moelab.evaluate import experts_in_use
 
 # Documents per domain the classifier reads at most: enough for tf-idf to see each domain's
 # vocabulary, few enough that fitting takes a second on a laptop CPU.
@@ -100,7 +100,7 @@ def fit_domain_classifier(data_bin: str | Path, *, split: str = "train",
 
 def owned_domains(responsibilities: pd.DataFrame, usage: pd.DataFrame) -> pd.Series:
     """expert -> the domain with its highest mean responsibility (domains x experts table), or
-    "" for an expert not in use (usage: moelab.evaluate's per-expert table, its `share` of the
+    "" for an expert not in use (usage: moelab.eval.lm's per-expert table, its `share` of the
     documents won, on the same split)."""
     owned = responsibilities.idxmax(axis=0).astype(str)
     used = pd.Series(experts_in_use(usage["share"].to_numpy()), index=usage.index)
@@ -114,7 +114,7 @@ def attribute_samples(classifier: DomainClassifier, samples: Mapping[int, Sequen
     share of all its samples, and whether it matches: the owned domain is strictly more than half
     of its samples. An expert without samples reads as "" and does not match.
 
-    samples: expert index -> its sample texts; responsibilities and usage: moelab.evaluate's
+    samples: expert index -> its sample texts; responsibilities and usage: moelab.eval.lm's
     domains x experts and per-expert tables (expert_k), of one split, usually valid.
     """
     owned = owned_domains(responsibilities, usage)

@@ -6,7 +6,7 @@ new tokens after C tokens of context (C = context-window). Every token is scored
 
 A row is one window of one document, `(doc, start, first_scored, end)`, scored by a set of
 experts of the same size for every row of a call: all K for a full evaluation, K' chosen ones
-for routed inference (moelab.routing). A batch of B rows runs its B * k expert rows as one
+for routed inference (moelab.eval.routing). A batch of B rows runs its B * k expert rows as one
 forward. Truncating a window at the end (scoring a prefix) leaves the log-probabilities of the
 tokens it keeps unchanged, since the model is causal; that is what lets a routed evaluation score
 a prefix with every expert and the rest of the same window with a few, and get the very numbers

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moelab.clustering import logsumexp
 from moelab.data import BinarizedDataset, Chunk, collate
+from moelab.eval.windows import window_log_likelihoods, window_token_log_probs
 from moelab.model import MixtureLM
-from moelab.windows import window_log_likelihoods, window_token_log_probs
 
 PRIORS = ("start", "cached")
 LATENTS = ("document", "chunk")
@@ -39,28 +40,6 @@ CACHED_FROM = "valid"  # the split a cached prior is estimated on
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"--{name} {value!r} is not known: choose {' or '.join(choices)}")
-
-
-def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """log sum exp along `axis`; rows of -inf give -inf (a prior of 0 for an expert is allowed)."""
-    top = np.max(x, axis=axis, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-@torch.no_grad()
-def start_log_prior(model: MixtureLM) -> torch.Tensor:
-    """log pi_z at a document's start (empty context): -log K, or the gating net's own prior."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        empty = torch.zeros(1, 0, dtype=torch.long, device=device)
-        return model.log_prior(empty, torch.zeros(1, dtype=torch.long, device=device))[0].double(
-        ).cpu()  # (K,)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -115,7 +94,7 @@ class ChunkScores:
 
 def chunk_scores(model: MixtureLM, dataset: BinarizedDataset, token_log_probs: np.ndarray, *,
                  tokens_per_sample: int, log_prior: np.ndarray | None = None) -> ChunkScores:
-    """The chunk latent from the per-token scores (moelab.windows.window_token_log_probs of
+    """The chunk latent from the per-token scores (moelab.eval.windows.window_token_log_probs of
     `dataset`, (N, K)): chunks of tokens_per_sample tokens, each weighed by the prior read from
     its context, or by `log_prior` (K,) (a cached prior) when given."""
     chunks = dataset.chunks(tokens_per_sample)
@@ -147,7 +126,7 @@ def cached_log_prior(model: MixtureLM, valid: BinarizedDataset, *, latent: str,
                   max_sentences=max_sentences, pad_id=valid.pad_id, progress=progress)
     if latent == "document":
         joint = window_log_likelihoods(model, len(valid), lengths, fetch, **window).numpy() + \
-            start_log_prior(model).numpy()[None, :]  # (D, K)
+            model.start_log_prior().numpy()[None, :]  # (D, K)
         log_posterior = joint - logsumexp(joint)[:, None]
     else:
         tokens = window_token_log_probs(model, lengths, fetch, **window)

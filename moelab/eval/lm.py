@@ -13,7 +13,7 @@ From the per-document log-likelihoods log p(doc | z) follow:
 
 Beyond that default (document latent, prior at the start, every expert on every token), each
 labelled in the result's summary and printed report: `prior="cached"` and `latent="chunk"`
-(moelab.latents), and routed inference, `routing="prefix:M,topk:K'"` (moelab.routing).
+(moelab.eval.latents), and routed inference, `routing="prefix:M,topk:K'"` (moelab.eval.routing).
 """
 
 from __future__ import annotations
@@ -27,19 +27,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moelab.clustering import (
+    CONFIDENCE_KEYS,
+    agreement,
+    document_posterior,
+    experts_in_use,
+    flat_posterior,
+    posterior_confidence,
+)
 from moelab.data import BinarizedDataset, Chunk
-from moelab.latents import (
+from moelab.eval.latents import (
     CACHED_FROM,
     LATENTS,
     PRIORS,
     check_choice,
     chunk_scores,
-    logsumexp,
     resolve_log_prior,
-    start_log_prior,
 )
-from moelab.model import MixtureLM
-from moelab.routing import (
+from moelab.eval.routing import (
     Routing,
     forwards,
     full_after_prefix,
@@ -48,27 +53,11 @@ from moelab.routing import (
     routed_scores,
     routing_table,
 )
-from moelab.windows import (  # windows, resolve_window: callers import them from here too
-    resolve_window,
-    window_log_likelihoods,
-    window_token_log_probs,
-    windows,  # noqa: F401
-)
+from moelab.eval.windows import resolve_window, window_log_likelihoods, window_token_log_probs
+from moelab.model import MixtureLM
 
 ORACLE_NOTE = ("oracle = the best single expert for each document, chosen by that document's own "
                "likelihood: a lower bound on perplexity, not a density")
-
-# When a clustering's confidence says the posterior is flat (DESIGN.md section 3): its purity,
-# NMI and ARI then come from argmaxes the model barely prefers, and are never a clean split.
-# Below 0.9, on average over a tenth of each document's posterior mass sits on other experts: the
-# argmax is a lean, not a decision (experts that really differ, scoring documents of hundreds of
-# tokens, give ~1.0).
-FLAT_MAX_POSTERIOR = 0.9
-# Under 0.01 nats/token (experts' per-document perplexities scattered by ~1%) the experts are one
-# model K times over: any split they make rides on noise, however sharp a long document's
-# posterior looks.
-FLAT_EXPERT_SPREAD = 0.01
-CONFIDENCE_KEYS = ("mean_max_posterior", "mean_posterior_entropy", "expert_spread")
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -79,7 +68,7 @@ class EvalConfig:
     context_window: int = 0  # C tokens of context before the T - C new tokens of later windows
     max_sentences: int = 8  # windows per batch (each becomes K rows)
     gen_subset: str = "test"  # split to evaluate
-    routing: str = "full"  # full | prefix:M | topk:K' | prefix:M,topk:K' (moelab.routing)
+    routing: str = "full"  # full | prefix:M | topk:K' | prefix:M,topk:K' (moelab.eval.routing)
     prior: str = "start"  # start: the model's own prior | cached: mean posterior on valid
     latent: str = "document"  # document: one z per document | chunk: one z per chunk
 
@@ -131,7 +120,7 @@ class EvalResult:
     summary: pd.Series
     log_prior: np.ndarray  # (K,) log pi_z at the document start, or the cached prior
     notes: list[str] = field(default_factory=list)
-    # with routing (moelab.routing): overall and per domain, routed documents, tokens after the
+    # with routing (moelab.eval.routing): overall and per domain, routed documents, tokens after the
     # prefix, full mixture and routed perplexity on them, gap, accuracy, winner_in_chosen; the
     # summary's cost beside it is per token read: forwards_per_token_* over every token of the
     # routed documents, prefix included, tokens_per_second_full over every token of the split
@@ -180,8 +169,8 @@ def evaluate(
     """Score every document of `dataset` with every expert and summarize (DESIGN.md section 3).
 
     tokens_per_sample defaults to the model's context length (max_seq_len). `prior` and
-    `latent` are moelab.latents' (`prior="cached"` estimates the prior on `prior_dataset`, the
-    valid split); `routing` is moelab.routing's, whose figures go to `.routing` and
+    `latent` are moelab.eval.latents' (`prior="cached"` estimates the prior on `prior_dataset`, the
+    valid split); `routing` is moelab.eval.routing's, whose figures go to `.routing` and
     `.routed_documents` beside the full evaluation, which is always made.
     """
     T, C = resolve_window(model, tokens_per_sample, context_window)
@@ -199,7 +188,7 @@ def evaluate(
     window = dict(tokens_per_sample=T, context_window=C, max_sentences=max_sentences)
     cached = resolve_log_prior(model, prior, prior_dataset, latent=latent, **window,
                                progress=progress)
-    log_pi = start_log_prior(model).numpy() if cached is None else cached  # (K,)
+    log_pi = model.start_log_prior().numpy() if cached is None else cached  # (K,)
     lengths = np.diff(np.asarray(dataset.offsets, dtype=np.int64))
     fetch = lambda d, s, e: dataset.chunk_tokens(Chunk(d, s, e))  # noqa: E731
     scoring = dict(**window, pad_id=dataset.pad_id, progress=progress)
@@ -272,7 +261,7 @@ def prior_notes(prior: str, prior_dataset: BinarizedDataset | None,
 
 def with_routing(result: EvalResult, frame: pd.DataFrame, numbers: dict, *,
                  domains: list[str], flat_prior: bool = False) -> EvalResult:
-    """`result` with the routed figures of `frame` (moelab.routing.routed_documents) and the
+    """`result` with the routed figures of `frame` (moelab.eval.routing.routed_documents) and the
     cost `numbers` added to its tables and summary."""
     result.routed_documents = frame
     result.routing = routing_table(frame, domains)
@@ -308,9 +297,7 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
     D, K = ll.shape
     experts = [f"expert_{k}" for k in range(K)]
     if mixture is None:
-        joint = ll + log_pi[None, :]  # (D, K) log pi_z + log p(doc | z)
-        mixture = logsumexp(joint)  # (D,)
-        log_posterior = joint - mixture[:, None]
+        mixture, log_posterior = document_posterior(ll, log_pi)  # (D,), (D, K)
     posterior = np.exp(log_posterior)  # (D, K)
     winner = posterior.argmax(1)  # (D,)
     names = np.asarray([domains[i] if 0 <= i < len(domains) else str(i) for i in domain_ids])
@@ -338,12 +325,7 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
     notes = []
     known = domains != ["unknown"] and len(present) > 1
     if known:
-        # sklearn takes 1.4 s to import: only where the metrics are computed
-        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-        clusters = pd.Series({"purity": purity(domain_ids, winner),
-                              "nmi": float(normalized_mutual_info_score(domain_ids, winner)),
-                              "ari": float(adjusted_rand_score(domain_ids, winner)),
+        clusters = pd.Series({**agreement(domain_ids, winner),
                               **posterior_confidence(ll, log_posterior, tokens)},
                              name="argmax posterior vs domain")
         doubt = flat_posterior(clusters, K)
@@ -366,71 +348,12 @@ def summarize(ll: np.ndarray, log_pi: np.ndarray, tokens: np.ndarray, domain_ids
         "tokens_per_sample": tokens_per_sample, "context_window": context_window,
         "usage_entropy": entropy, "usage_entropy_max": math.log(K),
         "experts_used": int(experts_in_use(share).sum()),
-        "precision": "float32",  # moelab.windows scores in float32 on every device
+        "precision": "float32",  # moelab.eval.windows scores in float32 on every device
         "prior": "start", "latent": "document", "routing": "full", **(settings or {}),
     })
     return EvalResult(perplexity=perplexity, documents=documents, posteriors=posteriors,
                       responsibilities=responsibilities, clusters=clusters, usage=usage,
                       summary=summary, log_prior=log_pi, notes=notes)
-
-
-def experts_in_use(share: np.ndarray) -> np.ndarray:
-    """(K,) whether each expert is in use: it wins at least 1/(4K) of the documents (share: the
-    fraction each wins), a quarter of an even split. The summary's `experts_used` counts them;
-    moelab.attribution gives no domain to the others."""
-    share = np.asarray(share, dtype=float)
-    return share >= 1 / (4 * len(share))
-
-
-def posterior_confidence(ll: np.ndarray, log_posterior: np.ndarray, tokens: np.ndarray
-                         ) -> dict[str, float]:
-    """How sure the argmax posterior is, to read beside any clustering made from it.
-
-    ll: (D, K) log p(doc | z); log_posterior: (D, K) log p(z | doc); tokens: (D,).
-    - mean_max_posterior: mean over documents of max_z p(z | doc) (1/K: flat, 1: sure);
-    - mean_posterior_entropy: mean over documents of -sum_z p log p, nats (log K: flat, 0: sure);
-    - expert_spread: per document the standard deviation over the K experts of
-      log p(doc | z) / tokens (nats per token), averaged over documents: how far the experts
-      differ at all (0 for K = 1).
-    """
-    posterior = np.exp(log_posterior)
-    plogp = np.where(posterior > 0, posterior * log_posterior, 0.0)  # 0 log 0 = 0
-    per_token = ll / np.maximum(np.asarray(tokens, dtype=np.float64), 1.0)[:, None]
-    return {"mean_max_posterior": float(posterior.max(1).mean()),
-            "mean_posterior_entropy": float(-plogp.sum(1).mean()),
-            "expert_spread": float(per_token.std(axis=1).mean())}
-
-
-def flat_reasons(mean_max_posterior: float | None, expert_spread: float | None,
-                 num_experts: int) -> list[str]:
-    """Why a posterior is flat or unsure, by the FLAT_* thresholds; [] when it is sure, when a
-    number is missing (None or NaN) or when K = 1 (no split to read)."""
-    reasons = []
-    if num_experts < 2:
-        return reasons
-    top, spread = mean_max_posterior, expert_spread
-    if top is not None and top < FLAT_MAX_POSTERIOR:  # NaN compares False
-        reasons.append(f"mean max posterior {top:.3f} < {FLAT_MAX_POSTERIOR}, flat at "
-                       f"1/K = {1 / num_experts:.3f}")
-    if spread is not None and spread < FLAT_EXPERT_SPREAD:
-        reasons.append(f"the experts differ by {spread:.4f} nats/token < {FLAT_EXPERT_SPREAD}")
-    return reasons
-
-
-def flat_posterior(clusters: pd.Series | dict, num_experts: int) -> str | None:
-    """Why a clustering must not be read as a clean split (a flat or unsure posterior, or experts
-    that barely differ), or None when its confidence is high or not known (K = 1: no split)."""
-    top = clusters.get("mean_max_posterior")
-    reasons = flat_reasons(top, clusters.get("expert_spread"), num_experts)
-    if not reasons:
-        return None
-    if top is not None and top < FLAT_MAX_POSTERIOR:
-        head, why = "the posterior is flat or unsure", "the argmax barely prefers one expert"
-    else:
-        head, why = ("the experts barely differ", "the posterior is sure only because tiny "
-                     "per-token differences add up over long documents")
-    return (f"{head} ({'; '.join(reasons)}): {why}, so purity/NMI/ARI must not be read as a "
-            "clean split of the domains")
 
 
 def describe_clusters(result: EvalResult) -> str:
@@ -447,14 +370,6 @@ def describe_clusters(result: EvalResult) -> str:
     if doubt:
         lines.append(f"warning: {doubt}")
     return "\n".join(lines)
-
-
-def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Share of documents whose cluster's most common label is their own label."""
-    total = 0
-    for c in np.unique(clusters):
-        total += np.bincount(labels[clusters == c]).max()
-    return float(total / len(labels))
 
 
 def format_result(result: EvalResult, title: str = "") -> str:

@@ -24,7 +24,7 @@ and tokens/s, is over every token of the documents a pass reads, prefix included
 must read the prefix with all K experts to choose), so full scoring costs K forwards per token
 and routing about K' + (K - K') M / n.
 
-p(. | z) are eval-lm's sliding-window scores (moelab.windows), so the routed pass gives each
+p(. | z) are eval-lm's sliding-window scores (moelab.eval.windows), so the routed pass gives each
 token the log-probability the full pass gives it. Documents of M tokens or fewer have no tokens
 to route: they are left out of every routed figure and counted (`short_documents`).
 """
@@ -39,10 +39,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moelab.clustering import logsumexp
 from moelab.data import BinarizedDataset, Chunk
-from moelab.latents import logsumexp, resolve_log_prior, start_log_prior
-from moelab.model import MixtureLM
-from moelab.windows import (
+from moelab.eval.latents import resolve_log_prior
+from moelab.eval.windows import (
     Fetch,
     Row,
     all_experts,
@@ -52,6 +52,7 @@ from moelab.windows import (
     score_rows,
     window_token_log_probs,
 )
+from moelab.model import MixtureLM
 
 SCHEMES = "full, prefix:M, topk:K' or prefix:M,topk:K' (e.g. prefix:32,topk:2)"
 
@@ -289,7 +290,7 @@ def routing_curve(model: MixtureLM, dataset: BinarizedDataset, *,
     window = dict(tokens_per_sample=T, context_window=C, max_sentences=max_sentences)
     cached = resolve_log_prior(model, prior, prior_dataset, latent="document", **window,
                                progress=progress)
-    log_prior = start_log_prior(model).numpy() if cached is None else cached
+    log_prior = model.start_log_prior().numpy() if cached is None else cached
     tokens = window_token_log_probs(model, lengths, lambda d, s, e: dataset.chunk_tokens(
         Chunk(d, s, e)), pad_id=dataset.pad_id, progress=progress, **window)
     sums = np.concatenate([np.zeros((1, K)), np.cumsum(tokens, axis=0, dtype=np.float64)])
