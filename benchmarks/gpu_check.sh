@@ -2,7 +2,7 @@
 # GPU check, for a machine with one CUDA GPU, in under 8 minutes:
 #   1. the tests marked `cuda`: em_loss, eval-lm and greedy generation on CUDA against the CPU;
 #   2. notebook 01 at the smoke preset (headless, benchmarks/run_notebook.py);
-#   3. `moelab bench` on the seed preset (hMoEup, K=10, transformer_lm, T=512, max-tokens 3584).
+#   3. `moelab bench` on the fairseq preset (hMoEup, K=10, transformer_lm, T=512, max-tokens 3584).
 # Each figure is a JSON line written under $OUT (default: ./bench-out), plus the nvidia-smi and
 # torch versions, the test log and the notebook's log.
 #
@@ -34,7 +34,7 @@ echo "   exit $?" | tee -a "$OUT/log.txt"
 run() {  # name, time limit (s), bench flags...
   local name=$1 limit=$2; shift 2
   echo "== $name: moelab bench $*" | tee -a "$OUT/log.txt"
-  timeout "$limit" "$PY" -m moelab bench --device cuda --preset seed --json "$OUT/$name.json" \
+  timeout "$limit" "$PY" -m moelab bench --device cuda --preset fairseq --json "$OUT/$name.json" \
     "$@" >> "$OUT/log.txt" 2>&1
   echo "   exit $?" | tee -a "$OUT/log.txt"
 }
@@ -46,7 +46,7 @@ run seed_hMoEup 90 --method hMoEup --steps 8
 run seed_sMoEup 40 --method sMoEup --steps 5 --no-techniques --no-eval-sample
 # 3. torch.compile (falls back to eager, reported in "compile", if it cannot compile)
 run seed_hMoEup_compile 60 --method hMoEup --steps 10 --compile --no-techniques --no-eval-sample
-# 4. memory: the seed batch with K = 32 (peak_memory_bytes), moelab's step only
+# 4. memory: the fairseq preset's batch with K = 32 (peak_memory_bytes), moelab's step only
 run seed_hMoEup_K32_memory 50 --method hMoEup --num-experts 32 --steps 3 --no-reference \
   --no-techniques --no-eval-sample
 cat "$OUT"/*.json 2>/dev/null

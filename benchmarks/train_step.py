@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from moelab.bench import BENCH_PRESETS, BenchConfig, run_benchmark
+from moelab.bench import BenchConfig, run_benchmark
+from moelab.presets import BENCHMARKS
 from moelab.train.objectives import METHODS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--preset", default=None, choices=tuple(BENCH_PRESETS))
+    parser.add_argument("--preset", default=None, choices=tuple(BENCHMARKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--techniques", action="store_true", help="also time each technique")

@@ -212,8 +212,8 @@ def report_attribution(wb: Workbench, config: DemoConfig) -> pd.DataFrame | None
 
 
 def headline_method(methods: list[str]) -> str | None:
-    """The mixture the report reads first: hMoEup (the seed's method) when trained, else the
-    first mixture; None without one."""
+    """The mixture the report reads first: hMoEup (the original fairseq workflow's method) when
+    trained, else the first mixture; None without one."""
     mixtures = [m for m in methods if m != "dense"]
     return "hMoEup" if "hMoEup" in mixtures else (mixtures[0] if mixtures else None)
 
@@ -237,7 +237,7 @@ def report_profiles(wb: Workbench, methods: list[str]) -> str | None:
                                            figure="figures/expert_profiles.png")
 
 
-ROUTING_PREFIXES = (16, 32, 64, 128)  # M: the prefix lengths the issue's systems route from
+ROUTING_PREFIXES = (16, 32, 64, 128)  # M: the prefix lengths routed systems (DEMix, BTM) route from
 ROUTING_TOP_K = (1, 2)
 
 

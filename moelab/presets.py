@@ -1,9 +1,9 @@
 """Every preset moelab has, and the one table from fairseq's flag names to the model's own.
 
 The model's shape has one vocabulary: ModelConfig's fields (`n_layer`, `n_embd`, ...). The
-command line keeps fairseq's flag names (`--decoder-layers`, ...), because the seed's commands
-must run unchanged; `FAIRSEQ_MODEL_FLAGS` maps one to the other, and nothing else spells the
-mapping out.
+command line keeps fairseq's flag names (`--decoder-layers`, ...), because the commands of the
+original fairseq workflow must run unchanged; `FAIRSEQ_MODEL_FLAGS` maps one to the other, and
+nothing else spells the mapping out.
 
 - `ARCHITECTURES`: what `--arch` names (ModelConfig fields).
 - `STUDIES`: the sizes of the notebooks and the demo (`gpu`, `cpu`, `smoke`): `moelab train`
@@ -66,8 +66,8 @@ class Study:
 
 
 STUDIES: dict[str, Study] = {
-    # The seed's transformer_lm (6 layers, 512 wide) at the seed's lr, a few minutes on one GPU;
-    # K as the seed's 10.
+    # fairseq's transformer_lm (6 layers, 512 wide) at the original workflow's lr, a few minutes
+    # on one GPU; K = 10 as there.
     "gpu": Study(
         train=dict(arch="transformer_lm", tokens_per_sample=512, max_tokens=16384, lr=7e-4,
                    warmup_updates=300, max_update=3000, dropout=0.1, log_interval=20,
@@ -115,7 +115,8 @@ BENCHMARKS: dict[str, BenchmarkPreset] = {
     # a laptop-sized run: the tiny model on a bundled-corpus-sized vocabulary (preprocess default)
     "tiny": BenchmarkPreset("tiny", vocab_size=8000, num_experts=4, tokens_per_sample=128,
                             max_tokens=2048, dropout=0.1),
-    # the seed's hMoEup command: transformer_lm, K=10, T=512, max-tokens 3584, GPT-2's vocabulary
-    "seed": BenchmarkPreset("transformer_lm", vocab_size=50257, num_experts=10,
+    # the original fairseq workflow's hMoEup command: transformer_lm, K=10, T=512, max-tokens
+    # 3584, GPT-2's vocabulary
+    "fairseq": BenchmarkPreset("transformer_lm", vocab_size=50257, num_experts=10,
                             tokens_per_sample=512, max_tokens=3584, dropout=0.1),
 }

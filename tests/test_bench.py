@@ -14,10 +14,10 @@ from test_em import V, make_batch, make_model
 
 import moelab
 import moelab.bench as bench
-from moelab import cli
+from moelab import cli, presets
 from moelab.bench import harness, reference, runner
 from moelab.bench import techniques as ablations
-from moelab.model import MixtureLM, ModelConfig, loss
+from moelab.model import MixtureLM, ModelConfig, log_probs
 from moelab.model.mixture import ScoringFunctions
 from moelab.train.compute import batch_flops
 from moelab.train.objectives import em_loss, em_step
@@ -26,7 +26,7 @@ from moelab.train.scoring import ExpertScorer
 
 def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
     # a smaller tiny preset keeps the test fast; the figures' meaning does not change
-    monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
+    monkeypatch.setitem(presets.BENCHMARKS, "tiny", presets.BenchmarkPreset(
         "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
         dropout=0.1))
     assert cli.main(["bench", "--preset", "tiny", "--steps", "3", "--device", "cpu"]) == 0
@@ -40,7 +40,7 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
     assert out["mfu"] is None  # CPU: no meaningful peak to compare with
     # the figure is moelab.train.compute's count (checked against FlopCounterMode in
     # tests/test_compute.py) of the timed step: the preset's model on its batch, hard EM
-    preset = bench.BENCH_PRESETS["tiny"]
+    preset = presets.BENCHMARKS["tiny"]
     model = harness.bench_model(bench.BenchConfig(preset="tiny", device="cpu"), preset,
                                 torch.device("cpu"), dropout=preset.dropout)
     batch = harness.synthetic_batch(rows=preset.max_tokens // preset.tokens_per_sample,
@@ -59,7 +59,7 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
 def test_bench_techniques_run_under_the_m_steps_bf16_autocast(monkeypatch, capsys):
     # CUDA's bf16 M-step, with CPU autocast standing in: the reuse figure is then measured in
     # float32 (ExpertScorer refuses reuse under autocast) and says so in its name
-    monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
+    monkeypatch.setitem(presets.BENCHMARKS, "tiny", presets.BenchmarkPreset(
         "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
         dropout=0.1))
     for module in (runner, ablations):
@@ -73,7 +73,7 @@ def test_bench_techniques_run_under_the_m_steps_bf16_autocast(monkeypatch, capsy
 
 
 def test_bench_without_the_reference_times_moelab_only(monkeypatch, capsys):
-    monkeypatch.setitem(bench.BENCH_PRESETS, "tiny", bench.BenchPreset(
+    monkeypatch.setitem(presets.BENCHMARKS, "tiny", presets.BenchmarkPreset(
         "tiny", vocab_size=600, num_experts=3, tokens_per_sample=32, max_tokens=128,
         dropout=0.1))
     assert cli.main(["bench", "--preset", "tiny", "--steps", "2", "--device", "cpu",
@@ -99,13 +99,13 @@ def test_mfu_peak_is_the_h200_dense_bf16_peak():
 @pytest.mark.parametrize("keep", [True, False])  # softmax kept for backward, or recomputed
 def test_chunked_log_likelihood_equals_plain(monkeypatch, keep):
     if not keep:
-        monkeypatch.setitem(loss.SAVE_ELEMENTS, "cpu", 0)
+        monkeypatch.setitem(log_probs.SAVE_ELEMENTS, "cpu", 0)
     torch.manual_seed(0)
     hidden = torch.randn(53, 16, requires_grad=True)
     weight = torch.randn(70, 16, requires_grad=True)
     targets = torch.randint(0, 70, (53,))
     grad = torch.randn(53)
-    chunked = loss.target_log_probs(hidden, weight, targets, rows=8)  # 53 = 6 x 8 + 5
+    chunked = log_probs.target_log_probs(hidden, weight, targets, rows=8)  # 53 = 6 x 8 + 5
     chunked.backward(grad)
     got = chunked.detach(), hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -122,7 +122,7 @@ def test_chunked_log_likelihood_without_autograd_equals_plain():
     hidden, weight = torch.randn(53, 16), torch.randn(70, 16)
     targets = torch.randint(0, 70, (53,))
     with torch.no_grad():
-        chunked = loss.target_log_probs(hidden, weight, targets, rows=8)
+        chunked = log_probs.target_log_probs(hidden, weight, targets, rows=8)
     plain = -F.cross_entropy(hidden @ weight.t(), targets, reduction="none")
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
 
@@ -132,7 +132,7 @@ def test_kept_softmax_survives_a_retained_backward():
     torch.manual_seed(0)
     hidden = torch.randn(21, 8, requires_grad=True)
     weight = torch.randn(30, 8, requires_grad=True)
-    out = loss.target_log_probs(hidden, weight, torch.randint(0, 30, (21,)), rows=8)
+    out = log_probs.target_log_probs(hidden, weight, torch.randint(0, 30, (21,)), rows=8)
     first = torch.autograd.grad(out.sum(), (hidden, weight), retain_graph=True)
     second = torch.autograd.grad(out.sum(), (hidden, weight))
     for a, b in zip(first, second, strict=True):
@@ -145,7 +145,7 @@ def test_chunked_log_likelihood_gradcheck():
     weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (9,))
     assert torch.autograd.gradcheck(
-        lambda h, w: loss.target_log_probs(h, w, targets, rows=4), (hidden, weight))
+        lambda h, w: log_probs.target_log_probs(h, w, targets, rows=4), (hidden, weight))
 
 
 def test_model_scores_equal_the_full_logits_formula():

@@ -91,7 +91,7 @@ def test_generated_flags_take_name_alias_parser_and_flip_from_the_specs():
         == {"size": 2, "names": ["x", "y"], "cache": False, "where": "w"}
 
 
-# --------------------------------------------------------------------------- the seed's commands
+# ------------------------------------------------------- the original fairseq workflow's commands
 
 SEED_PREPROCESS = """fairseq-preprocess --only-source --trainpref T/train.txt
     --validpref T/valid.txt --testpref T/test.txt --destdir data-bin/mix --bpe sentencepiece

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moelab import cli
 from moelab.data import BinarizedDataset, TrainBatches
-from moelab.model import MixtureLM, loss
+from moelab.model import MixtureLM, log_probs
 from moelab.train import read_history, train
 from moelab.train import trainer as trainer_module
 from moelab.train.checkpoint import LAST, read_checkpoint
@@ -112,7 +112,7 @@ def test_the_counter_also_sees_the_chunked_losss_recomputation(tiny_bin, monkeyp
     """Where the M-step's softmax is too large to keep, backward recomputes the logits: one
     more projection per M-step target, which the counter counts (hardware FLOPs) and the model
     FLOPs leave out. The difference is exactly that projection."""
-    monkeypatch.setattr(loss, "SAVE_ELEMENTS", {"cpu": 0})
+    monkeypatch.setattr(log_probs, "SAVE_ELEMENTS", {"cpu": 0})
     model = _model(tiny_bin, "sMoEup")
     step = EMStep(model, hard=False, uniform_prior=True)
     batch = _real_batch(tiny_bin)

@@ -264,7 +264,7 @@ def test_soft_m_step_gradient_uses_the_dropout_free_posterior():
 def test_hard_em_with_tied_embeddings_leaves_other_experts_rows_bit_identical():
     """Expert tokens are not output classes, so only the chosen experts' rows move."""
     K = 6
-    model = make_model(K=K, dropout=0.1)  # tied input/output embeddings, the seed's setting
+    model = make_model(K=K, dropout=0.1)  # tied input/output embeddings, as in fairseq's
     assert model.transformer.lm_head.weight is model.transformer.tok_emb.weight
     batch = make_batch()  # 4 chunks: at most 4 of the 6 experts are chosen
     before = model.transformer.tok_emb.weight.detach().clone()

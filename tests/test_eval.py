@@ -311,7 +311,8 @@ SEED_EVAL = """fairseq-eval-lm data-bin/biomed/ \
 
 
 def seed_eval_argv(data: Path, ckpt: Path, **replace: str) -> list[str]:
-    """The seed README's eval-lm command, `fairseq-X` -> `moelab X`, sizes shrunk to fit."""
+    """The original fairseq workflow's eval-lm command, `fairseq-X` -> `moelab X`, sizes shrunk
+    to fit."""
     argv = shlex.split(SEED_EVAL)
     assert argv[0] == "fairseq-eval-lm"
     argv = ["eval-lm", *argv[1:]]

@@ -274,7 +274,8 @@ SEED_INTERACTIVE = """fairseq-interactive data-bin/mix \
 
 
 def seed_argv(data: Path, ckpt: Path, *extra: str) -> list[str]:
-    """The seed README's command, `fairseq-X` -> `moelab X`, K shrunk to the tiny model's."""
+    """The original fairseq workflow's command, `fairseq-X` -> `moelab X`, K shrunk to the tiny
+    model's."""
     argv = shlex.split(SEED_INTERACTIVE)
     assert argv[0] == "fairseq-interactive"
     values = {"data-bin/mix": str(data), "checkpoints/checkpoint_best.pt": str(ckpt), "10": "3"}

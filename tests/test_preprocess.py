@@ -1,4 +1,4 @@
-"""`moelab preprocess`: the binarized output, its bad inputs, and the seed's command line."""
+"""`moelab preprocess`: the binarized output, its bad inputs, and fairseq's command line."""
 
 from __future__ import annotations
 

@@ -68,8 +68,9 @@ def test_every_study_preset_is_a_valid_training_run():
 
 
 def test_the_fairseq_architectures_have_fairseqs_sizes():
-    """--arch transformer_lm and transformer_lm_gpt promise fairseq's models (the seed's
-    commands name them), so their sizes are pinned to fairseq's, not to whatever is here."""
+    """--arch transformer_lm and transformer_lm_gpt promise fairseq's models (the original
+    workflow's commands name them), so their sizes are pinned to fairseq's, not to whatever is
+    here."""
     fairseq = {"transformer_lm": dict(n_layer=6, n_embd=512, n_head=8, ffn_dim=2048),
                "transformer_lm_gpt": dict(n_layer=12, n_embd=768, n_head=12, ffn_dim=3072)}
     for arch, sizes in fairseq.items():

@@ -1,4 +1,4 @@
-"""The trainer: schedule, configs, gradient accumulation, the seed command, clustering."""
+"""The trainer: schedule, configs, gradient accumulation, fairseq's command, clustering."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Nothing in moelab.train, moelab.model, moelab.eval.lm or moelab.generate imports
 (tests/test_bench.py checks it).
 """
 
-from moelab.bench.harness import BENCH_PRESETS, BenchConfig, BenchPreset
+from moelab.bench.harness import BenchConfig
 from moelab.bench.runner import (
     add_bench_arguments,
     main,
@@ -20,5 +20,5 @@ from moelab.bench.runner import (
     run_benchmark,
 )
 
-__all__ = ["BENCH_PRESETS", "BenchConfig", "BenchPreset", "add_bench_arguments", "main",
+__all__ = ["BenchConfig", "add_bench_arguments", "main",
            "measure_eval_and_sample", "measure_training", "run_bench", "run_benchmark"]

@@ -33,14 +33,9 @@ from moelab.train.objectives import ESTEP_DTYPES, method_flags
 PEAK_FLOPS = 989.4e12
 
 
-# The presets live with every other preset (moelab.presets); these are their names here.
-BenchPreset = BenchmarkPreset
-BENCH_PRESETS: dict[str, BenchmarkPreset] = BENCHMARKS
-
-
 @dataclass
 class BenchConfig:
-    preset: str | None = None  # BENCH_PRESETS name; None: seed on CUDA, tiny on CPU
+    preset: str | None = None  # BENCHMARKS name; None: fairseq on CUDA, tiny on CPU
     method: str = "hMoEup"  # training method of the timed step
     num_experts: int | None = None  # K (default: the preset's)
     steps: int = 10  # timed steps of each side (after one warm-up); the median is reported
@@ -57,10 +52,10 @@ class BenchConfig:
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.preset is None:
-            self.preset = "seed" if self.device.startswith("cuda") else "tiny"
-        if self.preset not in BENCH_PRESETS:
+            self.preset = "fairseq" if self.device.startswith("cuda") else "tiny"
+        if self.preset not in BENCHMARKS:
             raise ValueError(f"unknown --preset {self.preset!r}; choose from "
-                             f"{', '.join(BENCH_PRESETS)}")
+                             f"{', '.join(BENCHMARKS)}")
         method_flags(self.method)  # raises with the valid names
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
@@ -73,7 +68,7 @@ class BenchConfig:
 # ----------------------------------------------------------------------------- model and inputs
 
 
-def bench_model(config: BenchConfig, preset: BenchPreset, device: torch.device, *,
+def bench_model(config: BenchConfig, preset: BenchmarkPreset, device: torch.device, *,
                 dropout: float) -> MixtureLM:
     """The benchmark's model, in training mode, from the same seed every time (same weights)."""
     margs = ModelArgs(arch=preset.arch, method=config.method, dropout=dropout,

@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 
 from moelab.bench.harness import (
-    BENCH_PRESETS,
     PEAK_FLOPS,
     BenchConfig,
-    BenchPreset,
     adam,
     bench_model,
     estep_options,
@@ -41,13 +39,14 @@ from moelab.bench.harness import (
 from moelab.bench.reference import reference_step
 from moelab.bench.techniques import measure_techniques
 from moelab.model import MixtureLM
+from moelab.presets import BENCHMARKS, BenchmarkPreset
 from moelab.train.distributed import DistInfo
 from moelab.train.objectives import METHODS, method_flags
 from moelab.train.scoring import ESTEP_DTYPES
 from moelab.train.update import EMStep, autocast_context, train_step
 
 
-def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.device, *,
+def measure_training(config: BenchConfig, preset: BenchmarkPreset, device: torch.device, *,
                      all_threads: int = 1) -> dict:
     """moelab's training step against the reference: tokens/s, ratio, FLOPs, MFU, memory."""
     hard, uniform_prior = method_flags(config.method)
@@ -115,7 +114,7 @@ def measure_training(config: BenchConfig, preset: BenchPreset, device: torch.dev
     return result
 
 
-def measure_eval_and_sample(config: BenchConfig, preset: BenchPreset, device: torch.device,
+def measure_eval_and_sample(config: BenchConfig, preset: BenchmarkPreset, device: torch.device,
                             *, new_tokens: int = 128, repeat: int = 2) -> dict:
     """eval-lm document tokens per second (all K experts) and sampling with/without KV cache."""
     from moelab.data import BinarizedDataset
@@ -173,7 +172,7 @@ def run_benchmark(config: BenchConfig) -> dict:
     # machine a thread that waits for a busy core stalls every op (measured: 60x slower at 2
     # threads under load). The `threads_N_vs_1` technique shows what N threads give here.
     torch.set_num_threads(config.threads or (1 if device.type == "cpu" else all_threads))
-    preset = BENCH_PRESETS[config.preset]
+    preset = BENCHMARKS[config.preset]
     result: dict = {
         "benchmark": "moelab bench", "preset": config.preset, "method": config.method,
         "arch": preset.arch, "device": str(device),
@@ -197,9 +196,10 @@ def run_benchmark(config: BenchConfig) -> dict:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig.__dataclass_fields__
-    parser.add_argument("--preset", choices=tuple(BENCH_PRESETS), default=None,
-                        help="tiny (CPU-sized) or seed (the README's hMoEup K=10 transformer_lm "
-                             "T=512 max-tokens 3584; for a GPU); default: seed on CUDA, else tiny")
+    parser.add_argument("--preset", choices=tuple(BENCHMARKS), default=None,
+                        help="tiny (CPU-sized) or fairseq (the original workflow's hMoEup: K=10, "
+                             "transformer_lm, T=512, max-tokens 3584; for a GPU); default: "
+                             "fairseq on CUDA, else tiny")
     parser.add_argument("--method", choices=METHODS, default=d["method"].default,
                         help="training method of the timed step (default: %(default)s)")
     parser.add_argument("--num-experts", type=int, default=None, help="K (default: the preset's)")

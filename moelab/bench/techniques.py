@@ -22,7 +22,6 @@ import torch
 
 from moelab.bench.harness import (
     BenchConfig,
-    BenchPreset,
     adam,
     bench_model,
     estep_options,
@@ -31,8 +30,9 @@ from moelab.bench.harness import (
 from moelab.bench.reference import reference_hidden
 from moelab.data import Batch
 from moelab.model import MixtureLM
-from moelab.model.loss import KERNELS, TargetLogProbs, chunk_rows, plain_target_log_probs
+from moelab.model.log_probs import KERNELS, TargetLogProbs, chunk_rows, plain_target_log_probs
 from moelab.model.mixture import ScoringFunctions
+from moelab.presets import BenchmarkPreset
 from moelab.train.objectives import em_step, method_flags
 from moelab.train.scoring import ExpertScorer
 from moelab.train.update import autocast_context
@@ -83,7 +83,7 @@ def _manual_attention_expert_log_likelihoods(model: MixtureLM, tokens: torch.Ten
         return model.expert_log_likelihoods(tokens, lengths)
 
 
-def measure_techniques(config: BenchConfig, preset: BenchPreset, batch: Batch,
+def measure_techniques(config: BenchConfig, preset: BenchmarkPreset, batch: Batch,
                        device: torch.device, *, all_threads: int = 1) -> dict[str, float]:
     """Each technique's speed-up, (time without) / (time with), on the benchmark's batch."""
     hard, uniform_prior = method_flags(config.method)

@@ -1,4 +1,5 @@
-"""`moelab preprocess|train|...`: the seed's fairseq commands with `fairseq-` replaced by `moelab `.
+"""`moelab preprocess|train|...`: fairseq's commands with `fairseq-` replaced by
+`moelab `.
 
 One module per command (moelab/cli/<command>.py) with `HELP`, `add_arguments(parser)` and
 `run(args) -> exit status`. Each command's flags are generated from its config dataclass

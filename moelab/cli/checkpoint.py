@@ -1,5 +1,5 @@
 """What `eval-lm` and `interactive` share: the checkpoint to load, checked against the data-bin
-and against the model flags a seed command passes (which must agree with the checkpoint)."""
+and against the model flags a fairseq command passes (which must agree with the checkpoint)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""`moelab eval-lm DATA_BIN --path CKPT`: the seed's `fairseq-eval-lm` command.
+"""`moelab eval-lm DATA_BIN --path CKPT`: fairseq's `fairseq-eval-lm` command.
 
 Perplexity per method (mixture, oracle, each expert), responsibilities and cluster agreement on
-one split; the closing lines are fairseq-eval-lm's, for scripts that parse them. Beyond the seed:
+one split; the closing lines are fairseq-eval-lm's, for scripts that parse them. Beyond fairseq:
 --routing (routed inference beside the full mixture, moelab.eval.routing), --prior and --latent
 (moelab.eval.latents), each named in the printed report and the JSON.
 """

@@ -1,4 +1,4 @@
-"""`moelab interactive DATA_BIN --path CKPT`: the seed's `fairseq-interactive` command.
+"""`moelab interactive DATA_BIN --path CKPT`: fairseq's `fairseq-interactive` command.
 
 Reads prompts from stdin (one per line) or --prompt and prints one labelled continuation per
 chosen expert (or one from the routed mixture of `--gen-expert topk:K'`), streaming as tokens

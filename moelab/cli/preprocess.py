@@ -1,4 +1,4 @@
-"""`moelab preprocess`: binarize a corpus, as the seed's `fairseq-preprocess` command does."""
+"""`moelab preprocess`: binarize a corpus, as `fairseq-preprocess` does."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""`moelab train DATA_BIN ...`: the seed's `fairseq-train` command; its Python twin is `train(...)`.
+"""`moelab train DATA_BIN ...`: fairseq's `fairseq-train` command; its Python twin is `train(...)`.
 
 The flags are generated from the config dataclasses (moelab/train/config.py), so
 `moelab train data-bin --warmup-updates 100` and `train("data-bin", warmup_updates=100)` mean the
-same thing and share defaults. The fairseq-only flags of the seed command are accepted and
-explained in one line each.
+same thing and share defaults. The fairseq-only flags of the original workflow's command are
+accepted and explained in one line each.
 """
 
 from __future__ import annotations

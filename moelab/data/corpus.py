@@ -191,17 +191,6 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _read_whole_file(path: Path) -> str:
-    raw = path.read_bytes()
-    text = _decode_text(raw, path)
-    if text is None:
-        raise MoelabError(
-            f"{path} is not UTF-8 text (binary bytes or an invalid UTF-8 sequence); "
-            "convert it to UTF-8 (e.g. `iconv -t utf-8`) or remove the offending bytes."
-        )
-    return text
-
-
 @dataclass
 class Corpus:
     """A re-iterable source of documents: iterating twice yields the same documents in order."""

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from moelab.model.compile import CompiledOrEager
 from moelab.model.gating import MeanPoolGating
-from moelab.model.loss import KERNELS, target_log_probs
+from moelab.model.log_probs import KERNELS, target_log_probs
 from moelab.model.transformer import KVCache, ModelConfig, Transformer
 
 
@@ -22,7 +22,8 @@ class ScoringFunctions:
 
     body: input ids (B, T) -> hidden states (B, T, C), the Transformer's forward without the
     output projection (`Transformer.hidden`, a compiled version of it, or another attention).
-    kernels: the chunked loss kernels of moelab.model.loss (KERNELS, or compiled versions).
+    kernels: the chunked log-probability kernels of moelab.model.log_probs (KERNELS, or compiled
+    versions).
     Any replacement computes the same function; only its speed differs. Every scoring call of
     the model uses them: the E-step, the M-step, validation and eval-lm alike.
     """

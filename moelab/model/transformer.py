@@ -227,7 +227,7 @@ class Transformer(nn.Module):
         """Final hidden states (B, T, C), before the output projection.
 
         Scoring projects only the positions it needs, a chunk at a time
-        (moelab.model.loss.target_log_probs), instead of materializing (B, T, V + K) logits.
+        (moelab.model.log_probs.target_log_probs), instead of materializing (B, T, V + K) logits.
         """
         T = input_ids.shape[1]
         start = len(cache) if cache is not None else 0

@@ -1,7 +1,7 @@
 """log p(target) from hidden states, a chunk of rows at a time, exactly.
 
 Scoring K experts projects B*K*T hidden states onto the whole vocabulary. Materializing those
-logits in float32 is the largest tensor of a step (seed config: 70 x 512 x 50k x 4 bytes = 7 GB)
+logits in float32 is the largest tensor of a step (fairseq preset: 70 x 512 x 50k x 4 bytes = 7 GB)
 and, on a CPU, writing and re-reading it costs more than the projection itself. Here each chunk's
 logits live only while that chunk is reduced to (log p(target), logsumexp); backward recomputes
 them from the saved hidden states (one extra projection per chunk, no (N, V) tensor kept).
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 # With autograd, the float32 softmax of all rows is kept for backward (as plain autograd keeps
 # log_softmax) when it takes at most this many elements; above, backward recomputes each chunk's
-# logits instead (one more projection, no (N, V) tensor). Seed config: the hard M-step's
+# logits instead (one more projection, no (N, V) tensor). fairseq preset: the hard M-step's
 # 7 x 512 x 50k (0.7 GB) is kept, the soft M-step's 70 x 512 x 50k (7 GB) is recomputed.
 SAVE_ELEMENTS = {"cpu": 1 << 28, "cuda": 1 << 29}
 
