@@ -1,7 +1,8 @@
 """Sampling, greedy decoding and beam search per expert: `moelab interactive` and its Python API.
 
-An expert's continuation is the model's continuation of `[<expert_z>] + prompt` (DESIGN.md
-section 4). Functions are pure and keyword-only; settings live in one GenerationConfig.
+An expert's continuation is the model's continuation of `[<expert_z>] + prompt`
+(docs/design.md section 8). Functions are pure and keyword-only; settings live in one
+GenerationConfig.
 
 The model sees at most max_seq_len positions. A prompt longer than that keeps its end (with a
 PromptTruncatedWarning). When generation fills the context, the window slides: it restarts from

@@ -139,7 +139,7 @@ def test_mixture_uses_the_gating_networks_prior_at_the_document_start(valid):
 def brute_log_likelihoods(model: MixtureLM, docs, T: int, C: int) -> np.ndarray:
     """log p(doc | z) (D, K), token by token, each token's window rebuilt from scratch.
 
-    fairseq-eval-lm's windows (DESIGN.md section 3): the first holds tokens 0..T-1 with nothing
+    fairseq-eval-lm's windows (docs/design.md section 3): the first holds tokens 0..T-1 with nothing
     before them; each later one scores T - C new tokens, starting at T, T + (T - C), ..., after
     the C tokens just before them. Token t of a later window thus reads <expert_z> and then the
     document from (its window's first new token - C) to t - 1.

@@ -586,7 +586,7 @@ def distinct_experts(tiny_bin, tmp_path_factory) -> MixtureLM:
 @pytest.mark.slow
 def test_trained_experts_give_different_distributions_and_samples(distinct_experts, tiny_bin,
                                                                   one_thread):
-    """DESIGN.md section 2: after training on distinct domains, the expert tokens must select
+    """docs/design.md section 1: after training on distinct domains, the expert tokens must select
     different models (a fairseq user once trained K copies of one model without noticing)."""
     model, K = distinct_experts, 3
     V = model.config.vocab_size

@@ -1,6 +1,6 @@
 """Reading mixed-domain corpora as a stream of documents, and splitting them deterministically.
 
-Three input forms (DESIGN.md section 5): a folder with one sub-folder per domain of text files
+Three input forms (docs/design.md section 5): a folder with one sub-folder per domain of text files
 (one file = one document), a ``.jsonl`` file with ``text`` and optional ``domain``, and
 fairseq-style ``.txt`` files (documents separated by blank lines, domain unknown). Everything is
 streamed: a corpus is never held in memory, only its document keys.

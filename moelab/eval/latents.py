@@ -1,6 +1,6 @@
 """What the mixture's latent z ranges over at evaluation, and which prior weighs it.
 
-`--latent` (DESIGN.md section 3):
+`--latent` (docs/design.md section 3):
 - `document` (the default): one z per document, log p(doc) = logsumexp_z [log pi_z +
   log p(doc | z)].
 - `chunk`: every chunk of T = tokens-per-sample tokens (the document's chunks, as training cuts

@@ -1,9 +1,10 @@
 """Perplexity per method, responsibilities and cluster agreement: `moelab eval-lm` and `evaluate`.
 
 Every document is scored by every expert with sliding windows, as fairseq-eval-lm does
-(DESIGN.md section 3): windows of T = tokens-per-sample tokens with `<expert_z>` at position 0;
-the first window scores its T tokens, each later one scores T - C new tokens after C tokens of
-context (C = context-window). All K experts of a batch of windows run as one forward of B*K rows.
+(docs/design.md section 3): windows of T = tokens-per-sample tokens with `<expert_z>` at
+position 0; the first window scores its T tokens, each later one scores T - C new tokens after C
+tokens of context (C = context-window). All K experts of a batch of windows run as one forward
+of B*K rows.
 
 From the per-document log-likelihoods log p(doc | z) follow:
 - `mixture`: log p(doc) = logsumexp_z [log pi_z + log p(doc | z)], pi the prior at the document
@@ -166,7 +167,7 @@ def evaluate(
     latent: str = "document",
     prior_dataset: BinarizedDataset | None = None,
 ) -> EvalResult:
-    """Score every document of `dataset` with every expert and summarize (DESIGN.md section 3).
+    """Score every document of `dataset` with every expert and summarize (docs/design.md section 3).
 
     tokens_per_sample defaults to the model's context length (max_seq_len). `prior` and
     `latent` are moelab.eval.latents' (`prior="cached"` estimates the prior on `prior_dataset`, the

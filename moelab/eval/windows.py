@@ -1,6 +1,6 @@
 """Sliding windows over documents, and the batched forwards that score them with chosen experts.
 
-fairseq-eval-lm's windows (DESIGN.md section 3): windows of T = tokens-per-sample tokens with
+fairseq-eval-lm's windows (docs/design.md section 3): windows of T = tokens-per-sample tokens with
 `<expert_z>` at position 0; the first window scores its T tokens, each later one scores T - C
 new tokens after C tokens of context (C = context-window). Every token is scored exactly once.
 

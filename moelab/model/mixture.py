@@ -33,7 +33,7 @@ class ScoringFunctions:
 
 
 class MixtureLM(nn.Module):
-    """A sequence-level mixture of K experts sharing one Transformer (README: How it works).
+    """A sequence-level mixture of K experts sharing one Transformer (docs/design.md section 1).
 
     Expert z reads the chunk x_1..x_n as the input [<expert_z>, x_1, ..., x_{n-1}] with targets
     x_1..x_n; the expert token takes the place of a begin-of-sequence token.
