@@ -13,7 +13,7 @@ import argparse
 import json
 
 from moelab.bench import BENCH_PRESETS, BenchConfig, run_benchmark
-from moelab.train.objectives import METHODS
+from moelab.train.method import METHODS
 
 
 def main() -> None:

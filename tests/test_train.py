@@ -16,6 +16,7 @@ from moelab.model import MixtureLM
 from moelab.train import RunConfig, read_history, train
 from moelab.train.config import ModelArgs, OptimConfig, TrainConfig, model_config
 from moelab.train.distributed import DistInfo
+from moelab.train.method import Method
 from moelab.train.schedule import inverse_sqrt_lr
 from moelab.train.update import (
     EMStep,
@@ -108,9 +109,8 @@ def test_update_freq_gives_the_gradient_of_the_merged_batch(tiny_bin):
                              tokens_per_sample=64)
         model = MixtureLM(mconf)
         optimizer = build_optimizer(model, config, torch.device("cpu"))
-        hard, uniform = (method.startswith("h"), method.endswith("up"))
         batches = [collate(ds, c, 64) for c in micro_chunks]
-        train_step(EMStep(model, hard=hard, uniform_prior=uniform), batches, optimizer,
+        train_step(EMStep(model, Method.parse(method)), batches, optimizer,
                    dist=DistInfo(), clip_norm=0.0, autocast=autocast_context(torch.device("cpu")))
         return _grads(model)
 
@@ -164,7 +164,7 @@ def test_validation_is_deterministic_and_matches_the_soft_objective(tiny_bin, tm
                    **TINY)
     model, config = result.model, result.config
     ds = BinarizedDataset(tiny_bin, "valid")
-    again = validate(model, valid_batches(ds, config), DistInfo(), hard=False)
+    again = validate(model, valid_batches(ds, config), DistInfo(), Method.parse("sMoEup"))
     assert again.loss == result.valid.loss
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -430,7 +430,7 @@ def _sgd_step(model, batch, clip_norm):
     """train_step with plain SGD (lr 1): the gradient it steps with and the weight change."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = train_step(EMStep(model, hard=True, uniform_prior=True), [batch], optimizer,
+    stats = train_step(EMStep(model, Method.parse("hMoEup")), [batch], optimizer,
                        dist=DistInfo(), clip_norm=clip_norm,
                        autocast=autocast_context(torch.device("cpu")))
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -579,10 +579,10 @@ def test_validate_gives_the_model_back_in_the_mode_it_came_in(tiny_bin):
                                    tokens_per_sample=64))
     batches = valid_batches(ds, config)
     model.train()
-    validate(model, batches, DistInfo(), hard=True)
+    validate(model, batches, DistInfo(), Method.parse("hMoEup"))
     assert model.training and all(m.training for m in model.modules())
     model.eval()
-    validate(model, batches, DistInfo(), hard=True)
+    validate(model, batches, DistInfo(), Method.parse("hMoEup"))
     assert not model.training and not any(m.training for m in model.modules())
 
 
@@ -606,6 +606,34 @@ def test_meter_counts_argmax_wins_apart_from_responsibilities():
     assert meter.sums[5 + K : 5 + 2 * K].tolist() == [6.0, 0.0]
     assert meter.sums[5 + 2 * K :].tolist() == pytest.approx([1.0, 3.0, 4.0])  # scored on 4
     assert meter.sums[:5].tolist() == pytest.approx([15.0, 12.0, 30.0, 6.0, 1.5])
+
+
+def test_validation_and_training_use_the_same_objective(tiny_bin):
+    """validate's loss and nll are em_step's on the same batches with dropout off, for hard and
+    soft EM with a learned prior: the winner's -log p(x, z* | c) and its -log p(x | z*), or the
+    marginal -log p(x | c), prior included in both."""
+    from moelab.train.objectives import em_step
+    from moelab.train.scoring import ExpertScorer
+    from moelab.train.trainer import valid_batches
+    from moelab.train.validation import validate
+
+    ds = BinarizedDataset(tiny_bin, "valid")
+    for name in ("hMoElp", "sMoElp"):
+        config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, method=name, num_experts=3,
+                                       **TINY)
+        torch.manual_seed(0)
+        model = MixtureLM(model_config(config.model, vocab_size=ds.vocab_size,
+                                       pad_id=ds.pad_id, tokens_per_sample=64)).eval()
+        method, batches = Method.parse(name), valid_batches(ds, config)
+        result = validate(model, batches, DistInfo(), method)
+        loss = nll = 0.0
+        for position in range(batches.batches_per_epoch):
+            out = em_step(ExpertScorer(model), batches.batch(1, position), method)
+            loss, nll = loss + out.loss.item(), nll + out.nll.item()
+        assert result.loss == pytest.approx(loss / result.num_tokens, rel=1e-5), name
+        assert result.nll == pytest.approx(nll / result.num_tokens, rel=1e-5), name
+        if method.hard:  # the prior is in the loss, not in the nll
+            assert result.loss != pytest.approx(result.nll, rel=1e-3)
 
 
 @pytest.mark.usefixtures("one_thread")

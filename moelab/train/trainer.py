@@ -42,7 +42,7 @@ from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
 from moelab.train.meter import Meter, entropy, perplexity
-from moelab.train.objectives import method_flags
+from moelab.train.method import Method
 from moelab.train.prefetch import BatchPrefetcher
 from moelab.train.run import (
     Run,
@@ -112,8 +112,8 @@ class Trainer:
         self.dist, self.on_log, self.on_eval = dist, on_log, on_eval
         set_seed(config.train.seed)
         self.say = _printer(dist)
-        self.hard, self.uniform_prior = method_flags(config.model.method)
-        if self.uniform_prior and config.model.mean_pool_gating_network:
+        self.method = Method.parse(config.model.method)
+        if self.method.uniform_prior and config.model.mean_pool_gating_network:
             self.say(f"note: --mean-pool-gating-network is unused with --method "
                      f"{config.model.method}: the uniform prior p(z) = 1/K needs no gating "
                      "network, so none is built")
@@ -147,8 +147,7 @@ class Trainer:
         # a remedy reshapes the posterior trained on, so the log shows the model's own beside it
         # (a warm start's updates run no E-step, and after them the two are one)
         self.reshaped = self.assignment is not None
-        step_module = wrap_for_training(self.model, dist, hard=self.hard,
-                                        uniform_prior=self.uniform_prior,
+        step_module = wrap_for_training(self.model, dist, self.method,
                                         estep_tokens=config.train.estep_tokens,
                                         estep_dtype=config.train.estep_torch_dtype,
                                         assignment=self.assignment)
@@ -195,7 +194,7 @@ class Trainer:
                 state.bad_in_row = 0
                 if self.assignment is not None and self.assignment.prior_bias is not None:
                     # the load: chunks won (hard EM) or posterior mass (soft EM), all ranks
-                    load = stats.argmax_counts if self.hard else stats.responsibility_sum
+                    load = stats.argmax_counts if self.method.hard else stats.responsibility_sum
                     self.assignment.prior_bias.update(load, dist)
                 state.num_updates += 1
                 self.meter.add(stats)
@@ -220,7 +219,7 @@ class Trainer:
             if state.num_updates > updates_at_start or restore is None:
                 result = self.validate_and_save()
             else:  # the checkpoint was already finished: report, but write nothing new
-                result = validate(self.model, self.valid, dist, hard=self.hard)
+                result = validate(self.model, self.valid, dist, self.method)
         self.model.eval()
         # a finished checkpoint restored into a new --save-dir trains nothing and logs nothing
         logged = dist.is_main and (self.save_dir / LOG_FILE).is_file()
@@ -238,7 +237,7 @@ class Trainer:
                                 estep_temperature=t.estep_temperature,
                                 anneal_updates=t.anneal_updates,
                                 bias=state.prior_bias if t.prior_bias_rate > 0 else None,
-                                dist=self.dist, hard=self.hard)
+                                dist=self.dist, hard=self.method.hard)
 
     def elapsed(self) -> float:
         """Seconds since the run started, over this process and the runs it resumed
@@ -268,7 +267,7 @@ class Trainer:
     def validate_and_save(self) -> ValidResult:
         """Validate, log a `valid` line, save checkpoint_last (and checkpoint_best if improved)."""
         state, dist = self.state, self.dist
-        result = validate(self.model, self.valid, dist, hard=self.hard)
+        result = validate(self.model, self.valid, dist, self.method)
         counts = np.bincount(result.posterior.argmax(1),
                              minlength=self.model_config.num_experts)
         record = {

@@ -14,6 +14,8 @@ from moelab.model import MixtureLM
 from moelab.train import faults
 from moelab.train.distributed import DistInfo, all_reduce_sum
 from moelab.train.meter import perplexity
+from moelab.train.method import Method
+from moelab.train.objectives import em_objective
 
 
 @dataclass
@@ -30,14 +32,16 @@ class ValidResult:
 
 
 @torch.no_grad()
-def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
-             hard: bool) -> ValidResult:
+def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo,
+             method: Method) -> ValidResult:
     """Objective per token on the valid split, and each document's posterior over experts.
 
-    Eval mode, no grad. The documents' scores (log p(x | z) summed over their chunks) and the
-    prior at a document's start go through moelab.clustering, as eval-lm's do, so the
-    posterior, NMI and confidence logged here are eval-lm's at context window 0. Ranks take every
-    world_size-th batch and the sums are all-reduced, so every rank returns the same result.
+    Eval mode, no grad; the objective is training's (em_objective), on all experts' scores, with
+    the posterior softmax(l) as the E-step would take it. The documents' scores (log p(x | z)
+    summed over their chunks) and the prior at a document's start go through moelab.clustering,
+    as eval-lm's do, so the posterior, NMI and confidence logged here are eval-lm's at context
+    window 0. Ranks take every world_size-th batch and the sums are all-reduced, so every rank
+    returns the same result.
     """
     was_training = model.training
     model.eval()
@@ -51,12 +55,7 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
         # float32 on every device, as eval-lm scores: checkpoint_best is chosen on that number
         ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)  # (B, K)
         prior = model.log_prior(batch.context, batch.context_lengths)  # (B, K)
-        scores = prior + ll  # (B, K)
-        if hard:
-            z = scores.argmax(-1, keepdim=True)  # (B, 1)
-            loss, nll = -scores.gather(1, z).sum(), -ll.gather(1, z).sum()
-        else:
-            loss = nll = -torch.logsumexp(scores, dim=-1).sum()
+        loss, nll = em_objective(prior, ll, method, (prior + ll).softmax(-1))
         sums += torch.stack([loss.double(), nll.double(),
                              batch.lengths.sum().double()])
         doc_ll.index_add_(0, batch.doc_ids, ll.double())
