@@ -41,7 +41,7 @@ from moelab.train.branch import branch_from_dense
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
-from moelab.train.meter import Meter, entropy, perplexity
+from moelab.train.meter import Meter, TrainSums, entropy, perplexity
 from moelab.train.method import Method
 from moelab.train.prefetch import BatchPrefetcher
 from moelab.train.run import (
@@ -303,19 +303,19 @@ class Trainer:
     def log_train(self, lr: float) -> dict:
         """Reduce the interval's sums over ranks into one log line (written by rank 0)."""
         meter, state = self.meter, self.state
-        K = meter.num_experts
-        sums = all_reduce_sum(meter.sums.clone(), self.dist).cpu()
-        grad_norm_sum = float(meter.sums[4])  # identical on every rank (gradients all-reduced)
-        loss = float(sums[0] / sums[2])  # finite: skipped updates never reach the meter
+        total = TrainSums.from_tensor(all_reduce_sum(meter.sums.tensor, self.dist).cpu())
+        # identical on every rank (gradients all-reduced)
+        grad_norm_sum = float(meter.sums.grad_norm)
+        loss = float(total.loss / total.tokens)  # finite: skipped updates never reach the meter
         elapsed = time.perf_counter() - meter.since
-        usage = sums[5 + K : 5 + 2 * K] / sums[5 + K : 5 + 2 * K].sum()
-        scored = float(sums[5 + 3 * K])
+        usage = total.argmax_counts / total.argmax_counts.sum()
+        scored = float(total.scored_chunks)
         record = {
             "kind": "train", "update": state.num_updates, "epoch": state.epoch,
-            "loss": loss, "nll": float(sums[1] / sums[2]), "ppl": perplexity(loss), "lr": lr,
-            "grad_norm": grad_norm_sum / meter.updates,
+            "loss": loss, "nll": float(total.nll / total.tokens), "ppl": perplexity(loss),
+            "lr": lr, "grad_norm": grad_norm_sum / meter.updates,
             "tokens_per_s": meter.global_tokens / max(elapsed, 1e-9),
-            "posterior_mass": (sums[5 : 5 + K] / sums[3]).tolist(),
+            "posterior_mass": (total.responsibility_sum / total.chunks).tolist(),
             "usage_entropy": entropy(usage),
             "skipped_updates": state.skipped_updates,
             "wall": self.elapsed(),
@@ -323,7 +323,7 @@ class Trainer:
             **(self.assignment.log_fields() if self.assignment is not None else {}),
         }
         if self.reshaped and scored > 0:  # what the M-step trained on is not the posterior
-            record["model_posterior_mass"] = (sums[5 + 2 * K : 5 + 3 * K] / scored).tolist()
+            record["model_posterior_mass"] = (total.posterior_sum / scored).tolist()
         if self.dist.is_main:
             _log_io(self.save_dir, append_record, record)
         meter.reset()

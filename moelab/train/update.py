@@ -23,7 +23,7 @@ from moelab.train import faults
 from moelab.train.assignment import Assignment
 from moelab.train.compute import Flops, batch_flops
 from moelab.train.config import RunConfig
-from moelab.train.distributed import DistInfo, all_reduce_sum
+from moelab.train.distributed import DistInfo, NamedSums, all_reduce_sum
 from moelab.train.method import Method
 from moelab.train.objectives import em_step
 from moelab.train.schedule import learning_rate
@@ -118,6 +118,24 @@ def wrap_for_training(model: MixtureLM, dist: DistInfo, method: Method, *,
 
 
 @dataclass
+class UpdateChecks(NamedSums):
+    """What every rank tells the others once per update, summed in one all-reduce (NamedSums)."""
+
+    bad: torch.Tensor  # 1 where the loss or gradient norm is not finite
+    stop: torch.Tensor  # 1 where a stop (SIGTERM/SIGINT) was requested
+    # the update's model FLOPs, by part (compute.Flops)
+    estep_flops: torch.Tensor
+    mstep_flops: torch.Tensor
+    gating_flops: torch.Tensor
+    output_flops: torch.Tensor
+
+    @property
+    def flops(self) -> Flops:
+        return Flops(float(self.estep_flops), float(self.mstep_flops), float(self.gating_flops),
+                     float(self.output_flops))
+
+
+@dataclass
 class StepStats:
     loss: torch.Tensor  # summed over tokens (all micro-batches, this rank)
     nll: torch.Tensor
@@ -192,11 +210,13 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     max_norm = clip_norm if clip_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).double()
-    parts = [flops.estep, flops.mstep, flops.gating, flops.output]
-    flags = torch.cat([bad[None], torch.tensor([float(stop_requested), *parts],
-                                               dtype=torch.float64, device=device)])  # (6,)
-    bad_anywhere, stop_anywhere, *parts = all_reduce_sum(flags, dist).tolist()  # the one sync
-    skipped = bad_anywhere > 0  # the same decision on every rank
+    stop, estep, mstep, gating, output = torch.tensor(  # known on the CPU: one copy
+        [float(stop_requested), flops.estep, flops.mstep, flops.gating, flops.output],
+        dtype=torch.float64, device=device)
+    local = UpdateChecks(bad=bad, stop=stop, estep_flops=estep, mstep_flops=mstep,
+                         gating_flops=gating, output_flops=output)
+    total = UpdateChecks.from_tensor(all_reduce_sum(local.tensor, dist).cpu())  # the one sync
+    skipped = float(total.bad) > 0  # the same decision on every rank
     faults.hit("step")
     if skipped:
         optimizer.zero_grad(set_to_none=True)
@@ -205,5 +225,5 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     return StepStats(loss=loss_sum, nll=nll_sum, num_tokens=sum(tokens),
                      global_tokens=global_tokens, responsibility_sum=r_sum,
                      argmax_counts=counts, num_chunks=chunks, grad_norm=grad_norm.detach(),
-                     posterior_sum=posterior_sum, scored_chunks=scored, flops=Flops(*parts),
-                     skipped=skipped, stop=stop_anywhere > 0)
+                     posterior_sum=posterior_sum, scored_chunks=scored,
+                     flops=total.flops, skipped=skipped, stop=float(total.stop) > 0)
