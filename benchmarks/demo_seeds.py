@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from moelab import report
-from moelab.train.objectives import METHODS
+from moelab.train.method import METHODS
 from moelab.workbench import Workbench
 
 

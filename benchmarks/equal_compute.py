@@ -32,7 +32,7 @@ from moelab.eval import evaluate_run
 from moelab.report.machine import device_name
 from moelab.train import Run, train
 from moelab.train.checkpoint import BEST
-from moelab.train.objectives import METHODS
+from moelab.train.method import METHODS
 from moelab.workbench import Workbench
 
 COLUMNS = ["test ppl", "NMI", "experts used", "updates", "train FLOPs", "train time (s)"]

@@ -20,6 +20,7 @@ import torch
 
 from moelab.data import BinarizedDataset, TrainBatches
 from moelab.train import load_checkpoint
+from moelab.train.method import Method
 from moelab.train.scoring import ESTEP_DTYPES, ExpertScorer
 
 
@@ -28,7 +29,8 @@ def responsibilities(scorer: ExpertScorer, batch) -> torch.Tensor:
 
     The prior is the one the model was trained with: learned where it has a gating network.
     """
-    scores = scorer.scores(batch, hard=True, uniform_prior=scorer.model.gating is None)
+    method = Method.parse("hMoEup" if scorer.model.gating is None else "hMoElp")
+    scores = scorer.scores(batch, method)
     return scores.e_step().softmax(dim=-1)
 
 

@@ -28,7 +28,7 @@ from moelab.model import MixtureLM
 from moelab.presets import STUDIES
 from moelab.train.compute import batch_flops
 from moelab.train.config import ModelArgs, model_config
-from moelab.train.objectives import METHODS, method_flags
+from moelab.train.method import METHODS, Method
 from moelab.train.update import EMStep
 
 
@@ -54,8 +54,7 @@ def counted_update(config, T: int, method: str) -> tuple[float, float]:
                   domain_ids=torch.zeros(2, dtype=torch.long))
     torch.manual_seed(0)
     model = MixtureLM(config).train()
-    hard, uniform = method_flags(method)
-    step = EMStep(model, hard=hard, uniform_prior=uniform)
+    step = EMStep(model, Method.parse(method))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         loss, *_ = step(batch)
         loss.backward()
@@ -74,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         dense = None
         for method in METHODS:
             config, T, rows = preset_config(preset, method)
-            hard, uniform = method_flags(method)
+            m = Method.parse(method)
             # the step as training runs it: soft EM without dropout reads its E-step off the
             # M-step's forward (moelab.train.scoring), which the count follows
-            step = EMStep(MixtureLM(config).train(), hard=hard, uniform_prior=uniform)
-            flops = batch_flops(config, [T] * rows, T, hard=hard, uniform_prior=uniform,
-                                reuse=step.scorer.reuses_estep(hard=hard))
+            step = EMStep(MixtureLM(config).train(), m)
+            flops = batch_flops(config, [T] * rows, T, method=m,
+                                reuse=step.scorer.reuses_estep(hard=m.hard))
             dense = dense or flops.total
             counter, ours = counted_update(config, T, method)
             row = {"preset": preset, "method": method, "K": config.num_experts,
                    "dropout": config.dropout,
-                   "reused_estep": step.scorer.reuses_estep(hard=hard),
+                   "reused_estep": step.scorer.reuses_estep(hard=m.hard),
                    "batch": f"{rows} x {T}", "update_flops": flops.total,
                    "by_part": flops.as_dict(), "x_dense": flops.total / dense,
                    "counter_check": {"torch": counter, "moelab": ours,

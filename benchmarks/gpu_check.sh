@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with one CUDA GPU, in under 8 minutes:
-#   1. the tests marked `cuda`: em_loss, eval-lm and greedy generation on CUDA against the CPU;
+#   1. the tests marked `cuda`: em_step, eval-lm and greedy generation on CUDA against the CPU;
 #   2. notebook 01 at the smoke preset (headless, benchmarks/run_notebook.py);
 #   3. `moelab bench` on the fairseq preset (hMoEup, K=10, transformer_lm, T=512, max-tokens 3584).
 # Each figure is a JSON line written under $OUT (default: ./bench-out), plus the nvidia-smi and

@@ -28,7 +28,7 @@ from moelab.data import PreprocessConfig, preprocess
 from moelab.demo import SAMPLE_TOKENS
 from moelab.eval.attribution import attribution_score
 from moelab.presets import STUDIES
-from moelab.train.objectives import method_flags
+from moelab.train.method import Method
 from moelab.workbench import Workbench
 
 # name -> the training options that turn the remedy on (none: plain EM)
@@ -46,10 +46,10 @@ ATTRIBUTION_SAMPLES = 3  # per expert, as the demo's default
 def applies(remedy: str, method: str) -> bool:
     """Where training refuses a remedy as meaningless: every remedy needs K > 1, a prior bias a
     learned prior, annealing alone soft EM (hard EM's argmax does not depend on T)."""
-    hard, uniform_prior = method_flags(method)
+    m = Method.parse(method)
     if method == "dense":
         return remedy == "none"
-    return not ((remedy == "prior-bias" and uniform_prior) or (remedy == "anneal" and hard))
+    return not ((remedy == "prior-bias" and m.uniform_prior) or (remedy == "anneal" and m.hard))
 
 
 def seed_table(wb: Workbench, methods: list[str], seed: int) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import json
 
 from moelab.bench import BenchConfig, run_benchmark
 from moelab.presets import BENCHMARKS
-from moelab.train.objectives import METHODS
+from moelab.train.method import METHODS
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 from moelab import __version__
 from moelab.clustering import flat_reasons
 from moelab.errors import MoelabError
-from moelab.train.objectives import METHODS
+from moelab.train.method import METHODS
 from moelab.workbench import TRAIN_PRESETS, Workbench
 
 SAMPLE_TOKENS = {"gpu": 96, "cpu": 48, "smoke": 8}

@@ -50,7 +50,7 @@ from moelab.train import checkpoint as ckpt
 from moelab.train.compute import batch_flops
 from moelab.train.config import ModelArgs, TrainConfig, model_config
 from moelab.train.history import LOG_FILE
-from moelab.train.objectives import METHODS, method_flags
+from moelab.train.method import METHODS, Method
 
 # The presets' parts, by name (moelab.presets.STUDIES is where they are set).
 TRAIN_PRESETS: dict[str, dict] = {name: study.train for name, study in STUDIES.items()}
@@ -206,9 +206,8 @@ class Workbench:
                                  "num_experts": None if method == "dense" else self.num_experts})
             config = model_config(margs, vocab_size=int(meta["vocab_size"]), pad_id=0,
                                   tokens_per_sample=T)
-            hard, uniform = method_flags(method)
-            costs.append(batch_flops(config, [T] * rows, T, hard=hard,
-                                     uniform_prior=uniform).total)
+            costs.append(batch_flops(config, [T] * rows, T,
+                                     method=Method.parse(method)).total)
         interval = max(costs) * int(options["max_update"]) * int(
             options.get("update_freq", 1)) / VALIDATION_POINTS
         self._interval = float(f"{interval:.3g}")

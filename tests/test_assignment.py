@@ -28,6 +28,7 @@ from moelab.train.assignment import (
 )
 from moelab.train.checkpoint import LAST, read_checkpoint
 from moelab.train.distributed import DistInfo
+from moelab.train.method import Method
 from moelab.train.objectives import em_step
 from moelab.train.scoring import ExpertScorer
 from tests.test_em import make_batch, make_model
@@ -227,20 +228,20 @@ def test_prior_bias_rises_for_idle_experts_and_falls_for_busy_ones():
     assert bias.spread() == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize("hard", [True, False])
-def test_prior_bias_chooses_but_is_not_in_the_loss(hard):
+@pytest.mark.parametrize("method", ["hMoElp", "sMoElp"])
+def test_prior_bias_chooses_but_is_not_in_the_loss(method):
     """A bias that makes every chunk choose expert 2 changes what is trained, never the loss:
     hard EM's loss is expert 2's unbiased -l_2, soft EM's the unbiased marginal."""
     model, batch = make_model(K=3), make_batch()
     scorer = ExpertScorer(model)
-    plain = em_step(scorer, batch, hard=hard, uniform_prior=False)
+    plain = em_step(scorer, batch, Method.parse(method))
     biased = Assignment(prior_bias=PriorBias(torch.tensor([0.0, 0.0, 1e4]), rate=0.1))
-    out = em_step(scorer, batch, hard=hard, uniform_prior=False, assignment=biased)
+    out = em_step(scorer, batch, Method.parse(method), assignment=biased)
     assert (out.responsibilities.argmax(1) == 2).all()
     assert not (plain.responsibilities.argmax(1) == 2).all()
-    if hard:
+    if Method.parse(method).hard:
         with torch.no_grad():
-            log_prior, log_lik = scorer.scores(batch, hard=True, uniform_prior=False).m_step()
+            log_prior, log_lik = scorer.scores(batch, Method.parse(method)).m_step()
         torch.testing.assert_close(out.loss.detach(), -(log_prior + log_lik)[:, 2].sum())
     else:
         torch.testing.assert_close(out.loss.detach(), plain.loss.detach())
@@ -340,8 +341,8 @@ def test_defaults_leave_every_number_unchanged(tiny_bin, tmp_path):
                             anneal_updates=t.anneal_updates, bias=None, dist=DistInfo()) is None
     model, batch = make_model(K=3), make_batch()
     scorer = ExpertScorer(model)
-    expected = scorer.scores(batch, hard=True, uniform_prior=False).e_step().softmax(-1)
-    out = em_step(scorer, batch, hard=True, uniform_prior=False)
+    expected = scorer.scores(batch, Method.parse("hMoElp")).e_step().softmax(-1)
+    out = em_step(scorer, batch, Method.parse("hMoElp"))
     assert torch.equal(out.responsibilities, expected)
     train(tiny_bin, method="hMoElp", num_experts=2, max_update=2, max_tokens=512,
           log_interval=1, save_dir=tmp_path, **TINY)
@@ -412,14 +413,14 @@ def test_training_hard_em_with_balance_trains_the_capped_choice(tiny_bin, tmp_pa
     from moelab.train import update
 
     seen = []
-    real = update.em_loss
+    real = update.em_step
 
-    def spy(model, batch, **kwargs):
-        out = real(model, batch, **kwargs)
+    def spy(scorer, batch, method, **kwargs):
+        out = real(scorer, batch, method, **kwargs)
         seen.append(out.responsibilities.detach().clone())
         return out
 
-    monkeypatch.setattr(update, "em_loss", spy)
+    monkeypatch.setattr(update, "em_step", spy)
     train(tiny_bin, method="hMoEup", num_experts=3, max_update=2, balance="sinkhorn",
           save_dir=tmp_path, **TINY)
     assert seen
@@ -437,14 +438,14 @@ def test_with_a_remedy_the_log_shows_the_models_own_posterior_beside_the_reshape
     from moelab.train import update
 
     seen = []
-    real = update.em_loss
+    real = update.em_step
 
-    def spy(model, batch, **kwargs):
-        out = real(model, batch, **kwargs)
+    def spy(scorer, batch, method, **kwargs):
+        out = real(scorer, batch, method, **kwargs)
         seen.append((out.posterior.mean(0), out.responsibilities.mean(0)))
         return out
 
-    monkeypatch.setattr(update, "em_loss", spy)
+    monkeypatch.setattr(update, "em_step", spy)
     train(tiny_bin, method="sMoEup", num_experts=3, max_update=3, balance="sinkhorn",
           log_interval=1, save_dir=tmp_path, **TINY)
     lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()

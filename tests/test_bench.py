@@ -20,7 +20,8 @@ from moelab.bench import techniques as ablations
 from moelab.model import MixtureLM, ModelConfig, log_probs
 from moelab.model.mixture import ScoringFunctions
 from moelab.train.compute import batch_flops
-from moelab.train.objectives import em_loss, em_step
+from moelab.train.method import Method
+from moelab.train.objectives import em_step
 from moelab.train.scoring import ExpertScorer
 
 
@@ -47,8 +48,8 @@ def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
                                     seq_len=preset.tokens_per_sample,
                                     vocab_size=preset.vocab_size, pad_id=3,
                                     generator=torch.Generator().manual_seed(0))
-    flops = batch_flops(model.config, batch.lengths, preset.tokens_per_sample, hard=True,
-                        uniform_prior=True)
+    flops = batch_flops(model.config, batch.lengths, preset.tokens_per_sample,
+                        method=Method.parse("hMoEup"))
     assert out["flops_per_token"] == pytest.approx(flops.total / batch.num_tokens, rel=1e-12)
     assert out["flops_by_part"]["estep"] == flops.estep > 0
     assert out["num_experts"] == 3 and out["method"] == "hMoEup"
@@ -166,22 +167,20 @@ def test_model_scores_equal_the_full_logits_formula():
     torch.testing.assert_close(ref, expected.sum(1), atol=1e-5, rtol=1e-5)
 
 
-def _loss_and_grads(model: MixtureLM, batch, *, reuse_estep: bool, **flags):
+def _loss_and_grads(model: MixtureLM, batch, method: Method, *, reuse_estep: bool):
     model.zero_grad(set_to_none=True)
-    out = em_step(ExpertScorer(model, reuse_estep=reuse_estep), batch, **flags)
+    out = em_step(ExpertScorer(model, reuse_estep=reuse_estep), batch, method)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
 
 
-@pytest.mark.parametrize("hard", [True, False])
-@pytest.mark.parametrize("uniform_prior", [True, False])
-def test_reused_estep_gives_the_same_loss_and_gradients(hard, uniform_prior):
+@pytest.mark.parametrize("method", ["hMoEup", "hMoElp", "sMoEup", "sMoElp"])
+def test_reused_estep_gives_the_same_loss_and_gradients(method):
     model = make_model(K=3).train()  # dropout 0: E-step and M-step forwards are one function
     batch = make_batch()
-    flags = dict(hard=hard, uniform_prior=uniform_prior)
-    fused, g_fused = _loss_and_grads(model, batch, reuse_estep=True, **flags)
-    plain, g_plain = _loss_and_grads(model, batch, reuse_estep=False, **flags)
+    fused, g_fused = _loss_and_grads(model, batch, Method.parse(method), reuse_estep=True)
+    plain, g_plain = _loss_and_grads(model, batch, Method.parse(method), reuse_estep=False)
     torch.testing.assert_close(fused.loss, plain.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.nll, plain.nll, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.responsibilities, plain.responsibilities, atol=1e-6,
@@ -195,18 +194,17 @@ def test_reused_estep_gives_the_same_loss_and_gradients(hard, uniform_prior):
 def test_reused_estep_is_refused_with_dropout():
     model = make_model(K=3, dropout=0.1).train()
     with pytest.raises(ValueError, match="dropout"):
-        em_step(ExpertScorer(model, reuse_estep=True), make_batch(), hard=False,
-                uniform_prior=True)
+        em_step(ExpertScorer(model, reuse_estep=True), make_batch(), Method.parse("sMoEup"))
     # by default it is simply not used: the M-step keeps its own dropout pass
-    a = em_loss(model, make_batch(), hard=False, uniform_prior=True)
-    b = em_loss(model, make_batch(), hard=False, uniform_prior=True)
+    a = em_step(ExpertScorer(model), make_batch(), Method.parse("sMoEup"))
+    b = em_step(ExpertScorer(model), make_batch(), Method.parse("sMoEup"))
     assert a.loss.item() != b.loss.item()
 
 
 def test_estep_tokens_scores_the_responsibilities_on_a_prefix():
     model = make_model(K=3).train()
     batch = make_batch()
-    out = em_step(ExpertScorer(model, estep_tokens=4), batch, hard=True, uniform_prior=True)
+    out = em_step(ExpertScorer(model, estep_tokens=4), batch, Method.parse("hMoEup"))
     with torch.no_grad():
         ll = model.expert_log_likelihoods(batch.tokens[:, :4], batch.lengths.clamp(max=4))
     torch.testing.assert_close(out.responsibilities, ll.softmax(-1))
@@ -221,8 +219,7 @@ def test_estep_tokens_scores_the_responsibilities_on_a_prefix():
 def test_estep_dtype_casts_only_the_estep():
     model = make_model(K=3).eval()
     batch = make_batch()
-    out = em_step(ExpertScorer(model, estep_dtype=torch.bfloat16), batch, hard=True,
-                  uniform_prior=True)
+    out = em_step(ExpertScorer(model, estep_dtype=torch.bfloat16), batch, Method.parse("hMoEup"))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model.expert_log_likelihoods(batch.tokens, batch.lengths)
     torch.testing.assert_close(out.responsibilities, low.float().softmax(-1))
@@ -283,11 +280,11 @@ def test_compile_falls_back_when_the_compiled_call_raises(monkeypatch):
     reference = make_model(K=3).train()
     assert model.compile_for_speed() is True  # nothing known to be wrong yet
     with pytest.warns(RuntimeWarning, match="inductor failed"):
-        out = em_loss(model, batch, hard=False, uniform_prior=True)
-    expected = em_loss(reference, batch, hard=False, uniform_prior=True)
+        out = em_step(ExpertScorer(model), batch, Method.parse("sMoEup"))
+    expected = em_step(ExpertScorer(reference), batch, Method.parse("sMoEup"))
     torch.testing.assert_close(out.loss, expected.loss)
     n = len(calls)
-    em_loss(model, batch, hard=False, uniform_prior=True)  # eager from now on: no retry
+    em_step(ExpertScorer(model), batch, Method.parse("sMoEup"))  # eager from now on: no retry
     assert len(calls) == n and n >= 1
 
 
@@ -395,7 +392,7 @@ def _imports(source: str) -> set[str]:
 def test_the_core_never_imports_the_bench():
     """Speed work (the reference step, the ablations) stays outside the path training,
     evaluation and generation take."""
-    core = _modules("train", "model", "evaluate.py", "generate.py")
+    core = _modules("train", "model", "eval", "clustering.py", "generate.py")
     assert len(core) > 10
     found = {str(path.relative_to(PACKAGE)): sorted(bench_imports)
              for path in core

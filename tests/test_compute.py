@@ -19,7 +19,7 @@ from moelab.train import trainer as trainer_module
 from moelab.train.checkpoint import LAST, read_checkpoint
 from moelab.train.compute import Flops, batch_flops
 from moelab.train.config import RunConfig, model_config
-from moelab.train.objectives import method_flags
+from moelab.train.method import Method
 from moelab.train.update import EMStep
 
 T = 32
@@ -78,8 +78,7 @@ def test_an_updates_flops_are_what_torchs_counter_counts(tiny_bin, method, optio
     E-step's K forwards over the tokens it scores, the M-step's forward and backward over the
     rows it trains, the gating network and the output projection, nothing else."""
     model = _model(tiny_bin, method)
-    hard, uniform = method_flags(method)
-    step = EMStep(model, hard=hard, uniform_prior=uniform, **options)
+    step = EMStep(model, Method.parse(method), **options)
     batch = _real_batch(tiny_bin)
     counted = _counted(step, batch)
     flops = step.flops(batch)
@@ -91,7 +90,7 @@ def test_an_updates_flops_are_what_torchs_counter_counts(tiny_bin, method, optio
 def test_a_reused_e_step_is_counted_once(tiny_bin):
     """Soft EM without dropout reads its E-step off the M-step's forward: no E-step forwards."""
     model = _model(tiny_bin, "sMoElp", dropout=0.0)
-    step = EMStep(model, hard=False, uniform_prior=False)
+    step = EMStep(model, Method.parse("sMoElp"))
     batch = _real_batch(tiny_bin)
     assert step.scorer.reuses_estep(hard=False)
     flops = step.flops(batch)
@@ -100,7 +99,7 @@ def test_a_reused_e_step_is_counted_once(tiny_bin):
 
 def test_a_warm_start_update_runs_no_e_step(tiny_bin):
     model = _model(tiny_bin, "hMoElp")
-    step = EMStep(model, hard=True, uniform_prior=False)
+    step = EMStep(model, Method.parse("hMoElp"))
     batch = _real_batch(tiny_bin)
     experts = torch.arange(batch.tokens.shape[0]) % model.num_experts
     flops = step.flops(batch, estep=False)
@@ -114,7 +113,7 @@ def test_the_counter_also_sees_the_chunked_losss_recomputation(tiny_bin, monkeyp
     FLOPs leave out. The difference is exactly that projection."""
     monkeypatch.setattr(log_probs, "SAVE_ELEMENTS", {"cpu": 0})
     model = _model(tiny_bin, "sMoEup")
-    step = EMStep(model, hard=False, uniform_prior=True)
+    step = EMStep(model, Method.parse("sMoEup"))
     batch = _real_batch(tiny_bin)
     c = model.config
     recomputed = 2 * c.vocab_size * c.n_embd * c.num_experts * batch.num_tokens
@@ -132,8 +131,8 @@ def test_soft_em_costs_k_times_the_m_step_of_hard_em(tiny_bin):
     """The cost a comparison at equal compute rests on: soft EM trains K rows per chunk."""
     batch = _real_batch(tiny_bin)
     config = _model(tiny_bin, "hMoEup", K=4).config
-    hard = batch_flops(config, batch.lengths, T, hard=True, uniform_prior=True)
-    soft = batch_flops(config, batch.lengths, T, hard=False, uniform_prior=True)
+    hard = batch_flops(config, batch.lengths, T, method=Method.parse("hMoEup"))
+    soft = batch_flops(config, batch.lengths, T, method=Method.parse("sMoEup"))
     assert soft.estep == hard.estep and soft.mstep == pytest.approx(4 * hard.mstep)
 
 
@@ -287,8 +286,7 @@ def test_the_count_holds_on_cuda_under_the_bf16_m_step(tiny_bin, method):
     from moelab.train.update import autocast_context
 
     model = _model(tiny_bin, method, dropout=0.0).cuda()
-    hard, uniform = method_flags(method)
-    step = EMStep(model, hard=hard, uniform_prior=uniform)
+    step = EMStep(model, Method.parse(method))
     batch = _real_batch(tiny_bin)
     with autocast_context(torch.device("cuda"), "bfloat16")():
         flops = step.flops(batch)

@@ -1,4 +1,4 @@
-"""Online EM: method flags, the soft-EM gradient, the dropout-free E-step, hard/soft M-steps."""
+"""Online EM: the method value, the soft-EM gradient, the dropout-free E-step, hard/soft M-steps."""
 
 import dataclasses
 import math
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from moelab.model import MixtureLM, ModelConfig
-from moelab.train.objectives import METHODS, PosteriorLogSumExp, em_loss, em_step, method_flags
+from moelab.train.method import METHODS, Method
+from moelab.train.objectives import PosteriorLogSumExp, em_step
 from moelab.train.scoring import ExpertScorer
 
 V = 50
@@ -18,7 +19,7 @@ V = 50
 
 @dataclass
 class TinyBatch:
-    """The fields of moelab.data.Batch that em_loss reads, built by hand."""
+    """The fields of moelab.data.Batch that em_step reads, built by hand."""
 
     tokens: torch.Tensor
     lengths: torch.Tensor
@@ -48,14 +49,18 @@ def make_batch(seed: int = 1) -> TinyBatch:
     return TinyBatch(tokens, lengths, context, context_lengths)
 
 
-def test_method_flags():
-    assert method_flags("dense") == (True, True)
-    assert method_flags("hMoEup") == (True, True)
-    assert method_flags("hMoElp") == (True, False)
-    assert method_flags("sMoEup") == (False, True)
-    assert method_flags("sMoElp") == (False, False)
+def test_a_method_name_is_read_into_hard_or_soft_and_a_prior():
+    def flags(name):
+        method = Method.parse(name)
+        return method.name, method.hard, method.uniform_prior
+
+    assert flags("dense") == ("dense", True, True)
+    assert flags("hMoEup") == ("hMoEup", True, True)
+    assert flags("hMoElp") == ("hMoElp", True, False)
+    assert flags("sMoEup") == ("sMoEup", False, True)
+    assert flags("sMoElp") == ("sMoElp", False, False)
     with pytest.raises(ValueError) as err:
-        method_flags("hMoE")
+        Method.parse("hMoE")
     assert all(name in str(err.value) for name in METHODS)
 
 
@@ -81,8 +86,8 @@ def test_soft_em_gradient_is_minus_given_posterior():
 def test_e_step_is_dropout_free_and_restores_training_mode():
     model = make_model(dropout=0.5, gating_dropout=0.5).train()
     batch = make_batch()
-    first = em_loss(model, batch, hard=False, uniform_prior=False)
-    second = em_loss(model, batch, hard=False, uniform_prior=False)
+    first = em_step(ExpertScorer(model), batch, Method.parse("sMoElp"))
+    second = em_step(ExpertScorer(model), batch, Method.parse("sMoElp"))
     assert model.training and all(m.training for m in model.modules())
     torch.testing.assert_close(first.responsibilities, second.responsibilities, rtol=0, atol=0)
     assert not first.responsibilities.requires_grad
@@ -91,7 +96,7 @@ def test_e_step_is_dropout_free_and_restores_training_mode():
     assert first.loss.item() != second.loss.item()
     # an eval-mode model stays in eval mode
     model.eval()
-    em_loss(model, batch, hard=True, uniform_prior=True)
+    em_step(ExpertScorer(model), batch, Method.parse("hMoEup"))
     assert not model.training
 
 
@@ -101,7 +106,7 @@ def test_hard_em_updates_only_the_argmax_expert():
     batch = make_batch()
     batch.tokens[:] = batch.tokens[0]  # identical chunks -> one argmax expert for every row
     batch.lengths[:] = 10
-    out = em_loss(model, batch, hard=True, uniform_prior=True)
+    out = em_step(ExpertScorer(model), batch, Method.parse("hMoEup"))
     out.loss.backward()
     chosen = set(out.responsibilities.argmax(-1).tolist())
     grad = model.transformer.tok_emb.weight.grad[V:]  # (K, d): expert-token rows
@@ -114,7 +119,7 @@ def test_hard_em_updates_only_the_argmax_expert():
 def test_hard_em_loss_scores_the_chosen_expert_and_trains_the_prior():
     model = make_model().eval()
     batch = make_batch()
-    out = em_loss(model, batch, hard=True, uniform_prior=False)
+    out = em_step(ExpertScorer(model), batch, Method.parse("hMoElp"))
     with torch.no_grad():
         ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)
         prior = model.log_prior(batch.context, batch.context_lengths)
@@ -127,17 +132,17 @@ def test_hard_em_loss_scores_the_chosen_expert_and_trains_the_prior():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gating.parameters())
 
 
-@pytest.mark.parametrize("uniform_prior", [True, False])
-def test_soft_em_loss_is_marginal_nll_and_its_gradient_matches_autograd(uniform_prior):
+@pytest.mark.parametrize("method", ["sMoEup", "sMoElp"])
+def test_soft_em_loss_is_marginal_nll_and_its_gradient_matches_autograd(method):
     # dropout 0: E-step and M-step scores agree, so r = softmax(l) and the custom gradient must
     # equal plain autograd through -logsumexp
     batch = make_batch()
     model = make_model()
-    out = em_loss(model, batch, hard=False, uniform_prior=uniform_prior)
+    out = em_step(ExpertScorer(model), batch, Method.parse(method))
     out.loss.backward()
     reference = make_model()
     ll = reference.expert_log_likelihoods(batch.tokens, batch.lengths)
-    prior = (torch.full_like(ll, -math.log(3)) if uniform_prior
+    prior = (torch.full_like(ll, -math.log(3)) if method == "sMoEup"
              else reference.log_prior(batch.context, batch.context_lengths))
     marginal = -torch.logsumexp(prior + ll, dim=-1).sum()  # -log K included
     marginal.backward()
@@ -159,8 +164,8 @@ def test_one_expert_uniform_prior_is_the_plain_lm():
     logits[..., [0, 1, 3]] = -math.inf
     nll = F.cross_entropy(logits.flatten(0, 1), batch.tokens.flatten(), reduction="none")
     plain = torch.where(torch.arange(10) < batch.lengths[:, None], nll.view(4, 10), 0.0).sum()
-    for hard in (True, False):
-        out = em_loss(model, batch, hard=hard, uniform_prior=True)
+    for method in ("hMoEup", "sMoEup"):
+        out = em_step(ExpertScorer(model), batch, Method.parse(method))
         torch.testing.assert_close(out.loss.detach(), plain.detach(), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(out.nll, plain.detach(), atol=1e-4, rtol=1e-5)
         assert out.responsibilities.shape == (4, 1)
@@ -168,7 +173,7 @@ def test_one_expert_uniform_prior_is_the_plain_lm():
 
 def test_learned_prior_without_gating_network_is_an_error():
     with pytest.raises(ValueError, match="gating=True"):
-        em_loss(make_model(gating=False), make_batch(), hard=True, uniform_prior=False)
+        em_step(ExpertScorer(make_model(gating=False)), make_batch(), Method.parse("hMoElp"))
 
 
 def test_the_scorer_is_checked_once_when_a_training_step_is_built():
@@ -176,12 +181,9 @@ def test_the_scorer_is_checked_once_when_a_training_step_is_built():
 
     model = make_model()
     with pytest.raises(ValueError, match="estep_tokens"):
-        EMStep(model, hard=True, uniform_prior=True, estep_tokens=0)
+        EMStep(model, Method.parse("hMoEup"), estep_tokens=0)
     with pytest.raises(ValueError, match="estep_dtype"):
-        EMStep(model, hard=True, uniform_prior=True, estep_dtype=torch.float64)
-    with pytest.raises(ValueError, match="another model"):
-        em_loss(model, make_batch(), hard=True, uniform_prior=True,
-                scorer=ExpertScorer(make_model()))
+        EMStep(model, Method.parse("hMoEup"), estep_dtype=torch.float64)
 
 
 def test_the_scorer_reads_the_estep_off_the_m_step_where_exact_and_it_pays():
@@ -203,9 +205,8 @@ def test_the_scorer_reads_the_estep_off_the_m_step_where_exact_and_it_pays():
         ExpertScorer(make_model(K=1), reuse_estep=True)
     # the EM step gives the same numbers either way (test_bench checks the gradients)
     batch = make_batch()
-    reused = em_step(scorer, batch, hard=False, uniform_prior=False)
-    separate = em_step(ExpertScorer(model, reuse_estep=False), batch, hard=False,
-                       uniform_prior=False)
+    reused = em_step(scorer, batch, Method.parse("sMoElp"))
+    separate = em_step(ExpertScorer(model, reuse_estep=False), batch, Method.parse("sMoElp"))
     torch.testing.assert_close(reused.loss, separate.loss, atol=1e-5, rtol=1e-5)
 
 
@@ -214,12 +215,12 @@ def test_uniform_prior_minus_log_k_is_in_the_hard_and_the_soft_loss():
     batch = make_batch()
     with torch.no_grad():
         ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)  # (4, K)
-    hard = em_loss(model, batch, hard=True, uniform_prior=True)
+    hard = em_step(ExpertScorer(model), batch, Method.parse("hMoEup"))
     z = ll.argmax(-1)
     # written out: -(log p(z*) + log p(x | z*)) with p(z) = 1/4
     expected = -(ll.gather(1, z[:, None]).squeeze(1) - math.log(4)).sum()
     torch.testing.assert_close(hard.loss.detach(), expected, atol=1e-4, rtol=1e-5)
-    soft = em_loss(model, batch, hard=False, uniform_prior=True)
+    soft = em_step(ExpertScorer(model), batch, Method.parse("sMoEup"))
     marginal = -(torch.logsumexp(ll, -1) - math.log(4)).sum()  # log (1/K) sum_z p(x|z)
     torch.testing.assert_close(soft.loss.detach(), marginal, atol=1e-4, rtol=1e-5)
 
@@ -240,7 +241,7 @@ def test_soft_m_step_gradient_uses_the_dropout_free_posterior():
     r = l_clean.softmax(-1)  # (B, K)
 
     torch.manual_seed(7)
-    em_loss(model, batch, hard=False, uniform_prior=False).loss.backward()
+    em_step(ExpertScorer(model), batch, Method.parse("sMoElp")).loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     def replay_grads(weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -269,7 +270,7 @@ def test_hard_em_with_tied_embeddings_leaves_other_experts_rows_bit_identical():
     batch = make_batch()  # 4 chunks: at most 4 of the 6 experts are chosen
     before = model.transformer.tok_emb.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    out = em_loss(model, batch, hard=True, uniform_prior=True)
+    out = em_step(ExpertScorer(model), batch, Method.parse("hMoEup"))
     out.loss.backward()
     optimizer.step()
     chosen = set(out.responsibilities.argmax(-1).tolist())
@@ -306,7 +307,7 @@ def test_output_distribution_sums_to_one_over_real_tokens():
 
 def test_prior_reads_only_the_text_before_the_chunk_on_real_batches(tiny_bin):
     """On real TrainBatches rows: the context is the same document's text just before the chunk
-    (never the chunk, never the previous document), and em_loss's prior depends on it alone."""
+    (never the chunk, never the previous document), and em_step's prior depends on it alone."""
     from moelab.data import BinarizedDataset, TrainBatches
 
     ds = BinarizedDataset(tiny_bin, "train")
@@ -336,13 +337,13 @@ def test_prior_reads_only_the_text_before_the_chunk_on_real_batches(tiny_bin):
 
     model.log_prior = spy
     batch = tb.batch(1, 0)
-    em_loss(model, batch, hard=True, uniform_prior=False)
+    em_step(ExpertScorer(model), batch, Method.parse("hMoElp"))
     other_chunks = dataclasses.replace(batch, tokens=batch.tokens.roll(1, dims=0),
                                        lengths=batch.lengths.roll(1, dims=0))
-    em_loss(model, other_chunks, hard=True, uniform_prior=False)
+    em_step(ExpertScorer(model), other_chunks, Method.parse("hMoElp"))
     other_context = dataclasses.replace(batch, context=(batch.context + 7) % ds.vocab_size)
-    em_loss(model, other_context, hard=True, uniform_prior=False)
-    # calls per em_loss: E-step, then M-step; the chunk changed, the prior did not
+    em_step(ExpertScorer(model), other_context, Method.parse("hMoElp"))
+    # calls per em_step: E-step, then M-step; the chunk changed, the prior did not
     assert len(seen) == 6
     torch.testing.assert_close(seen[0], seen[2], rtol=0, atol=0)
     has_context = batch.context_lengths > 1

@@ -476,17 +476,17 @@ def test_out_of_memory_is_a_message(tiny_bin, tmp_path, monkeypatch):
 
 
 def _poison(monkeypatch, bad):
-    """em_loss whose loss is NaN for the batches `bad(batch)` picks (by content, so a resumed
+    """em_step whose loss is NaN for the batches `bad(batch)` picks (by content, so a resumed
     run poisons the same ones)."""
-    real = update_module.em_loss
+    real = update_module.em_step
 
-    def em_loss(model, batch, **kwargs):
-        out = real(model, batch, **kwargs)
+    def em_step(scorer, batch, method, **kwargs):
+        out = real(scorer, batch, method, **kwargs)
         if bad(batch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(update_module, "em_loss", em_loss)
+    monkeypatch.setattr(update_module, "em_step", em_step)
 
 
 class _OneGoodUpdate:
@@ -499,6 +499,7 @@ class _OneGoodUpdate:
         from moelab.train import RunConfig
         from moelab.train.config import model_config
         from moelab.train.distributed import DistInfo
+        from moelab.train.method import Method
         from moelab.train.update import EMStep, autocast_context, build_optimizer, train_step
 
         ds = BinarizedDataset(tiny_bin, "train")
@@ -508,7 +509,7 @@ class _OneGoodUpdate:
         self.optimizer = build_optimizer(self.model, config, torch.device("cpu"))
         batches = list(TrainBatches(ds, tokens_per_sample=64, max_tokens=512).epoch(1))[:2]
         self.next_batch = batches[1]
-        step = EMStep(self.model, hard=True, uniform_prior=True)
+        step = EMStep(self.model, Method.parse("hMoEup"))
         kw = dict(dist=DistInfo(), clip_norm=0.0, autocast=autocast_context(torch.device("cpu")))
         self.step = lambda batch: train_step(step, [batch], self.optimizer, **kw)
         assert not self.step(batches[0]).skipped

@@ -18,7 +18,8 @@ from moelab.eval.lm import evaluate
 from moelab.generate import GenerationConfig, generate
 from moelab.train import load_checkpoint, train
 from moelab.train.config import TrainConfig
-from moelab.train.objectives import em_loss, em_step
+from moelab.train.method import Method
+from moelab.train.objectives import em_step
 from moelab.train.scoring import ExpertScorer
 from moelab.train.trainer import valid_batches
 
@@ -28,11 +29,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_estep_is_float32_inside_the_m_steps_bf16_autocast():
     model = make_model(K=3).eval()
     batch = make_batch()
-    plain = em_loss(model, batch, hard=True, uniform_prior=False)
+    plain = em_step(ExpertScorer(model), batch, Method.parse("hMoElp"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = em_loss(model, batch, hard=True, uniform_prior=False)
-        low = em_step(ExpertScorer(model, estep_dtype=torch.bfloat16), batch, hard=True,
-                      uniform_prior=False)
+        mixed = em_step(ExpertScorer(model), batch, Method.parse("hMoElp"))
+        low = em_step(ExpertScorer(model, estep_dtype=torch.bfloat16), batch,
+                      Method.parse("hMoElp"))
     # the responsibilities are the float32 ones, bit for bit; only the M-step's loss is bf16
     torch.testing.assert_close(mixed.responsibilities, plain.responsibilities, rtol=0, atol=0)
     assert mixed.loss.item() != plain.loss.item()
@@ -43,12 +44,11 @@ def test_estep_is_float32_inside_the_m_steps_bf16_autocast():
 def test_soft_em_does_not_read_its_estep_off_a_bf16_m_step():
     model = make_model(K=3).eval()  # dropout-free: reusing the M-step's scores would be exact
     batch = make_batch()
-    plain = em_loss(model, batch, hard=False, uniform_prior=True)
+    plain = em_step(ExpertScorer(model), batch, Method.parse("sMoEup"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = em_loss(model, batch, hard=False, uniform_prior=True)
+        mixed = em_step(ExpertScorer(model), batch, Method.parse("sMoEup"))
         with pytest.raises(ValueError, match="autocast"):
-            em_step(ExpertScorer(model, reuse_estep=True), batch, hard=False,
-                    uniform_prior=True)
+            em_step(ExpertScorer(model, reuse_estep=True), batch, Method.parse("sMoEup"))
     torch.testing.assert_close(mixed.responsibilities, plain.responsibilities, rtol=0, atol=0)
 
 
@@ -58,9 +58,9 @@ def test_an_fp16_estep_inside_the_m_steps_bf16_autocast_keeps_to_its_own_dtype()
     model = make_model(K=3).train()
     batch = make_batch()
     scorer = ExpertScorer(model, estep_dtype=torch.float16)
-    alone = em_step(scorer, batch, hard=True, uniform_prior=True)  # M-step float32
+    alone = em_step(scorer, batch, Method.parse("hMoEup"))  # M-step float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = em_step(scorer, batch, hard=True, uniform_prior=True)
+        mixed = em_step(scorer, batch, Method.parse("hMoEup"))
     mixed.loss.backward()
     torch.testing.assert_close(mixed.responsibilities, alone.responsibilities, rtol=0, atol=0)
     assert mixed.loss.item() != alone.loss.item()  # the M-step did run in bf16
@@ -126,20 +126,20 @@ def test_eval_lm_scores_in_float32_even_inside_a_callers_autocast(model, tiny_bi
 
 @cuda
 @pytest.mark.cuda
-def test_em_loss_on_cuda_matches_the_cpu():
+def test_em_step_on_cuda_matches_the_cpu():
     torch.backends.cuda.matmul.allow_tf32 = False
     model = make_model(K=3).eval()
     batch = make_batch()
-    cpu = em_loss(model, batch, hard=False, uniform_prior=False)
+    cpu = em_step(ExpertScorer(model), batch, Method.parse("sMoElp"))
     gpu_model = make_model(K=3).eval().cuda()
     gpu_batch = type(batch)(*(t.cuda() for t in (batch.tokens, batch.lengths, batch.context,
                                                  batch.context_lengths)))
-    gpu = em_loss(gpu_model, gpu_batch, hard=False, uniform_prior=False)
+    gpu = em_step(ExpertScorer(gpu_model), gpu_batch, Method.parse("sMoElp"))
     torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(gpu.responsibilities.cpu(), cpu.responsibilities,
                                rtol=1e-4, atol=1e-4)
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the default CUDA M-step
-        mixed = em_loss(gpu_model, gpu_batch, hard=False, uniform_prior=False)
+        mixed = em_step(ExpertScorer(gpu_model), gpu_batch, Method.parse("sMoElp"))
     torch.testing.assert_close(mixed.responsibilities.cpu(), cpu.responsibilities,
                                rtol=1e-4, atol=1e-4)  # the E-step stays float32
     assert abs(mixed.loss.item() - cpu.loss.item()) <= 0.02 * abs(cpu.loss.item())

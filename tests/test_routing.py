@@ -22,6 +22,7 @@ from moelab.eval.routing import Routing, parse_routing, routing_curve
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import Run
 from moelab.train.distributed import DistInfo
+from moelab.train.method import Method
 from moelab.train.validation import validate
 
 T, C = 24, 10  # windows of 24 tokens, 10 of context in later ones: prefixes cross windows
@@ -411,7 +412,7 @@ def test_the_chunk_latent_at_context_zero_is_soft_em_validation_loss(gated, vali
     result = evaluate(gated, valid, tokens_per_sample=T, context_window=0, latent="chunk",
                       progress=False)
     batches = TrainBatches(valid, tokens_per_sample=T, max_tokens=256, shuffle=False)
-    soft = validate(gated, batches, DistInfo(), hard=False)
+    soft = validate(gated, batches, DistInfo(), Method.parse("sMoElp"))
     per_token = -result.documents["mixture"].sum() / result.documents["tokens"].sum()
     assert per_token == pytest.approx(soft.loss, rel=1e-6)
 

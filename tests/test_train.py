@@ -16,6 +16,7 @@ from moelab.model import MixtureLM
 from moelab.train import RunConfig, read_history, train
 from moelab.train.config import ModelArgs, OptimConfig, TrainConfig, model_config
 from moelab.train.distributed import DistInfo
+from moelab.train.method import Method
 from moelab.train.schedule import inverse_sqrt_lr
 from moelab.train.update import (
     EMStep,
@@ -108,9 +109,8 @@ def test_update_freq_gives_the_gradient_of_the_merged_batch(tiny_bin):
                              tokens_per_sample=64)
         model = MixtureLM(mconf)
         optimizer = build_optimizer(model, config, torch.device("cpu"))
-        hard, uniform = (method.startswith("h"), method.endswith("up"))
         batches = [collate(ds, c, 64) for c in micro_chunks]
-        train_step(EMStep(model, hard=hard, uniform_prior=uniform), batches, optimizer,
+        train_step(EMStep(model, Method.parse(method)), batches, optimizer,
                    dist=DistInfo(), clip_norm=0.0, autocast=autocast_context(torch.device("cpu")))
         return _grads(model)
 
@@ -164,7 +164,7 @@ def test_validation_is_deterministic_and_matches_the_soft_objective(tiny_bin, tm
                    **TINY)
     model, config = result.model, result.config
     ds = BinarizedDataset(tiny_bin, "valid")
-    again = validate(model, valid_batches(ds, config), DistInfo(), hard=False)
+    again = validate(model, valid_batches(ds, config), DistInfo(), Method.parse("sMoEup"))
     assert again.loss == result.valid.loss
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -430,7 +430,7 @@ def _sgd_step(model, batch, clip_norm):
     """train_step with plain SGD (lr 1): the gradient it steps with and the weight change."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = train_step(EMStep(model, hard=True, uniform_prior=True), [batch], optimizer,
+    stats = train_step(EMStep(model, Method.parse("hMoEup")), [batch], optimizer,
                        dist=DistInfo(), clip_norm=clip_norm,
                        autocast=autocast_context(torch.device("cpu")))
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -579,10 +579,10 @@ def test_validate_gives_the_model_back_in_the_mode_it_came_in(tiny_bin):
                                    tokens_per_sample=64))
     batches = valid_batches(ds, config)
     model.train()
-    validate(model, batches, DistInfo(), hard=True)
+    validate(model, batches, DistInfo(), Method.parse("hMoEup"))
     assert model.training and all(m.training for m in model.modules())
     model.eval()
-    validate(model, batches, DistInfo(), hard=True)
+    validate(model, batches, DistInfo(), Method.parse("hMoEup"))
     assert not model.training and not any(m.training for m in model.modules())
 
 
@@ -601,11 +601,127 @@ def test_meter_counts_argmax_wins_apart_from_responsibilities():
     meter.add(stats)
     meter.add(stats)
     meter.add(dataclasses.replace(stats, posterior_sum=None, scored_chunks=0))  # a warm start's
-    K = 2
-    assert meter.sums[5 : 5 + K].tolist() == pytest.approx([3.6, 2.4])
-    assert meter.sums[5 + K : 5 + 2 * K].tolist() == [6.0, 0.0]
-    assert meter.sums[5 + 2 * K :].tolist() == pytest.approx([1.0, 3.0, 4.0])  # scored on 4
-    assert meter.sums[:5].tolist() == pytest.approx([15.0, 12.0, 30.0, 6.0, 1.5])
+    sums = meter.sums
+    assert sums.responsibility_sum.tolist() == pytest.approx([3.6, 2.4])
+    assert sums.argmax_counts.tolist() == [6.0, 0.0]
+    assert sums.posterior_sum.tolist() == pytest.approx([1.0, 3.0])
+    assert float(sums.scored_chunks) == 4  # the warm start's update scored none
+    assert [float(sums.loss), float(sums.nll), float(sums.tokens), float(sums.chunks),
+            float(sums.grad_norm)] == pytest.approx([15.0, 12.0, 30.0, 6.0, 1.5])
+    # a checkpoint holds them flat, in this order, as older checkpoints did
+    assert meter.state_dict()["sums"].tolist() == pytest.approx(
+        [15.0, 12.0, 30.0, 6.0, 1.5, 3.6, 2.4, 6.0, 0.0, 1.0, 3.0, 4.0])
+    old = Meter(num_experts=2, device=torch.device("cpu"))
+    old.load_state_dict({**meter.state_dict(), "sums": meter.state_dict()["sums"][:5 + 2 * 2]})
+    assert old.sums.argmax_counts.tolist() == [6.0, 0.0]  # no posterior sums before: zeros
+    assert old.sums.posterior_sum.tolist() == [0.0, 0.0] and float(old.sums.scored_chunks) == 0
+
+
+def test_the_log_line_reads_the_named_sums_reduced_over_ranks(tiny_bin, tmp_path, monkeypatch):
+    """log_train all-reduces every one of the interval's sums in one tensor and reads each
+    figure by its name: with a second rank's sums added by a stand-in all-reduce, each field of
+    the line is the two ranks' together (the gradient norm, the same on every rank, is not)."""
+    from moelab.train import trainer as trainer_module
+    from moelab.train.meter import TrainSums
+
+    def sums(**values) -> TrainSums:
+        return TrainSums(**{k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+
+    mine = sums(loss=30.0, nll=20.0, tokens=10, chunks=2, grad_norm=3.0,
+                responsibility_sum=[1.5, 0.5], argmax_counts=[2, 0], posterior_sum=[1.0, 1.0],
+                scored_chunks=2)
+    other = sums(loss=90.0, nll=70.0, tokens=20, chunks=6, grad_norm=3.0,
+                 responsibility_sum=[2.5, 3.5], argmax_counts=[1, 5], posterior_sum=[0.0, 3.0],
+                 scored_chunks=3)
+    reduced = []
+
+    def all_reduce_sum(tensor, dist):
+        reduced.append(tensor.shape)
+        tensor += other.tensor  # in place, as torch.distributed.all_reduce
+        return tensor
+
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", all_reduce_sum)
+    config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, method="sMoEup",
+                                   num_experts=2, save_dir=str(tmp_path), **TINY)
+    trainer = trainer_module.Trainer(config, DistInfo())
+    trainer.reshaped = True  # as with a remedy on: the line adds the model's own posterior
+    trainer.meter.sums, trainer.meter.updates = mine, 2
+    record = trainer.log_train(lr=1e-3)
+    assert reduced == [torch.Size([TrainSums.size(2)])]  # one all-reduce, every field
+    assert record["loss"] == pytest.approx(120 / 30)
+    assert record["nll"] == pytest.approx(90 / 30)
+    assert record["grad_norm"] == pytest.approx(1.5)  # this rank's sum over its 2 updates
+    assert record["posterior_mass"] == pytest.approx([0.5, 0.5])  # per chunk
+    assert record["usage_entropy"] == pytest.approx(-(0.375 * math.log(0.375)
+                                                      + 0.625 * math.log(0.625)))
+    assert record["model_posterior_mass"] == pytest.approx([1.0 / 5, 4.0 / 5])  # per scored
+
+
+@pytest.mark.parametrize("other_rank, stop_here", [("bad", False), ("bad", True),
+                                                   ("stop", False)])
+def test_train_step_hears_every_rank_by_name_in_one_all_reduce(tiny_bin, monkeypatch,
+                                                               other_rank, stop_here):
+    """Another rank's non-finite loss skips the update here, a stop request on either rank
+    stops it, neither implies the other, and the other rank's FLOPs add to this rank's: all
+    in the one all-reduce."""
+    from moelab.train import update
+    from moelab.train.update import UpdateChecks
+
+    model, batch = _clip_setup(tiny_bin)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def step(stop_requested=False):
+        return train_step(EMStep(model, Method.parse("hMoEup")), [batch], optimizer,
+                          dist=DistInfo(), clip_norm=0.0, stop_requested=stop_requested,
+                          autocast=autocast_context(torch.device("cpu")))
+
+    alone = step()
+    other = UpdateChecks.zeros(device=torch.device("cpu"))
+    getattr(other, other_rank).fill_(1.0)
+    other.mstep_flops.fill_(1e9)
+    calls = []
+
+    def all_reduce_sum(tensor, dist):
+        calls.append(tensor.shape)
+        tensor += other.tensor
+        return tensor
+
+    monkeypatch.setattr(update, "all_reduce_sum", all_reduce_sum)
+    stats = step(stop_requested=stop_here)
+    assert calls == [torch.Size([UpdateChecks.size()])]
+    assert (stats.skipped, stats.stop) == (other_rank == "bad",
+                                           stop_here or other_rank == "stop")
+    assert stats.flops.mstep == alone.flops.mstep + 1e9
+    assert (stats.flops.estep, stats.flops.gating, stats.flops.output) == (
+        alone.flops.estep, alone.flops.gating, alone.flops.output)
+
+
+def test_validation_and_training_use_the_same_objective(tiny_bin):
+    """validate's loss and nll are em_step's on the same batches with dropout off, for hard and
+    soft EM with a learned prior: the winner's -log p(x, z* | c) and its -log p(x | z*), or the
+    marginal -log p(x | c), prior included in both."""
+    from moelab.train.objectives import em_step
+    from moelab.train.scoring import ExpertScorer
+    from moelab.train.trainer import valid_batches
+    from moelab.train.validation import validate
+
+    ds = BinarizedDataset(tiny_bin, "valid")
+    for name in ("hMoElp", "sMoElp"):
+        config = RunConfig.from_kwargs(str(tiny_bin), max_update=1, method=name, num_experts=3,
+                                       **TINY)
+        torch.manual_seed(0)
+        model = MixtureLM(model_config(config.model, vocab_size=ds.vocab_size,
+                                       pad_id=ds.pad_id, tokens_per_sample=64)).eval()
+        method, batches = Method.parse(name), valid_batches(ds, config)
+        result = validate(model, batches, DistInfo(), method)
+        loss = nll = 0.0
+        for position in range(batches.batches_per_epoch):
+            out = em_step(ExpertScorer(model), batches.batch(1, position), method)
+            loss, nll = loss + out.loss.item(), nll + out.nll.item()
+        assert result.loss == pytest.approx(loss / result.num_tokens, rel=1e-5), name
+        assert result.nll == pytest.approx(nll / result.num_tokens, rel=1e-5), name
+        if method.hard:  # the prior is in the loss, not in the nll
+            assert result.loss != pytest.approx(result.nll, rel=1e-3)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from moelab.data import BinarizedDataset
 from moelab.errors import MoelabError
-from moelab.train import objectives, read_history, scoring, train, warm_start
+from moelab.train import read_history, scoring, train, update, warm_start
 from moelab.train import trainer as trainer_module
 from moelab.train.config import RunConfig
 
@@ -108,11 +108,11 @@ def test_too_few_train_documents_for_k_clusters_is_refused(tiny_bin, tmp_path):
 def _spy_em_steps(monkeypatch) -> list[dict]:
     """Every EM step's documents, assignment, responsibilities and (hard EM) trained experts."""
     calls: list[dict] = []
-    real_step, real_m_step = objectives.em_step, scoring.BatchScores.m_step
+    real_step, real_m_step = update.em_step, scoring.BatchScores.m_step
 
-    def em_step(scorer, batch, **kwargs):
+    def em_step(scorer, batch, method, **kwargs):
         calls.append({"doc_ids": batch.doc_ids.clone(), "assignment": kwargs.get("experts")})
-        out = real_step(scorer, batch, **kwargs)
+        out = real_step(scorer, batch, method, **kwargs)
         calls[-1]["r"] = out.responsibilities.clone()
         return out
 
@@ -120,7 +120,7 @@ def _spy_em_steps(monkeypatch) -> list[dict]:
         calls[-1]["trained"] = None if experts is None else experts.clone()
         return real_m_step(self, experts)
 
-    monkeypatch.setattr(objectives, "em_step", em_step)
+    monkeypatch.setattr(update, "em_step", em_step)
     monkeypatch.setattr(scoring.BatchScores, "m_step", m_step)
     return calls
 

@@ -25,7 +25,8 @@ from moelab.data import Batch
 from moelab.model import MixtureLM
 from moelab.presets import BENCHMARKS, BenchmarkPreset
 from moelab.train.config import ModelArgs, model_config
-from moelab.train.objectives import ESTEP_DTYPES, method_flags
+from moelab.train.method import Method
+from moelab.train.scoring import ESTEP_DTYPES
 
 # The MFU denominator: the H200's (SXM, = H100 SXM) dense bf16 tensor-core peak, 132 SMs x
 # 4,096 FLOP per clock per SM x 1.83 GHz = 989.4 TFLOPS (NVIDIA's datasheet figure without
@@ -56,7 +57,7 @@ class BenchConfig:
         if self.preset not in BENCHMARKS:
             raise ValueError(f"unknown --preset {self.preset!r}; choose from "
                              f"{', '.join(BENCHMARKS)}")
-        method_flags(self.method)  # raises with the valid names
+        Method.parse(self.method)  # raises with the valid names
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.estep_tokens is not None and self.estep_tokens < 1:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from moelab.data import Batch
 from moelab.model import MixtureLM, Transformer
+from moelab.train.method import Method
 from moelab.train.objectives import PosteriorLogSumExp
 
 
@@ -55,8 +56,8 @@ def reference_log_likelihood(model: MixtureLM, tokens: torch.Tensor, lengths: to
     return torch.where(mask, ll, 0.0).sum(1)  # (B,): padding targets (pad id) are -inf
 
 
-def reference_step(model: MixtureLM, batch: Batch, optimizer: torch.optim.Optimizer, *,
-                   hard: bool, uniform_prior: bool) -> None:
+def reference_step(model: MixtureLM, batch: Batch, optimizer: torch.optim.Optimizer,
+                   method: Method) -> None:
     """fairseq translation_moe's `_get_loss`: one float32 forward per expert, then backward."""
     B, K = batch.tokens.shape[0], model.num_experts
 
@@ -69,7 +70,7 @@ def reference_step(model: MixtureLM, batch: Batch, optimizer: torch.optim.Optimi
         else:
             lprob_y = reference_log_likelihood(model, batch.tokens, batch.lengths,
                                                winners)[:, None]  # (B, 1)
-        if uniform_prior:
+        if method.uniform_prior:
             return lprob_y - math.log(K)
         lprob_z = model.log_prior(batch.context, batch.context_lengths)  # (B, K)
         if winners is not None:
@@ -81,7 +82,7 @@ def reference_step(model: MixtureLM, batch: Batch, optimizer: torch.optim.Optimi
     with torch.no_grad():
         posterior = lprob_yz().softmax(dim=1)  # (B, K)
     model.train()
-    if hard:
+    if method.hard:
         loss = -lprob_yz(posterior.argmax(1)).sum()
     else:
         loss = PosteriorLogSumExp.apply(lprob_yz(), posterior).sum()

@@ -41,7 +41,7 @@ from moelab.bench.techniques import measure_techniques
 from moelab.model import MixtureLM
 from moelab.presets import BENCHMARKS, BenchmarkPreset
 from moelab.train.distributed import DistInfo
-from moelab.train.objectives import METHODS, method_flags
+from moelab.train.method import METHODS, Method
 from moelab.train.scoring import ESTEP_DTYPES
 from moelab.train.update import EMStep, autocast_context, train_step
 
@@ -49,7 +49,7 @@ from moelab.train.update import EMStep, autocast_context, train_step
 def measure_training(config: BenchConfig, preset: BenchmarkPreset, device: torch.device, *,
                      all_threads: int = 1) -> dict:
     """moelab's training step against the reference: tokens/s, ratio, FLOPs, MFU, memory."""
-    hard, uniform_prior = method_flags(config.method)
+    method = Method.parse(config.method)
     batch = synthetic_batch(rows=max(1, preset.max_tokens // preset.tokens_per_sample),
                             seq_len=preset.tokens_per_sample, vocab_size=preset.vocab_size,
                             pad_id=3, generator=torch.Generator().manual_seed(0))
@@ -62,8 +62,7 @@ def measure_training(config: BenchConfig, preset: BenchmarkPreset, device: torch
         active = model.compile_for_speed()
         compile_info = {"requested": True, "active": active}
     optimizer = adam(model, device)
-    step_module = EMStep(model, hard=hard, uniform_prior=uniform_prior,
-                         **estep_options(config))
+    step_module = EMStep(model, method, **estep_options(config))
     autocast = autocast_context(device)
     if config.reference:
         ref_model = bench_model(config, preset, device, dropout=preset.dropout)
@@ -73,8 +72,7 @@ def measure_training(config: BenchConfig, preset: BenchmarkPreset, device: torch
         train_step(step_module, [batch], optimizer, dist=dist, clip_norm=0.0, autocast=autocast)
 
     def reference() -> None:
-        reference_step(ref_model, on_device, ref_optimizer, hard=hard,
-                       uniform_prior=uniform_prior)
+        reference_step(ref_model, on_device, ref_optimizer, method)
 
     ours()  # warm up (and compile) before the memory high-water mark is taken
     reset_peak_memory(device)

@@ -33,12 +33,13 @@ from moelab.model import MixtureLM
 from moelab.model.log_probs import KERNELS, TargetLogProbs, chunk_rows, plain_target_log_probs
 from moelab.model.mixture import ScoringFunctions
 from moelab.presets import BenchmarkPreset
-from moelab.train.objectives import em_step, method_flags
+from moelab.train.method import Method
+from moelab.train.objectives import em_step
 from moelab.train.scoring import ExpertScorer
 from moelab.train.update import autocast_context
 
 
-def _em_step(model: MixtureLM, batch: Batch, optimizer, *, hard: bool, uniform_prior: bool,
+def _em_step(model: MixtureLM, batch: Batch, optimizer, method: Method, *,
              autocast=contextlib.nullcontext, **scoring_options) -> Callable[[], None]:
     """A bare EM update (em_step, backward, Adam) for the per-technique comparisons; the
     scoring options (ExpertScorer's) are checked once, here."""
@@ -47,7 +48,7 @@ def _em_step(model: MixtureLM, batch: Batch, optimizer, *, hard: bool, uniform_p
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            out = em_step(scorer, batch, hard=hard, uniform_prior=uniform_prior)
+            out = em_step(scorer, batch, method)
         (out.loss / batch.num_tokens).backward()
         optimizer.step()
     return step
@@ -86,7 +87,7 @@ def _manual_attention_expert_log_likelihoods(model: MixtureLM, tokens: torch.Ten
 def measure_techniques(config: BenchConfig, preset: BenchmarkPreset, batch: Batch,
                        device: torch.device, *, all_threads: int = 1) -> dict[str, float]:
     """Each technique's speed-up, (time without) / (time with), on the benchmark's batch."""
-    hard, uniform_prior = method_flags(config.method)
+    method = Method.parse(config.method)
     model = bench_model(config, preset, device, dropout=preset.dropout)
     K = model.num_experts
     steps = config.steps
@@ -152,7 +153,7 @@ def measure_techniques(config: BenchConfig, preset: BenchmarkPreset, batch: Batc
     ratio("kept_softmax_mstep_head", m_step_kept(False), m_step_kept(True))
 
     optimizer = adam(model, device)
-    step = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
+    step = _em_step(model, batch, optimizer, method,
                     autocast=autocast, **estep_options(config))
     threads = torch.get_num_threads()
     many = max(threads, all_threads)
@@ -168,11 +169,11 @@ def measure_techniques(config: BenchConfig, preset: BenchmarkPreset, batch: Batc
         ratio(f"threads_{many}_vs_1", with_threads(1), with_threads(many))
     if device.type == "cpu":  # measured for information: moelab trains in float32 on CPUs
         ratio("bf16_autocast_cpu_unused", step, _em_step(
-            model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
+            model, batch, optimizer, method,
             autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
             **estep_options(config)))
     if device.type == "cuda":
-        fp32 = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
+        fp32 = _em_step(model, batch, optimizer, method,
                         **estep_options(config))
         ratio("bf16_autocast", fp32, step)
         foreach, fused = adam(model, device, fused=False), adam(model, device, fused=True)
@@ -186,24 +187,23 @@ def measure_techniques(config: BenchConfig, preset: BenchmarkPreset, batch: Batc
         free = bench_model(config, preset, device, dropout=0.0)
         free_opt = adam(free, device)
         in_float32 = "" if autocast is contextlib.nullcontext else "_float32"
-        ratio(f"reuse_estep_dropout0{in_float32}_{'hard' if hard else 'soft'}",
-              _em_step(free, batch, free_opt, hard=hard, uniform_prior=uniform_prior,
+        ratio(f"reuse_estep_dropout0{in_float32}_{'hard' if method.hard else 'soft'}",
+              _em_step(free, batch, free_opt, method,
                        reuse_estep=False),
-              _em_step(free, batch, free_opt, hard=hard, uniform_prior=uniform_prior,
+              _em_step(free, batch, free_opt, method,
                        reuse_estep=True))
     if config.estep_dtype is not None and K > 1:
-        fp = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
+        fp = _em_step(model, batch, optimizer, method,
                       autocast=autocast, estep_tokens=config.estep_tokens)
         ratio(f"estep_dtype_{config.estep_dtype}", fp, step)
     if config.estep_tokens is not None and K > 1:
-        full = _em_step(model, batch, optimizer, hard=hard, uniform_prior=uniform_prior,
+        full = _em_step(model, batch, optimizer, method,
                         autocast=autocast)
         ratio(f"estep_tokens_{config.estep_tokens}", full, step)
     if config.compile:
         compiled = copy.deepcopy(model)
         if compiled.compile_for_speed():
             c_opt = adam(compiled, device)
-            ratio("compile", step, _em_step(compiled, batch, c_opt, hard=hard,
-                                            uniform_prior=uniform_prior, autocast=autocast,
+            ratio("compile", step, _em_step(compiled, batch, c_opt, method, autocast=autocast,
                                             **estep_options(config)))
     return out

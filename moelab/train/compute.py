@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moelab.model import ModelConfig
+from moelab.train.method import Method
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,21 @@ def output_forward(config: ModelConfig, targets: int) -> float:
 
 
 def batch_flops(config: ModelConfig, lengths: torch.Tensor | list[int], length: int, *,
-                hard: bool, uniform_prior: bool, estep_tokens: int | None = None,
+                method: Method, estep_tokens: int | None = None,
                 reuse: bool = False, estep: bool = True) -> Flops:
     """The model FLOPs of one EM step on a batch of chunks (forward and backward).
 
     lengths: each chunk's number of targets (B,); length: the batch's padded length T.
-    hard/uniform_prior: the method; estep_tokens: the E-step's prefix (None: the whole chunk);
+    method: hard or soft EM, uniform or learned prior (moelab.train.method);
+    estep_tokens: the E-step's prefix (None: the whole chunk);
     reuse: the E-step is read off the M-step's forward (moelab.train.scoring.ExpertScorer);
     estep: False where no E-step runs (a warm start's clusters choose the experts).
     """
     lengths = torch.as_tensor(lengths)
     B, K = int(lengths.numel()), config.num_experts
     targets = int(lengths.sum())
-    gating = 0.0 if uniform_prior else 2.0 * gating_weights(config) * B  # one pass, all chunks
+    # one pass, all chunks
+    gating = 0.0 if method.uniform_prior else 2.0 * gating_weights(config) * B
     scores_estep = estep and K > 1 and not reuse
     estep_body = estep_output = estep_gating = 0.0
     if scores_estep:
@@ -114,7 +117,7 @@ def batch_flops(config: ModelConfig, lengths: torch.Tensor | list[int], length: 
         estep_body = body_forward(config, B * K, m)
         estep_output = output_forward(config, K * scored)
         estep_gating = gating
-    rows = 1 if hard and not reuse else K  # M-step rows per chunk
+    rows = 1 if method.hard and not reuse else K  # M-step rows per chunk
     if K == 1:
         rows = 1
     return Flops(estep=estep_body,

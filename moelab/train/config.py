@@ -19,7 +19,8 @@ import torch
 from moelab.model import ModelConfig
 from moelab.presets import ARCHITECTURES, FAIRSEQ_MODEL_FLAGS, in_flag_names
 from moelab.train.assignment import BALANCES
-from moelab.train.objectives import ESTEP_DTYPES, METHODS, method_flags
+from moelab.train.method import METHODS, Method
+from moelab.train.scoring import ESTEP_DTYPES
 
 # The M-step's precision (--precision); auto is resolved per device when training starts.
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -101,7 +102,7 @@ class ModelArgs:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown --arch {self.arch!r}; choose one of "
                              f"{', '.join(ARCHITECTURES)}")
-        _, uniform_prior = method_flags(self.method)  # raises with the valid names
+        method = Method.parse(self.method)  # raises with the valid names
         if self.method == "dense":
             if self.num_experts not in (None, 1):
                 raise ValueError(f"--method dense is a plain LM with one expert, got "
@@ -113,7 +114,7 @@ class ModelArgs:
         if self.num_experts < 1:
             raise ValueError(f"--num-experts must be >= 1, got {self.num_experts}")
         self._check_shape()
-        if not uniform_prior:
+        if not method.uniform_prior:
             if self.mean_pool_gating_network is False:
                 raise ValueError(f"--method {self.method} learns the prior p(z|c) and needs the "
                                  "gating network; set mean_pool_gating_network=True (or None)")
@@ -130,7 +131,7 @@ class ModelArgs:
     @property
     def uses_gating(self) -> bool:
         """True when the learned prior is trained; a uniform prior never builds the network."""
-        return not method_flags(self.method)[1]
+        return not Method.parse(self.method).uniform_prior
 
 
 # ModelArgs fields whose None means "the --arch value"
@@ -405,7 +406,7 @@ class RunConfig:
                     raise ValueError(f"{flag} reshapes the posterior over experts, and with "
                                      f"one expert (--method {m.method}, K = 1) it is always 1; "
                                      "use K >= 2 or drop the flag")
-        if (t.anneal_updates > 0 and m.num_experts > 1 and method_flags(m.method)[0]
+        if (t.anneal_updates > 0 and m.num_experts > 1 and Method.parse(m.method).hard
                 and t.balance == "none"):
             raise ValueError(f"--estep-temperature anneals nothing with hard EM (--method "
                              f"{m.method}): it trains argmax_z softmax(l / T), which is argmax_z "

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -80,6 +80,49 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+PER_EXPERT = {"per_expert": True}  # NamedSums field metadata: a (K,) field, not a scalar
+
+
+class NamedSums:
+    """Sums that are logged and all-reduced by name, laid out as one float64 tensor.
+
+    A subclass is a dataclass whose fields are float64 tensors on one device: scalars, or (K,)
+    where the field's metadata is PER_EXPERT. `tensor` is every field in declaration order,
+    flat, so that one all-reduce sums them all; `from_tensor` names a flat tensor's parts again.
+    """
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The fields, in declaration order, as one flat float64 tensor (a copy)."""
+        return torch.cat([getattr(self, f.name).reshape(-1) for f in fields(self)])
+
+    @classmethod
+    def size(cls, num_experts: int = 0) -> int:
+        """The length of `tensor` with K = num_experts."""
+        return sum(num_experts if f.metadata.get("per_expert") else 1 for f in fields(cls))
+
+    @classmethod
+    def from_tensor(cls, flat: torch.Tensor):
+        """The fields as views of `flat` (its length says K), laid out as `tensor` lays them."""
+        per_expert = sum(bool(f.metadata.get("per_expert")) for f in fields(cls))
+        scalars = len(fields(cls)) - per_expert
+        K = (len(flat) - scalars) // per_expert if per_expert else 0
+        if K < 0 or len(flat) != cls.size(K):
+            raise ValueError(f"{cls.__name__} is {scalars} scalars and {per_expert} (K,) "
+                             f"fields, which no K lays out in {len(flat)} numbers")
+        parts, i = {}, 0
+        for f in fields(cls):
+            n = K if f.metadata.get("per_expert") else 1
+            parts[f.name] = flat[i : i + n] if f.metadata.get("per_expert") else flat[i]
+            i += n
+        return cls(**parts)
+
+    @classmethod
+    def zeros(cls, num_experts: int = 0, device: torch.device | None = None):
+        return cls.from_tensor(torch.zeros(cls.size(num_experts), dtype=torch.float64,
+                                           device=device))
 
 
 def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

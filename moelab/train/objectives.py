@@ -1,7 +1,10 @@
-"""Online EM for the sequence-level mixture: method names, the E-step and the hard/soft M-step.
+"""Online EM for the sequence-level mixture: the E-step, the hard/soft M-step and their objective.
 
-The EM step is `em_step`; the scores it reads, and every option that makes them cheaper, come
-from moelab.train.scoring.
+The trainer reaches the EM in three calls: Trainer.fit -> update.train_step -> EMStep.forward ->
+`em_step`, which is the E-step (BatchScores.e_step, then softmax) and the M-step
+(BatchScores.m_step, then `em_objective`). Validation scores all experts and calls the same
+`em_objective`. The scores, and every option that makes them cheaper, come from
+moelab.train.scoring; the method (hard/soft, uniform/learned prior) from moelab.train.method.
 """
 
 from __future__ import annotations
@@ -11,28 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moelab.model import MixtureLM
 from moelab.train.assignment import Assignment
-from moelab.train.scoring import ESTEP_DTYPES, ExpertScorer
+from moelab.train.method import Method
+from moelab.train.scoring import ExpertScorer
 
-__all__ = ["ESTEP_DTYPES", "METHODS", "EMOutput", "ExpertScorer", "PosteriorLogSumExp",
-           "em_loss", "em_step", "method_flags"]
-
-METHODS = ("dense", "hMoEup", "hMoElp", "sMoEup", "sMoElp")
-
-
-def method_flags(name: str) -> tuple[bool, bool]:
-    """Method name -> (hard, uniform_prior). `dense` is a K=1 plain LM, trained as hard/uniform."""
-    flags = {
-        "dense": (True, True),
-        "hMoEup": (True, True),
-        "hMoElp": (True, False),
-        "sMoEup": (False, True),
-        "sMoElp": (False, False),
-    }
-    if name not in flags:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return flags[name]
+__all__ = ["EMOutput", "PosteriorLogSumExp", "em_objective", "em_step"]
 
 
 @dataclass
@@ -66,9 +52,28 @@ class PosteriorLogSumExp(torch.autograd.Function):
         return -posterior * grad_out[:, None], None  # (B, K); no gradient for r
 
 
-def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
-            assignment: Assignment | None = None, experts: torch.Tensor | None = None
-            ) -> EMOutput:
+def em_objective(log_prior: torch.Tensor, log_lik: torch.Tensor, method: Method,
+                 r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-batch objective, summed over the batch: (loss, nll without gradient).
+
+    hard: -(log p(z* | c) + log p(x | z*)) of the winner z* = argmax_z r_z, nll -log p(x | z*);
+    soft: -log sum_z p(x, z | c), whose gradient weights expert z by the given r_z
+    (PosteriorLogSumExp), nll the same marginal. log_prior, log_lik: (B, K) for all experts,
+    or (B,) the winner's alone where hard EM scored only it. r (B, K): the posterior, from the
+    dropout-free E-step (training) or softmax of the same scores (validation). With a uniform
+    prior -log K stays in the loss (docs/design.md section 2): a soft loss is the marginal NLL.
+    """
+    if method.hard:
+        if log_lik.dim() == 2:  # all experts scored: keep the winner's
+            z = r.argmax(dim=-1, keepdim=True)  # (B, 1)
+            log_prior, log_lik = log_prior.gather(1, z).squeeze(1), log_lik.gather(1, z).squeeze(1)
+        return -(log_prior + log_lik).sum(), -log_lik.detach().sum()
+    loss = PosteriorLogSumExp.apply(log_prior + log_lik, r).sum()
+    return loss, loss.detach()
+
+
+def em_step(scorer: ExpertScorer, batch, method: Method, *, assignment: Assignment | None = None,
+            experts: torch.Tensor | None = None) -> EMOutput:
     """One online-EM step on a batch, as Shen et al. (2019) write it; the caller calls backward.
 
     (Shen, Ott, Auli, Ranzato: "Mixture Models for Diverse Machine Translation: Tricks of the
@@ -76,13 +81,14 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
     Expert z reads the chunk x after its indicator token <expert_z> (the model's first token);
     its score is l_z = log p(z | c) + log p(x | z), with the prior p(z | c) uniform (1/K) or
     learned from the context c. How the scores are computed (prefix or low-precision E-step,
-    the E-step read off the M-step, compiled kernels) is the scorer's business, not the step's.
+    the E-step read off the M-step, compiled kernels) is the scorer's business, not the step's:
+    ExpertScorer(model) is the exact float32 E-step on the whole chunk.
     `assignment`: the remedies against collapse (balance, prior bias, annealing), which reshape
     the posterior the M-step trains on, never the loss (moelab.train.assignment); None: off.
     `experts` (B,), a warm start's expert per chunk (moelab.train.warm_start), replaces
     the E-step: those experts are trained as if the posterior were one-hot on them.
     """
-    scores = scorer.scores(batch, hard=hard, uniform_prior=uniform_prior)
+    scores = scorer.scores(batch, method)
     # E-step: the posterior r_z = p(z | x, c) = softmax_z l_z, from a forward with dropout off
     # and without gradient: a fixed target for the M-step
     posterior = None
@@ -92,28 +98,9 @@ def em_step(scorer: ExpertScorer, batch, *, hard: bool, uniform_prior: bool,
         log_joint = scores.e_step()  # (B, K) l_z
         posterior = log_joint.softmax(dim=-1)
         r = posterior if assignment is None else assignment.posterior(log_joint)  # (B, K)
-    if hard:  # M-step of hard EM: train the winner z* = argmax_z r_z alone on -log p(x, z* | c)
-        z = r.argmax(dim=-1)  # (B,)
-        log_prior, log_lik = scores.m_step(z)  # (B,) each, dropout on, with gradient
-        # with a uniform prior, -log K stays in the loss: README, "Why -log K stays in the loss"
-        loss = -(log_prior + log_lik).sum()
-        nll = -log_lik.detach().sum()  # -log p(x | z*)
-    else:  # M-step of soft EM: -log sum_z p(x, z | c), its gradient weighted by the E-step's r
-        log_prior, log_lik = scores.m_step()  # (B, K) each, dropout on, with gradient
-        loss = PosteriorLogSumExp.apply(log_prior + log_lik, r).sum()
-        nll = loss.detach()  # the marginal -log p(x | c)
+    # M-step, dropout on, with gradient: hard EM scores the winner z* = argmax_z r_z alone
+    # ((B,) each), soft EM every expert ((B, K) each)
+    log_prior, log_lik = scores.m_step(r.argmax(dim=-1) if method.hard else None)
+    loss, nll = em_objective(log_prior, log_lik, method, r)
     return EMOutput(loss=loss, responsibilities=r, num_tokens=batch.num_tokens, nll=nll,
                     posterior=posterior)
-
-
-def em_loss(model: MixtureLM, batch, *, hard: bool, uniform_prior: bool,
-            scorer: ExpertScorer | None = None, assignment: Assignment | None = None,
-            experts: torch.Tensor | None = None) -> EMOutput:
-    """`em_step` on `model`, scored by `scorer` (default: ExpertScorer(model), the exact
-    float32 E-step on the whole chunk, read off the M-step where exact and it pays)."""
-    if scorer is None:
-        scorer = ExpertScorer(model)
-    elif scorer.model is not model:
-        raise ValueError("the scorer scores another model than the one passed to em_loss")
-    return em_step(scorer, batch, hard=hard, uniform_prior=uniform_prior, assignment=assignment,
-                   experts=experts)

@@ -28,6 +28,7 @@ import math
 import torch
 
 from moelab.model import MixtureLM
+from moelab.train.method import Method
 
 ESTEP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,21 +78,22 @@ class ExpertScorer:
                 and not torch.is_autocast_enabled(device))
 
     def reuses_estep(self, *, hard: bool) -> bool:
-        """Whether scores(batch, hard=hard, ...) called now reads the E-step off the M-step."""
+        """Whether scores(batch, method) called now, for hard or soft EM, reads the E-step off
+        the M-step."""
         if self.reuse_estep is None:
             return not hard and self.reuse_is_exact()
         if self.reuse_estep and not self.reuse_is_exact():
             raise ValueError(REUSE_REFUSED)
         return self.reuse_estep
 
-    def scores(self, batch, *, hard: bool, uniform_prior: bool) -> BatchScores:
-        """The scores of one batch (computed when asked for). `hard`: the M-step to come scores
-        the chosen expert only (which decides whether reuse pays); `uniform_prior`: log p(z|c)
-        is -log K, else the gating network's."""
-        if not uniform_prior and self.model.gating is None:
+    def scores(self, batch, method: Method) -> BatchScores:
+        """The scores of one batch (computed when asked for). A hard method's M-step scores the
+        chosen expert only (which decides whether reuse pays); a uniform prior's log p(z|c) is
+        -log K, a learned one the gating network's."""
+        if not method.uniform_prior and self.model.gating is None:
             raise ValueError("a learned prior (hMoElp/sMoElp) needs ModelConfig(gating=True)")
-        return BatchScores(self, batch, uniform_prior=uniform_prior,
-                           reuse=self.reuses_estep(hard=hard))
+        return BatchScores(self, batch, uniform_prior=method.uniform_prior,
+                           reuse=self.reuses_estep(hard=method.hard))
 
     def estep_precision(self, device: str) -> contextlib.AbstractContextManager:
         """The E-step's autocast: estep_dtype's, else none (float32) even inside the M-step's.

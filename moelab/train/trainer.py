@@ -41,8 +41,8 @@ from moelab.train.branch import branch_from_dense
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
 from moelab.train.history import LOG_FILE, append_record, read_history, truncate_history
-from moelab.train.meter import Meter, entropy, perplexity
-from moelab.train.objectives import method_flags
+from moelab.train.meter import Meter, TrainSums, entropy, perplexity
+from moelab.train.method import Method
 from moelab.train.prefetch import BatchPrefetcher
 from moelab.train.run import (
     Run,
@@ -112,8 +112,8 @@ class Trainer:
         self.dist, self.on_log, self.on_eval = dist, on_log, on_eval
         set_seed(config.train.seed)
         self.say = _printer(dist)
-        self.hard, self.uniform_prior = method_flags(config.model.method)
-        if self.uniform_prior and config.model.mean_pool_gating_network:
+        self.method = Method.parse(config.model.method)
+        if self.method.uniform_prior and config.model.mean_pool_gating_network:
             self.say(f"note: --mean-pool-gating-network is unused with --method "
                      f"{config.model.method}: the uniform prior p(z) = 1/K needs no gating "
                      "network, so none is built")
@@ -147,8 +147,7 @@ class Trainer:
         # a remedy reshapes the posterior trained on, so the log shows the model's own beside it
         # (a warm start's updates run no E-step, and after them the two are one)
         self.reshaped = self.assignment is not None
-        step_module = wrap_for_training(self.model, dist, hard=self.hard,
-                                        uniform_prior=self.uniform_prior,
+        step_module = wrap_for_training(self.model, dist, self.method,
                                         estep_tokens=config.train.estep_tokens,
                                         estep_dtype=config.train.estep_torch_dtype,
                                         assignment=self.assignment)
@@ -195,7 +194,7 @@ class Trainer:
                 state.bad_in_row = 0
                 if self.assignment is not None and self.assignment.prior_bias is not None:
                     # the load: chunks won (hard EM) or posterior mass (soft EM), all ranks
-                    load = stats.argmax_counts if self.hard else stats.responsibility_sum
+                    load = stats.argmax_counts if self.method.hard else stats.responsibility_sum
                     self.assignment.prior_bias.update(load, dist)
                 state.num_updates += 1
                 self.meter.add(stats)
@@ -220,7 +219,7 @@ class Trainer:
             if state.num_updates > updates_at_start or restore is None:
                 result = self.validate_and_save()
             else:  # the checkpoint was already finished: report, but write nothing new
-                result = validate(self.model, self.valid, dist, hard=self.hard)
+                result = validate(self.model, self.valid, dist, self.method)
         self.model.eval()
         # a finished checkpoint restored into a new --save-dir trains nothing and logs nothing
         logged = dist.is_main and (self.save_dir / LOG_FILE).is_file()
@@ -238,7 +237,7 @@ class Trainer:
                                 estep_temperature=t.estep_temperature,
                                 anneal_updates=t.anneal_updates,
                                 bias=state.prior_bias if t.prior_bias_rate > 0 else None,
-                                dist=self.dist, hard=self.hard)
+                                dist=self.dist, hard=self.method.hard)
 
     def elapsed(self) -> float:
         """Seconds since the run started, over this process and the runs it resumed
@@ -268,7 +267,7 @@ class Trainer:
     def validate_and_save(self) -> ValidResult:
         """Validate, log a `valid` line, save checkpoint_last (and checkpoint_best if improved)."""
         state, dist = self.state, self.dist
-        result = validate(self.model, self.valid, dist, hard=self.hard)
+        result = validate(self.model, self.valid, dist, self.method)
         counts = np.bincount(result.posterior.argmax(1),
                              minlength=self.model_config.num_experts)
         record = {
@@ -304,19 +303,19 @@ class Trainer:
     def log_train(self, lr: float) -> dict:
         """Reduce the interval's sums over ranks into one log line (written by rank 0)."""
         meter, state = self.meter, self.state
-        K = meter.num_experts
-        sums = all_reduce_sum(meter.sums.clone(), self.dist).cpu()
-        grad_norm_sum = float(meter.sums[4])  # identical on every rank (gradients all-reduced)
-        loss = float(sums[0] / sums[2])  # finite: skipped updates never reach the meter
+        total = TrainSums.from_tensor(all_reduce_sum(meter.sums.tensor, self.dist).cpu())
+        # identical on every rank (gradients all-reduced)
+        grad_norm_sum = float(meter.sums.grad_norm)
+        loss = float(total.loss / total.tokens)  # finite: skipped updates never reach the meter
         elapsed = time.perf_counter() - meter.since
-        usage = sums[5 + K : 5 + 2 * K] / sums[5 + K : 5 + 2 * K].sum()
-        scored = float(sums[5 + 3 * K])
+        usage = total.argmax_counts / total.argmax_counts.sum()
+        scored = float(total.scored_chunks)
         record = {
             "kind": "train", "update": state.num_updates, "epoch": state.epoch,
-            "loss": loss, "nll": float(sums[1] / sums[2]), "ppl": perplexity(loss), "lr": lr,
-            "grad_norm": grad_norm_sum / meter.updates,
+            "loss": loss, "nll": float(total.nll / total.tokens), "ppl": perplexity(loss),
+            "lr": lr, "grad_norm": grad_norm_sum / meter.updates,
             "tokens_per_s": meter.global_tokens / max(elapsed, 1e-9),
-            "posterior_mass": (sums[5 : 5 + K] / sums[3]).tolist(),
+            "posterior_mass": (total.responsibility_sum / total.chunks).tolist(),
             "usage_entropy": entropy(usage),
             "skipped_updates": state.skipped_updates,
             "wall": self.elapsed(),
@@ -324,7 +323,7 @@ class Trainer:
             **(self.assignment.log_fields() if self.assignment is not None else {}),
         }
         if self.reshaped and scored > 0:  # what the M-step trained on is not the posterior
-            record["model_posterior_mass"] = (sums[5 + 2 * K : 5 + 3 * K] / scored).tolist()
+            record["model_posterior_mass"] = (total.posterior_sum / scored).tolist()
         if self.dist.is_main:
             _log_io(self.save_dir, append_record, record)
         meter.reset()

@@ -1,5 +1,10 @@
 """One optimizer update: the EM step as a module DDP can wrap, the optimizer, the M-step's
-precision, and `train_step`, which turns `update_freq` batches into one update."""
+precision, and `train_step`, which turns `update_freq` batches into one update.
+
+The EM path from the trainer: Trainer.fit -> `train_step` -> `EMStep.forward` ->
+moelab.train.objectives.em_step, which reads as the E-step (the scorer's e_step, softmax) and
+the M-step (its m_step, em_objective).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ from moelab.train import faults
 from moelab.train.assignment import Assignment
 from moelab.train.compute import Flops, batch_flops
 from moelab.train.config import RunConfig
-from moelab.train.distributed import DistInfo, all_reduce_sum
-from moelab.train.objectives import ExpertScorer, em_loss
+from moelab.train.distributed import DistInfo, NamedSums, all_reduce_sum
+from moelab.train.method import Method
+from moelab.train.objectives import em_step
 from moelab.train.schedule import learning_rate
+from moelab.train.scoring import ExpertScorer
 
 
 def build_optimizer(model: nn.Module, config: RunConfig, device: torch.device
@@ -44,8 +51,9 @@ def autocast_context(device: torch.device, precision: str = "auto"
                      ) -> Callable[[], contextlib.AbstractContextManager]:
     """The M-step's context: bf16 autocast for --precision bfloat16, else plain float32.
 
-    The E-step and validation do not run under it: they take their own precision (em_loss's
-    estep_dtype, float32 by default; validation float32, as eval-lm), whatever the device.
+    The E-step and validation do not run under it: they take their own precision (the
+    ExpertScorer's estep_dtype, float32 by default; validation float32, as eval-lm), whatever
+    the device.
     """
     if resolve_precision(precision, device) == "bfloat16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -63,7 +71,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: RunConfig,
 class EMStep(nn.Module):
     """Runs the whole EM step (E-step and M-step) as one forward, so DDP can wrap it.
 
-    The E-step inside em_loss scores all experts under no_grad, so it adds nothing to the graph;
+    The E-step inside em_step scores all experts under no_grad, so it adds nothing to the graph;
     the M-step's graph is the one DDP's reducer expects, and the gradient all-reduce happens in
     backward as usual. Returns a tuple so DDP finds the output tensors. The E-step options are
     checked once, here, by the ExpertScorer they build. `assignment` (the remedies against
@@ -71,20 +79,19 @@ class EMStep(nn.Module):
     between updates.
     """
 
-    def __init__(self, model: MixtureLM, *, hard: bool, uniform_prior: bool,
-                 estep_tokens: int | None = None, estep_dtype: torch.dtype | None = None,
-                 assignment: Assignment | None = None):
+    def __init__(self, model: MixtureLM, method: Method, *, estep_tokens: int | None = None,
+                 estep_dtype: torch.dtype | None = None, assignment: Assignment | None = None):
         super().__init__()
         self.model = model
-        self.hard, self.uniform_prior = hard, uniform_prior
+        self.method = method
         self.scorer = ExpertScorer(model, estep_tokens=estep_tokens, estep_dtype=estep_dtype)
         self.assignment = assignment
 
     def forward(self, batch: Batch, experts: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`experts` (B,): a warm start's choice per chunk, in place of the E-step."""
-        out = em_loss(self.model, batch, hard=self.hard, uniform_prior=self.uniform_prior,
-                      scorer=self.scorer, assignment=self.assignment, experts=experts)
+        out = em_step(self.scorer, batch, self.method, assignment=self.assignment,
+                      experts=experts)
         return out.loss, out.responsibilities, out.nll, out.posterior
 
     def flops(self, batch: Batch, *, estep: bool = True) -> Flops:
@@ -92,24 +99,40 @@ class EMStep(nn.Module):
         E-step is read off the M-step depends on the mode and the autocast in force);
         estep=False: a warm start's experts are given, so no E-step runs."""
         return batch_flops(self.model.config, batch.lengths, batch.tokens.shape[1],
-                           hard=self.hard, uniform_prior=self.uniform_prior,
-                           estep_tokens=self.scorer.estep_tokens,
-                           reuse=self.scorer.reuses_estep(hard=self.hard), estep=estep)
+                           method=self.method, estep_tokens=self.scorer.estep_tokens,
+                           reuse=self.scorer.reuses_estep(hard=self.method.hard), estep=estep)
 
 
-def wrap_for_training(model: MixtureLM, dist: DistInfo, *, hard: bool,
-                      uniform_prior: bool, estep_tokens: int | None = None,
-                      estep_dtype: torch.dtype | None = None,
+def wrap_for_training(model: MixtureLM, dist: DistInfo, method: Method, *,
+                      estep_tokens: int | None = None, estep_dtype: torch.dtype | None = None,
                       assignment: Assignment | None = None) -> nn.Module:
     model.train()
-    step = EMStep(model, hard=hard, uniform_prior=uniform_prior, estep_tokens=estep_tokens,
-                  estep_dtype=estep_dtype, assignment=assignment)
+    step = EMStep(model, method, estep_tokens=estep_tokens, estep_dtype=estep_dtype,
+                  assignment=assignment)
     if not dist.distributed:
         return step
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
     # Every parameter gets a gradient each step (a uniform prior builds no gating network), so
     # the reducer needs no unused-parameter search.
     return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=False)
+
+
+@dataclass
+class UpdateChecks(NamedSums):
+    """What every rank tells the others once per update, summed in one all-reduce (NamedSums)."""
+
+    bad: torch.Tensor  # 1 where the loss or gradient norm is not finite
+    stop: torch.Tensor  # 1 where a stop (SIGTERM/SIGINT) was requested
+    # the update's model FLOPs, by part (compute.Flops)
+    estep_flops: torch.Tensor
+    mstep_flops: torch.Tensor
+    gating_flops: torch.Tensor
+    output_flops: torch.Tensor
+
+    @property
+    def flops(self) -> Flops:
+        return Flops(float(self.estep_flops), float(self.mstep_flops), float(self.gating_flops),
+                     float(self.output_flops))
 
 
 @dataclass
@@ -187,11 +210,13 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     max_norm = clip_norm if clip_norm > 0 else math.inf  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).double()
-    parts = [flops.estep, flops.mstep, flops.gating, flops.output]
-    flags = torch.cat([bad[None], torch.tensor([float(stop_requested), *parts],
-                                               dtype=torch.float64, device=device)])  # (6,)
-    bad_anywhere, stop_anywhere, *parts = all_reduce_sum(flags, dist).tolist()  # the one sync
-    skipped = bad_anywhere > 0  # the same decision on every rank
+    stop, estep, mstep, gating, output = torch.tensor(  # known on the CPU: one copy
+        [float(stop_requested), flops.estep, flops.mstep, flops.gating, flops.output],
+        dtype=torch.float64, device=device)
+    local = UpdateChecks(bad=bad, stop=stop, estep_flops=estep, mstep_flops=mstep,
+                         gating_flops=gating, output_flops=output)
+    total = UpdateChecks.from_tensor(all_reduce_sum(local.tensor, dist).cpu())  # the one sync
+    skipped = float(total.bad) > 0  # the same decision on every rank
     faults.hit("step")
     if skipped:
         optimizer.zero_grad(set_to_none=True)
@@ -200,5 +225,5 @@ def train_step(step_module: nn.Module, micro_batches: list[Batch], optimizer: to
     return StepStats(loss=loss_sum, nll=nll_sum, num_tokens=sum(tokens),
                      global_tokens=global_tokens, responsibility_sum=r_sum,
                      argmax_counts=counts, num_chunks=chunks, grad_norm=grad_norm.detach(),
-                     posterior_sum=posterior_sum, scored_chunks=scored, flops=Flops(*parts),
-                     skipped=skipped, stop=stop_anywhere > 0)
+                     posterior_sum=posterior_sum, scored_chunks=scored,
+                     flops=total.flops, skipped=skipped, stop=float(total.stop) > 0)

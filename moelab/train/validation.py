@@ -12,8 +12,19 @@ from moelab.clustering import agreement, document_posterior, posterior_confidenc
 from moelab.data import TrainBatches
 from moelab.model import MixtureLM
 from moelab.train import faults
-from moelab.train.distributed import DistInfo, all_reduce_sum
+from moelab.train.distributed import DistInfo, NamedSums, all_reduce_sum
 from moelab.train.meter import perplexity
+from moelab.train.method import Method
+from moelab.train.objectives import em_objective
+
+
+@dataclass
+class ValidSums(NamedSums):
+    """The valid split's sums, all-reduced as one tensor (NamedSums)."""
+
+    loss: torch.Tensor  # the objective, summed over target tokens
+    nll: torch.Tensor
+    tokens: torch.Tensor  # target tokens
 
 
 @dataclass
@@ -30,20 +41,22 @@ class ValidResult:
 
 
 @torch.no_grad()
-def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
-             hard: bool) -> ValidResult:
+def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo,
+             method: Method) -> ValidResult:
     """Objective per token on the valid split, and each document's posterior over experts.
 
-    Eval mode, no grad. The documents' scores (log p(x | z) summed over their chunks) and the
-    prior at a document's start go through moelab.clustering, as eval-lm's do, so the
-    posterior, NMI and confidence logged here are eval-lm's at context window 0. Ranks take every
-    world_size-th batch and the sums are all-reduced, so every rank returns the same result.
+    Eval mode, no grad; the objective is training's (em_objective), on all experts' scores, with
+    the posterior softmax(l) as the E-step would take it. The documents' scores (log p(x | z)
+    summed over their chunks) and the prior at a document's start go through moelab.clustering,
+    as eval-lm's do, so the posterior, NMI and confidence logged here are eval-lm's at context
+    window 0. Ranks take every world_size-th batch and the sums are all-reduced, so every rank
+    returns the same result.
     """
     was_training = model.training
     model.eval()
     K, device, ds = model.num_experts, dist.device, batches.ds
     doc_ll = torch.zeros(len(ds), K, dtype=torch.float64, device=device)  # sum_chunks log p(x|z)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, tokens
+    sums = ValidSums.zeros(device=device)
     for n, position in enumerate(range(dist.rank, batches.batches_per_epoch, dist.world_size)):
         if n == 1:
             faults.hit("valid")  # testing hook: a kill in the middle of validation
@@ -51,19 +64,14 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
         # float32 on every device, as eval-lm scores: checkpoint_best is chosen on that number
         ll = model.expert_log_likelihoods(batch.tokens, batch.lengths)  # (B, K)
         prior = model.log_prior(batch.context, batch.context_lengths)  # (B, K)
-        scores = prior + ll  # (B, K)
-        if hard:
-            z = scores.argmax(-1, keepdim=True)  # (B, 1)
-            loss, nll = -scores.gather(1, z).sum(), -ll.gather(1, z).sum()
-        else:
-            loss = nll = -torch.logsumexp(scores, dim=-1).sum()
-        sums += torch.stack([loss.double(), nll.double(),
-                             batch.lengths.sum().double()])
+        loss, nll = em_objective(prior, ll, method, (prior + ll).softmax(-1))
+        sums.loss += loss.double()
+        sums.nll += nll.double()
+        sums.tokens += batch.lengths.sum().double()
         doc_ll.index_add_(0, batch.doc_ids, ll.double())
-    for t in (sums, doc_ll):
-        all_reduce_sum(t, dist)
+    total = ValidSums.from_tensor(all_reduce_sum(sums.tensor, dist).cpu())
+    all_reduce_sum(doc_ll, dist)
     model.train(was_training)
-    sums = sums.cpu()
     tokens = np.diff(np.asarray(ds.offsets, dtype=np.int64))
     domain_ids = np.asarray(ds.domain_ids, dtype=np.int64)
     ll = doc_ll.cpu().numpy()  # (D, K)
@@ -72,7 +80,7 @@ def validate(model: MixtureLM, batches: TrainBatches, dist: DistInfo, *,
     labelled = list(ds.domains) != ["unknown"] and len(np.unique(domain_ids)) > 1
     nmi = agreement(domain_ids, winner)["nmi"] if labelled else None  # no two known domains
     confidence = posterior_confidence(ll, log_posterior, tokens)
-    loss = float(sums[0] / sums[2])
-    return ValidResult(loss=loss, nll=float(sums[1] / sums[2]), ppl=perplexity(loss),
-                       num_tokens=int(sums[2]), posterior=np.exp(log_posterior),
+    loss = float(total.loss / total.tokens)
+    return ValidResult(loss=loss, nll=float(total.nll / total.tokens), ppl=perplexity(loss),
+                       num_tokens=int(total.tokens), posterior=np.exp(log_posterior),
                        domain_ids=domain_ids, nmi=nmi, confidence=confidence)
