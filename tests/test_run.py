@@ -16,9 +16,9 @@ from moelab.errors import MoelabError
 from moelab.eval import evaluate_run
 from moelab.model import MixtureLM
 from moelab.train import Run, RunConfig, train
-from moelab.train.checkpoint import BEST, LAST, read_checkpoint, rng_state
+from moelab.train.checkpoint import BEST, LAST, read_checkpoint
 from moelab.train.config import model_config
-from moelab.train.run import TrainState, build_checkpoint, restore_training
+from moelab.train.state import ProcessRNG, TrainState, build_checkpoint, restore_training
 from moelab.train.update import build_optimizer
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run_v1"
@@ -109,10 +109,12 @@ def _checkpoint_at(epoch: int, batch: int, world_size: int) -> tuple[dict, Mixtu
     state = TrainState(num_updates=7, epoch=epoch, batch_in_epoch=batch, best_valid_loss=3.5)
     meter = {"sums": torch.zeros(9, dtype=torch.float64), "updates": 1, "global_tokens": 5,
              "elapsed": 0.5}
-    checkpoint = build_checkpoint(model=model, optimizer=optimizer, state=state, config=config,
-                                  model_config=mconf, tokenizer={"sha256": None, "vocab_size": 40},
-                                  rng=[rng_state()] * world_size, meters=[meter] * world_size,
-                                  world_size=world_size, wall_time=12.0)
+    checkpoint = build_checkpoint(model=model, optimizer=optimizer, state=state, prior_bias=None,
+                                  config=config, model_config=mconf,
+                                  tokenizer={"sha256": None, "vocab_size": 40},
+                                  rng=[ProcessRNG().state_dict()] * world_size,
+                                  meters=[meter] * world_size, world_size=world_size,
+                                  wall_time=12.0)
     return checkpoint, model, optimizer
 
 
@@ -127,8 +129,9 @@ def test_resuming_with_another_world_size_starts_the_next_epoch(saved_by, epoch,
     epoch in progress cannot be told apart from what was trained: a resume goes on from the
     next epoch's start (and says so) instead of training batches twice."""
     checkpoint, model, optimizer = _checkpoint_at(epoch, batch, world_size=saved_by)
-    state, meter, note = restore_training(checkpoint, "ck.pt", model, optimizer, rank=0,
-                                          world_size=1)
+    restored = restore_training(checkpoint, "ck.pt", model, optimizer, rank=0, world_size=1,
+                                prior_bias_rate=0.0)
+    state, meter, note = restored.state, restored.meter, restored.note
     assert (state.epoch, state.batch_in_epoch) == expected
     assert (state.num_updates, state.best_valid_loss, state.wall_time) == (7, 3.5, 12.0)
     if saved_by == 1:
