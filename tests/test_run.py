@@ -18,6 +18,7 @@ from moelab.model import MixtureLM
 from moelab.train import Run, RunConfig, train
 from moelab.train.checkpoint import BEST, LAST, read_checkpoint
 from moelab.train.config import model_config
+from moelab.train.meter import Meter
 from moelab.train.state import ProcessRNG, TrainState, build_checkpoint, restore_training
 from moelab.train.update import build_optimizer
 
@@ -129,16 +130,19 @@ def test_resuming_with_another_world_size_starts_the_next_epoch(saved_by, epoch,
     epoch in progress cannot be told apart from what was trained: a resume goes on from the
     next epoch's start (and says so) instead of training batches twice."""
     checkpoint, model, optimizer = _checkpoint_at(epoch, batch, world_size=saved_by)
-    restored = restore_training(checkpoint, "ck.pt", model, optimizer, rank=0, world_size=1,
+    meter = Meter(2, torch.device("cpu"))
+    restored = restore_training(checkpoint, "ck.pt", model=model, optimizer=optimizer,
+                                meter=meter, rng=ProcessRNG(), rank=0, world_size=1,
                                 prior_bias_rate=0.0)
-    state, meter, note = restored.state, restored.meter, restored.note
+    state, note = restored.state, restored.note
     assert (state.epoch, state.batch_in_epoch) == expected
     assert (state.num_updates, state.best_valid_loss, state.wall_time) == (7, 3.5, 12.0)
     if saved_by == 1:
-        assert note is None and meter is not None
+        assert note is None and restored.meter_restored and meter.updates == 1
     else:
         assert "written by 2 process(es)" in note and "data order changes" in note
-        assert meter is None  # another world's interval sums are not this rank's
+        # another world's interval sums are not this rank's
+        assert not restored.meter_restored and meter.updates == 0
 
 
 def test_evaluations_are_cached_on_disk_until_the_checkpoint_changes(old_run, monkeypatch):

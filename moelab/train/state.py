@@ -46,6 +46,7 @@ from moelab.train.checkpoint import (
     read_checkpoint,
 )
 from moelab.train.config import RunConfig, TrainConfig
+from moelab.train.meter import Meter
 from moelab.train.schedule import schedule_state
 
 READ, RESUME = "read", "resume"
@@ -351,26 +352,30 @@ class Restored:
 
     state: TrainState
     prior_bias: PriorBias | None  # on the model's device; None: the checkpoint has none
-    meter: dict | None  # this rank's meter state; None: another world's sums are not this rank's
+    meter_restored: bool  # False: another world's interval sums are not this rank's
     note: str | None  # the data order changes, or the compute before it is unknown
 
 
-def restore_training(checkpoint: dict, path: str | Path, model: MixtureLM,
-                     optimizer: torch.optim.Optimizer, *, rank: int, world_size: int,
-                     prior_bias_rate: float) -> Restored:
-    """Hand the model, the optimizer and this process's RNG their states, and read the train
-    state, the prior bias and this rank's meter for the caller to hand on. Damage raises
-    UnreadableCheckpoint. The schedule needs nothing: its rate follows state.num_updates."""
+def restore_training(checkpoint: dict, path: str | Path, *, model: MixtureLM,
+                     optimizer: torch.optim.Optimizer, meter: Meter, rng: ProcessRNG, rank: int,
+                     world_size: int, prior_bias_rate: float) -> Restored:
+    """Hand each stateful part its state from a checkpoint that check_resumable accepted: the
+    model, the optimizer, this process's RNG and this rank's meter in place, and a new train
+    state and prior bias (built here, since what they are depends on the checkpoint). The
+    schedule needs nothing: its rate follows state.num_updates. Damage raises
+    UnreadableCheckpoint."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = TrainState()
         notes = state.load_state_dict(checkpoint, world_size=world_size)
-        rng = checkpoint["rng"]
-        ProcessRNG().load_state_dict(rng[rank] if len(rng) == world_size else rng[0])
+        rngs = checkpoint["rng"]
+        rng.load_state_dict(rngs[rank] if len(rngs) == world_size else rngs[0])
         same_world = checkpoint["data_position"].get("world_size", 1) == world_size
-        meters = checkpoint.get("meter")
-        meter = meters[rank] if same_world and meters and len(meters) == world_size else None
+        meters = checkpoint.get("meter")  # absent before the meter was saved
+        meter_restored = bool(same_world and meters and len(meters) == world_size)
+        if meter_restored:
+            meter.load_state_dict(meters[rank])
         bias = None  # absent before --prior-bias-rate, or without it
         if "prior_bias" in checkpoint:  # kept, and saved again, even if this run's rate is 0
             device = next(model.parameters()).device
@@ -381,7 +386,7 @@ def restore_training(checkpoint: dict, path: str | Path, model: MixtureLM,
             f"checkpoint {path} is damaged: its training state cannot be restored "
             f"({_first_line(e)}); use another --save-dir or --restore-file") from None
     note = " ".join(f"{path} {n}" for n in notes) or None
-    return Restored(state=state, prior_bias=bias, meter=meter, note=note)
+    return Restored(state=state, prior_bias=bias, meter_restored=meter_restored, note=note)
 
 
 def _first_line(e: Exception) -> str:

@@ -454,9 +454,10 @@ class Trainer:
                         self.train_ds.meta.get("tokenizer_sha256"), path,
                         method=self.config.model.method)
         restored = restore_training(
-            checkpoint, path, self.model, self.optimizer, rank=self.dist.rank,
-            world_size=self.dist.world_size, prior_bias_rate=self.config.train.prior_bias_rate)
-        self.state, self.prior_bias, meter = restored.state, restored.prior_bias, restored.meter
+            checkpoint, path, model=self.model, optimizer=self.optimizer, meter=self.meter,
+            rng=self.rng, rank=self.dist.rank, world_size=self.dist.world_size,
+            prior_bias_rate=self.config.train.prior_bias_rate)
+        self.state, self.prior_bias = restored.state, restored.prior_bias
         if restored.note is not None:
             self.say(f"note: {restored.note}")
         changes = remedy_changes(checkpoint, self.config.train)
@@ -464,8 +465,6 @@ class Trainer:
             self.say(f"note: {path.name} was trained with other remedies; from update "
                      f"{self.state.num_updates + 1} on this run trains with "
                      f"{', '.join(changes)}")
-        if meter is not None:
-            self.meter.load_state_dict(meter)
 
 
 def _due(state: TrainState, interval: int) -> bool:
