@@ -80,7 +80,7 @@ KEYS = (
     Key("compute", "TrainState", since="c1bfc18 (2026-12-07), else counted from the resume on"),
     Key("config", "RunConfig", READ),
     Key("model_config", "ModelConfig", READ),
-    Key("tokenizer", "the data-bin", since="1cb2fd8 (2026-11-30), else not compared"),
+    Key("tokenizer", "the data-bin"),  # {"sha256", "vocab_size"}: compared when both have one
     Key("prior_bias", "PriorBias", written="with --prior-bias-rate (or resumed from a run with it)",
         since="1d26139 (2026-11-30), else zeros"),
     Key("branched_from", "TrainState", written="for a run branched from a dense checkpoint",
