@@ -7,7 +7,7 @@ import torch
 
 from moelab.data import BinarizedDataset, TrainBatches
 from moelab.train.prefetch import BatchPrefetcher, plan_update
-from moelab.train.run import TrainState
+from moelab.train.state import TrainState
 
 
 @pytest.fixture

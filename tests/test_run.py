@@ -16,9 +16,10 @@ from moelab.errors import MoelabError
 from moelab.eval import evaluate_run
 from moelab.model import MixtureLM
 from moelab.train import Run, RunConfig, train
-from moelab.train.checkpoint import BEST, LAST, read_checkpoint, rng_state
+from moelab.train.checkpoint import BEST, LAST, read_checkpoint
 from moelab.train.config import model_config
-from moelab.train.run import TrainState, build_checkpoint, restore_training
+from moelab.train.meter import Meter
+from moelab.train.state import ProcessRNG, TrainState, build_checkpoint, restore_training
 from moelab.train.update import build_optimizer
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run_v1"
@@ -109,10 +110,12 @@ def _checkpoint_at(epoch: int, batch: int, world_size: int) -> tuple[dict, Mixtu
     state = TrainState(num_updates=7, epoch=epoch, batch_in_epoch=batch, best_valid_loss=3.5)
     meter = {"sums": torch.zeros(9, dtype=torch.float64), "updates": 1, "global_tokens": 5,
              "elapsed": 0.5}
-    checkpoint = build_checkpoint(model=model, optimizer=optimizer, state=state, config=config,
-                                  model_config=mconf, tokenizer={"sha256": None, "vocab_size": 40},
-                                  rng=[rng_state()] * world_size, meters=[meter] * world_size,
-                                  world_size=world_size, wall_time=12.0)
+    checkpoint = build_checkpoint(model=model, optimizer=optimizer, state=state, prior_bias=None,
+                                  config=config, model_config=mconf,
+                                  tokenizer={"sha256": None, "vocab_size": 40},
+                                  rng=[ProcessRNG().state_dict()] * world_size,
+                                  meters=[meter] * world_size, world_size=world_size,
+                                  wall_time=12.0)
     return checkpoint, model, optimizer
 
 
@@ -127,15 +130,19 @@ def test_resuming_with_another_world_size_starts_the_next_epoch(saved_by, epoch,
     epoch in progress cannot be told apart from what was trained: a resume goes on from the
     next epoch's start (and says so) instead of training batches twice."""
     checkpoint, model, optimizer = _checkpoint_at(epoch, batch, world_size=saved_by)
-    state, meter, note = restore_training(checkpoint, "ck.pt", model, optimizer, rank=0,
-                                          world_size=1)
+    meter = Meter(2, torch.device("cpu"))
+    restored = restore_training(checkpoint, "ck.pt", model=model, optimizer=optimizer,
+                                meter=meter, rng=ProcessRNG(), rank=0, world_size=1,
+                                prior_bias_rate=0.0)
+    state, note = restored.state, restored.note
     assert (state.epoch, state.batch_in_epoch) == expected
     assert (state.num_updates, state.best_valid_loss, state.wall_time) == (7, 3.5, 12.0)
     if saved_by == 1:
-        assert note is None and meter is not None
+        assert note is None and restored.meter_restored and meter.updates == 1
     else:
         assert "written by 2 process(es)" in note and "data order changes" in note
-        assert meter is None  # another world's interval sums are not this rank's
+        # another world's interval sums are not this rank's
+        assert not restored.meter_restored and meter.updates == 0
 
 
 def test_evaluations_are_cached_on_disk_until_the_checkpoint_changes(old_run, monkeypatch):

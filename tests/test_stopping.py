@@ -9,7 +9,7 @@ import pytest
 
 from moelab.errors import MoelabError
 from moelab.train.config import RunConfig
-from moelab.train.run import TrainState
+from moelab.train.state import TrainState
 from moelab.train.stopping import StopSignals, out_of_memory_is_an_error
 
 

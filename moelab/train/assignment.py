@@ -150,12 +150,19 @@ def _column_logsumexp(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
 class PriorBias:
     """The loss-free balancing bias b (K,) on the log prior, used only to choose experts.
 
-    `bias` is updated in place, so the training state that holds it (TrainState.prior_bias)
-    is always current and a checkpoint saves it as it is.
+    `bias` is updated in place, so the Assignment that chooses with it and the checkpoint
+    that saves it (moelab.train.state) see the same tensor.
     """
 
     def __init__(self, bias: torch.Tensor, rate: float):
         self.bias, self.rate = bias, rate
+
+    def state_dict(self) -> dict:
+        """Its checkpoint key: the bias, on the CPU."""
+        return {"prior_bias": self.bias.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bias.copy_(state["prior_bias"])  # in place, in this bias's dtype and device
 
     def update(self, load: torch.Tensor, dist: DistInfo | None = None) -> None:
         """b_k += rate * sign(mean load - load_k): idle experts rise, busy ones fall.

@@ -18,7 +18,8 @@ import torch
 
 from moelab.model import MixtureLM
 from moelab.presets import flag_of
-from moelab.train.checkpoint import CheckpointError, read_checkpoint
+from moelab.train.checkpoint import CheckpointError
+from moelab.train.state import read_complete, tokenizer_sha256_of
 
 # The perturbation's standard deviation: the scale a fresh token embedding is drawn at
 # (moelab.model.transformer's init), small against a trained indicator token's own size.
@@ -39,7 +40,7 @@ def branch_from_dense(model: MixtureLM, path: str | Path, *, seed: int,
     vocabulary, another tokenizer.
     """
     path = Path(path)
-    parent = read_checkpoint(path)
+    parent = read_complete(path)
     saved = parent["model_config"]
     if saved.get("num_experts") != 1:
         raise CheckpointError(
@@ -52,7 +53,7 @@ def branch_from_dense(model: MixtureLM, path: str | Path, *, seed: int,
                 f"--finetune-from-model {path} has {flag_of(name)} = {saved.get(name)} but this "
                 f"run has {getattr(ours, name)}; branch with the dense model's settings (or "
                 "train a dense model with this run's)")
-    theirs = (parent.get("tokenizer") or {}).get("sha256")
+    theirs = tokenizer_sha256_of(parent)
     if tokenizer_sha256 and theirs and theirs != tokenizer_sha256:
         raise CheckpointError(
             f"--finetune-from-model {path} was trained with tokenizer sha256 {theirs[:12]}... "

@@ -1,5 +1,6 @@
-"""Checkpoint files: one plain dict of tensors and primitives, written crash-safely, read
-weights-only. What the dict holds (the schema) is moelab.train.run's business.
+"""Checkpoint files on disk: one plain dict of tensors and primitives, written crash-safely, read
+weights-only. What the dict holds (its keys, the parts that fill them, the checks on load) is
+moelab.train.state's business; this module knows only the bytes and the format tag.
 
 Only tensors and primitive types go in, so `torch.load(..., weights_only=True)` reads it without
 unpickling arbitrary objects: a file crafted to run code when unpickled is refused, never run.
@@ -22,12 +23,10 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import random
 import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from moelab.errors import MoelabError
@@ -184,9 +183,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise UnreadableCheckpoint(f"checkpoint {path} does not exist")
-    prev = previous_path(path)
-    other = (f"; the checkpoint before it is kept as {prev}: pass --restore-file {prev}"
-             if prev.is_file() else "; pass --restore-file with another checkpoint")
+    other = other_checkpoint_hint(path)
     try:
         _verify(path)  # torch.load does not check the CRCs: a damaged block would load silently
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -209,12 +206,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UnreadableCheckpoint(
             f"{path} is not a moelab checkpoint (no '{FORMAT}' format tag); fairseq checkpoints "
             "cannot be loaded, train with `moelab train`")
-    missing = [k for k in ("model", "model_config", "config") if k not in checkpoint]
-    if missing or not isinstance(checkpoint["model_config"], dict):
-        raise UnreadableCheckpoint(
-            f"checkpoint {path} is incomplete (no {', '.join(missing) or 'model_config'}); it was "
-            f"not written by this moelab or was altered{other}")
-    return checkpoint
+    return checkpoint  # what it must hold: moelab.train.state.read checks that
+
+
+def other_checkpoint_hint(path: str | Path) -> str:
+    """What to use instead of a checkpoint that cannot be read (the end of an error message)."""
+    prev = previous_path(path)
+    return (f"; the checkpoint before it is kept as {prev}: pass --restore-file {prev}"
+            if prev.is_file() else "; pass --restore-file with another checkpoint")
 
 
 def _corrupt(path: Path, e: Exception, other: str) -> UnreadableCheckpoint:
@@ -223,30 +222,3 @@ def _corrupt(path: Path, e: Exception, other: str) -> UnreadableCheckpoint:
         f"checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
         f"{detail}); delete it to start over{other}")
 
-
-# --- RNG states as tensors (weights_only allows tensors and primitives, not numpy arrays) ---
-
-def rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": torch.tensor(internal, dtype=torch.int64),
-        "python_version": version, "python_gauss": gauss,
-        "numpy": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss),
-        "numpy_cached": float(cached), "numpy_kind": kind,
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((state["python_version"], tuple(int(x) for x in state["python"].tolist()),
-                     state["python_gauss"]))
-    np.random.set_state((state["numpy_kind"], state["numpy"].numpy().astype(np.uint32),
-                         state["numpy_pos"], state["numpy_has_gauss"], state["numpy_cached"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())

@@ -1,4 +1,8 @@
-"""fairseq's inverse_sqrt learning-rate schedule and its --min-lr stop, as pure functions."""
+"""fairseq's inverse_sqrt learning-rate schedule and its --min-lr stop, as pure functions.
+
+The schedule holds no state of its own: the rate is a function of the updates done, which the
+train state keeps (moelab.train.state), so its checkpoint entry is a record, never read back.
+"""
 
 from __future__ import annotations
 
@@ -38,3 +42,8 @@ def below_min_lr(optim: OptimConfig, num_updates: int) -> bool:
     """
     return (num_updates >= optim.warmup_updates
             and learning_rate(optim, num_updates) <= optim.min_lr)
+
+
+def schedule_state(optim: OptimConfig, num_updates: int) -> dict:
+    """The schedule's checkpoint entry, as fairseq names it: {"name", "num_updates"}."""
+    return {"name": optim.lr_scheduler, "num_updates": num_updates}

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from moelab.errors import MoelabError
 from moelab.train import checkpoint as ckpt
 from moelab.train.config import RunConfig
-from moelab.train.run import TrainState
+from moelab.train.state import TrainState
 from moelab.train.update import StepStats
 
 

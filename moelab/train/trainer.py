@@ -9,10 +9,11 @@ moelab.train.validation's; the save dir's checks are moelab.train.save_dir's.
 
 Faults (a run killed at any instant, a full disk, a NaN) never cost more than the updates since
 the last checkpoint, and never leave a misleading file: checkpoints are written crash-safely
-(checkpoint.py) and hold everything needed to continue bit-exactly, log meter included; the log is
-cut back to the checkpoint on resume; an update whose loss or gradient is not finite is skipped
-(no optimizer step) and counted, and too many in a row stop the run before NaN reaches the weights
-(moelab.train.stopping).
+(checkpoint.py) and hold everything needed to continue bit-exactly, log meter included (each
+stateful part saves and restores itself; moelab.train.state says what a checkpoint holds); the
+log is cut back to the checkpoint on resume; an update whose loss or gradient is not finite is
+skipped (no optimizer step) and counted, and too many in a row stop the run before NaN reaches the
+weights (moelab.train.stopping).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from moelab.data import BinarizedDataset, TrainBatches
 from moelab.errors import MoelabError
 from moelab.model import MixtureLM, ModelConfig
 from moelab.train import checkpoint as ckpt
-from moelab.train.assignment import Assignment, build_assignment
+from moelab.train.assignment import Assignment, PriorBias, build_assignment
 from moelab.train.branch import branch_from_dense
 from moelab.train.config import RunConfig, model_config
 from moelab.train.distributed import DistInfo, all_reduce_sum, gather_objects
@@ -44,16 +45,18 @@ from moelab.train.history import LOG_FILE, append_record, read_history, truncate
 from moelab.train.meter import Meter, TrainSums, entropy, perplexity
 from moelab.train.method import Method
 from moelab.train.prefetch import BatchPrefetcher
-from moelab.train.run import (
-    Run,
+from moelab.train.run import Run
+from moelab.train.save_dir import find_restore_file, prepare_save_dir, refuse_earlier_run
+from moelab.train.schedule import below_min_lr, learning_rate
+from moelab.train.state import (
+    ProcessRNG,
     TrainState,
     build_checkpoint,
     check_resumable,
+    read_complete,
     remedy_changes,
     restore_training,
 )
-from moelab.train.save_dir import find_restore_file, prepare_save_dir, refuse_earlier_run
-from moelab.train.schedule import below_min_lr, learning_rate
 from moelab.train.stopping import (
     StopSignals,
     TrainingDiverged,
@@ -130,7 +133,12 @@ class Trainer:
         self.model = MixtureLM(self.model_config).to(dist.device)
         self.optimizer = build_optimizer(self.model, config, dist.device)
         self.meter = Meter(self.model_config.num_experts, dist.device)
+        # the stateful parts a checkpoint holds besides model, optimizer and meter
+        # (moelab.train.state): where training stands, the prior bias (with --prior-bias-rate,
+        # or resumed from a run that had one) and this process's random generators
         self.state = TrainState()
+        self.prior_bias: PriorBias | None = None
+        self.rng = ProcessRNG()
         self.assignment: Assignment | None = None  # built by fit, after a resume
         self.reshaped = False  # set by fit: a remedy is on, so the log adds the model's posterior
         self.save_dir = Path(config.train.save_dir)
@@ -229,15 +237,20 @@ class Trainer:
 
     def build_assignment(self) -> Assignment | None:
         """The remedies against collapse, None when all are off; a new prior bias starts at 0,
-        a resumed one where its checkpoint left it (in self.state, which the bias updates)."""
-        t, state = self.config.train, self.state
-        if t.prior_bias_rate > 0 and state.prior_bias is None:
-            state.prior_bias = torch.zeros(self.model_config.num_experts, device=self.dist.device)
-        return build_assignment(balance=t.balance, prior_bias_rate=t.prior_bias_rate,
-                                estep_temperature=t.estep_temperature,
-                                anneal_updates=t.anneal_updates,
-                                bias=state.prior_bias if t.prior_bias_rate > 0 else None,
-                                dist=self.dist, hard=self.method.hard)
+        a resumed one where its checkpoint left it."""
+        t = self.config.train
+        if t.prior_bias_rate > 0 and self.prior_bias is None:
+            self.prior_bias = PriorBias(
+                torch.zeros(self.model_config.num_experts, device=self.dist.device),
+                t.prior_bias_rate)
+        assignment = build_assignment(
+            balance=t.balance, prior_bias_rate=t.prior_bias_rate,
+            estep_temperature=t.estep_temperature, anneal_updates=t.anneal_updates,
+            bias=self.prior_bias.bias if t.prior_bias_rate > 0 else None, dist=self.dist,
+            hard=self.method.hard)
+        if assignment is not None and assignment.prior_bias is not None:
+            self.prior_bias = assignment.prior_bias  # the one the updates move (same tensor)
+        return assignment
 
     def elapsed(self) -> float:
         """Seconds since the run started, over this process and the runs it resumed
@@ -352,12 +365,12 @@ class Trainer:
                 f"the weights at update {state.num_updates} are not finite (nan/inf), so no "
                 f"checkpoint was written; the last one in {self.save_dir} is good. Lower "
                 "--lr, raise --warmup-updates or set --clip-norm, then rerun to resume from it")
-        per_rank = gather_objects((ckpt.rng_state(), self.meter.state_dict()), self.dist)
+        per_rank = gather_objects((self.rng.state_dict(), self.meter.state_dict()), self.dist)
         if not self.dist.is_main:
             return
         checkpoint = build_checkpoint(
-            model=self.model, optimizer=self.optimizer, state=state, config=self.config,
-            model_config=self.model_config,
+            model=self.model, optimizer=self.optimizer, state=state, prior_bias=self.prior_bias,
+            config=self.config, model_config=self.model_config,
             tokenizer={"sha256": self.train_ds.meta.get("tokenizer_sha256"),
                        "vocab_size": self.train_ds.vocab_size},
             rng=[r for r, _ in per_rank], meters=[m for _, m in per_rank],
@@ -432,23 +445,25 @@ class Trainer:
             return prev
 
     def restore(self, path: Path) -> None:
-        """Weights, optimizer, RNG, meter and data position, so the run continues exactly."""
-        checkpoint = ckpt.read_checkpoint(path, map_location=self.dist.device)
+        """Check the checkpoint fits this run, then hand each stateful part its state (weights,
+        optimizer, RNG, train state and data position, prior bias, meter), so the run continues
+        exactly."""
+        checkpoint = read_complete(path, map_location=self.dist.device)
         check_resumable(checkpoint, self.model_config,
                         self.train_ds.meta.get("tokenizer_sha256"), path,
                         method=self.config.model.method)
-        self.state, meter, note = restore_training(
-            checkpoint, path, self.model, self.optimizer, rank=self.dist.rank,
-            world_size=self.dist.world_size)
-        if note is not None:
-            self.say(f"note: {note}")
+        restored = restore_training(
+            checkpoint, path, model=self.model, optimizer=self.optimizer, meter=self.meter,
+            rng=self.rng, rank=self.dist.rank, world_size=self.dist.world_size,
+            prior_bias_rate=self.config.train.prior_bias_rate)
+        self.state, self.prior_bias = restored.state, restored.prior_bias
+        if restored.note is not None:
+            self.say(f"note: {restored.note}")
         changes = remedy_changes(checkpoint, self.config.train)
         if changes:
             self.say(f"note: {path.name} was trained with other remedies; from update "
                      f"{self.state.num_updates + 1} on this run trains with "
                      f"{', '.join(changes)}")
-        if meter is not None:
-            self.meter.load_state_dict(meter)
 
 
 def _due(state: TrainState, interval: int) -> bool:
