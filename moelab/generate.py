@@ -422,3 +422,19 @@ def beam_search(model: MixtureLM, tokenizer: Tokenizer, prompt: str, *, expert: 
         return ""
     best = max(finished, key=lambda f: f[0])[1]
     return tokenizer.decode(best)
+
+
+def expert_samples(model, tokenizer, *, per_expert: int, max_new_tokens: int, seed: int = 1,
+                   top_p: float = 0.9) -> dict[int, list[str]]:
+    """expert -> `per_expert` nucleus samples continuing the empty prompt. One generator seeded
+    with `seed` per expert serves its samples in turn, so the first sample of each expert is the
+    one a single `generate(..., config=GenerationConfig(seed=seed))` call gives."""
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, sampling=True, top_p=top_p,
+                                seed=seed)
+    device = next(model.parameters()).device
+    samples = {}
+    for k in range(model.num_experts):
+        generator = torch.Generator(device).manual_seed(seed)
+        samples[k] = [generate(model, tokenizer, "", expert=k, config=settings,
+                               generator=generator) for _ in range(per_expert)]
+    return samples

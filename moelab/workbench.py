@@ -419,8 +419,9 @@ class Workbench:
 
     def expert_samples(self, method: str, *, per_expert: int = 3, max_new_tokens: int = 48,
                        sampling_seed: int = 1, seed: int | None = None) -> dict[int, list[str]]:
-        """expert -> `per_expert` continuations of the empty prompt (moelab.eval.attribution)."""
-        from moelab.eval.attribution import expert_samples
+        """expert -> `per_expert` continuations of the empty prompt
+        (moelab.generate.expert_samples)."""
+        from moelab.generate import expert_samples
 
         run = self.run(method, seed)
         return expert_samples(run.model, run.tokenizer, per_expert=per_expert,

@@ -4,7 +4,7 @@ A tf-idf domain classifier is fit on the training split's documents only (decode
 data-bin's tokenizer); it labels each expert's samples with a domain. An expert in use *owns* the
 domain where its mean responsibility on the valid split is highest (moelab.eval.lm's
 responsibilities table); an expert is in use when it wins at least 1/(4K) of the split's
-documents, the rule of eval-lm's "experts used" (moelab.eval.lm.experts_in_use), and an unused
+documents, the rule of eval-lm's "experts used" (moelab.clustering.experts_in_use), and an unused
 expert owns nothing: a collapsed model's idle experts, whose responsibilities are all near zero,
 do not own a domain by a tie. An expert *matches* when strictly more than half of its samples
 read as the domain it owns (an empty sample reads as none), so it has learned that domain's text,
@@ -144,26 +144,6 @@ def attribute_samples(classifier: DomainClassifier, samples: Mapping[int, Sequen
         "the expert's samples (share: of all its samples, an empty one reading as none); match: "
         "strictly more than half of its samples read as the domain it owns."]
     return table
-
-
-def expert_samples(model, tokenizer, *, per_expert: int, max_new_tokens: int, seed: int = 1,
-                   top_p: float = 0.9) -> dict[int, list[str]]:
-    """expert -> `per_expert` nucleus samples continuing the empty prompt. One generator seeded
-    with `seed` per expert serves its samples in turn, so the first sample of each expert is the
-    one a single `generate(..., config=GenerationConfig(seed=seed))` call gives."""
-    import torch
-
-    from moelab.generate import GenerationConfig, generate
-
-    settings = GenerationConfig(max_new_tokens=max_new_tokens, sampling=True, top_p=top_p,
-                                seed=seed)
-    device = next(model.parameters()).device
-    samples = {}
-    for k in range(model.num_experts):
-        generator = torch.Generator(device).manual_seed(seed)
-        samples[k] = [generate(model, tokenizer, "", expert=k, config=settings,
-                               generator=generator) for _ in range(per_expert)]
-    return samples
 
 
 def attribution_score(table: pd.DataFrame) -> float:
