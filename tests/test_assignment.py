@@ -111,6 +111,7 @@ def test_sinkhorn_spreads_a_collapsed_batch_over_the_experts():
     assert torch.isfinite(plan).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hard", [True, False])
 def test_margins_of_800_nats_give_a_finite_balanced_plan_and_the_strongest_choice(hard):
     """exp(-800) underflows even in float64: the column sums need their maximum taken out
@@ -332,6 +333,7 @@ def test_the_remedies_are_train_flags_with_their_refusals(tiny_bin, capsys):
     assert "with one expert" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_defaults_leave_every_number_unchanged(tiny_bin, tmp_path):
     """Off by default: no Assignment, so em_step's posterior is softmax(l) itself, and neither
     the checkpoint nor the log gains a key."""
@@ -407,6 +409,7 @@ def test_a_checkpoint_without_a_prior_bias_resumes_with_one(tmp_path):
     assert list(spreads) == [5, 6] and max(spreads.values()) > 0  # it moved
 
 
+@pytest.mark.slow
 def test_training_hard_em_with_balance_trains_the_capped_choice(tiny_bin, tmp_path, monkeypatch):
     """Through the trainer: hard EM's responsibilities are the one-hot capped choice, each
     expert at most ceil(B / K) chunks of a micro-batch."""
@@ -430,6 +433,7 @@ def test_training_hard_em_with_balance_trains_the_capped_choice(tiny_bin, tmp_pa
         assert torch.bincount(r.argmax(1), minlength=K).max() <= -(-B // K)
 
 
+@pytest.mark.slow
 def test_with_a_remedy_the_log_shows_the_models_own_posterior_beside_the_reshaped_one(
         tiny_bin, tmp_path, monkeypatch):
     """posterior_mass is what the M-step trained on, which Sinkhorn makes balanced by

@@ -25,6 +25,7 @@ from moelab.train.objectives import em_step
 from moelab.train.scoring import ExpertScorer
 
 
+@pytest.mark.slow
 def test_bench_prints_one_json_line_with_the_figures(monkeypatch, capsys):
     # a smaller tiny preset keeps the test fast; the figures' meaning does not change
     monkeypatch.setitem(presets.BENCHMARKS, "tiny", presets.BenchmarkPreset(

@@ -177,6 +177,7 @@ def test_seeds_flag_takes_a_count_or_a_list():
         main(["demo", "--seeds", "two"])
 
 
+@pytest.mark.slow
 def test_demo_over_seeds_gives_mean_std_each_seed_and_attribution(tmp_path, one_thread):
     out = tmp_path / "demo"
     assert main(["demo", "--preset", "smoke", "--out", str(out), "--methods", "dense,hMoEup",

@@ -196,6 +196,7 @@ def _fuzz_corpus_readers(corpus):
             _count("corpus readers: documents checked")
 
 
+@pytest.mark.slow
 def test_fuzz_corpus_readers():
     run_with_floors(_fuzz_corpus_readers, examples=200,
                     floors={"corpus readers": 0.95,
@@ -517,6 +518,7 @@ def _fuzz_command_line(micro, data):
         _count("command line: preprocess/eval-lm/interactive ran")
 
 
+@pytest.mark.slow
 def test_fuzz_command_line(micro):
     run_with_floors(_fuzz_command_line, micro, examples=150, floors={
         "command line: train reached fit": FLOOR_CLI_TRAIN,
@@ -559,6 +561,7 @@ def _fuzz_real_training_runs(micro, data):
             _count("real training runs: trained and checked")
 
 
+@pytest.mark.slow
 def test_fuzz_real_training_runs(micro):
     run_with_floors(_fuzz_real_training_runs, micro, examples=30,
                     floors={"real training runs: trained and checked": FLOOR_TRAINED})
