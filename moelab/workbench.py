@@ -349,7 +349,10 @@ class Workbench:
         if key not in self._runs:
             if not self.is_trained(method, seed, at):
                 self.train([method], seeds=[seed], at=at)
-            self._runs[key] = Run.load(self.save_dir(method, seed, at), device=self.device)
+            # the workbench's data-bin, not the path the checkpoint recorded: a relative one
+            # is wrong from another working folder, and a moved runs folder is still trained
+            self._runs[key] = Run.load(self.save_dir(method, seed, at), device=self.device,
+                                       data_bin=self.data_bin)
         return self._runs[key]
 
     def histories(self, methods: Sequence[str]) -> dict[str, pd.DataFrame]:

@@ -246,3 +246,16 @@ def test_a_variant_named_like_a_folder_of_the_plain_runs_is_refused(smoke_workbe
         with pytest.raises(ValueError, match="share a folder"):
             wb.variant(name, balance="sinkhorn")
 
+
+def test_a_run_reads_the_workbenchs_data_bin_not_the_path_it_trained_with(smoke_workbench,
+                                                                          tmp_path, tiny_bin):
+    """A checkpoint records its data-bin as given (often relative to where training ran);
+    the workbench that finds the run trained loads it on its own data-bin."""
+    shared = smoke_workbench()
+    shared.train("hMoEup")
+    shutil.copytree(shared.save_dir("hMoEup"), tmp_path / "runs" / "hMoEup")
+    shutil.copytree(tiny_bin, tmp_path / "moved-bin")
+    wb = smoke_workbench(runs_dir=tmp_path / "runs", data_bin=tmp_path / "moved-bin")
+    assert wb.is_trained("hMoEup")
+    assert wb.run("hMoEup").data_bin == tmp_path / "moved-bin"
+
