@@ -123,8 +123,9 @@ folder (01 trains every method, 02-06 reuse its runs), and writes the copies her
 
 Every number comes from one training seed at a small size: read them as the notebooks' prose
 says, not as a comparison of the methods (`benchmarks/demo_seeds.py` and
-`benchmarks/remedies.py` compare over seeds). The sampler of `04_sample` is a widget, which
-GitHub does not draw: run that notebook to use it.
+`benchmarks/remedies.py` compare over seeds), and times (`train time (s)`) as measured
+on a machine whose load changed while the runs trained. The sampler of `04_sample` is a
+widget, which GitHub does not draw: run that notebook to use it.
 """
 
 
