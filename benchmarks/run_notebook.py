@@ -4,8 +4,10 @@ moelab's core dependencies but not JupyterLab, such as a bare GPU box).
     python benchmarks/run_notebook.py notebooks/01_train_experts.ipynb preset=smoke runs_dir=/tmp/r
 
 NAME=VALUE arguments replace the parameters cell's assignments (VALUE is a Python literal, or a
-plain string). IPython magics are skipped; figures are saved by the notebook's own calls, not
-shown. Tests execute the notebooks with nbclient in a real kernel (tests/test_notebooks.py).
+plain string); the parameters every notebook shares (moelab.workbench.notebook_defaults: preset,
+runs_dir, ...) are accepted though the cell leaves them to their defaults. IPython magics are
+skipped; figures are saved by the notebook's own calls, not shown. Tests execute the notebooks
+with nbclient in a real kernel (tests/test_notebooks.py).
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ def main() -> None:
         started = time.perf_counter()
         exec(compile(source, f"{path}[cell {i}]", "exec"), namespace)
         if i == 0:  # the parameters cell
-            unknown = sorted(set(overrides) - set(namespace))
+            unknown = set(overrides) - set(namespace)
+            if unknown:  # the parameters every notebook shares need not be in its cell
+                from moelab.workbench import notebook_defaults
+
+                unknown = sorted(unknown - set(notebook_defaults()))
             if unknown:
                 raise SystemExit(f"{path} has no parameter(s) {unknown}")
             namespace.update(overrides)

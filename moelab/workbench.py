@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -167,6 +167,17 @@ class Workbench:
         if at is None or at == method:
             return home / method
         return home / f"at-{at}" / method
+
+    def variant(self, name: str, **train_options) -> Workbench:
+        """This workbench with `train_options` added to its own, its runs in runs_dir/<name>/:
+        the same methods trained another way (e.g. a remedy against collapse, balance=
+        "sinkhorn") beside the plain runs, which stay where they are. Data-bin, preset, K,
+        seeds and the export folder are this workbench's."""
+        if name in METHODS or name.startswith(("seed", "at-")) or not name or "/" in name:
+            raise ValueError(f"variant name {name!r} would share a folder with this "
+                             "workbench's runs (a method, seed<k> or at-<method>); pick another")
+        return replace(self, runs_dir=self.runs_dir / name,
+                       train_options={**self.train_options, **train_options})
 
     def train_options_for(self, method: str, seed: int | None = None,
                           at: str | None = None) -> dict:
@@ -337,7 +348,10 @@ class Workbench:
         if key not in self._runs:
             if not self.is_trained(method, seed, at):
                 self.train([method], seeds=[seed], at=at)
-            self._runs[key] = Run.load(self.save_dir(method, seed, at), device=self.device)
+            # the workbench's data-bin, not the path the checkpoint recorded: a relative one
+            # is wrong from another working folder, and a moved runs folder is still trained
+            self._runs[key] = Run.load(self.save_dir(method, seed, at), device=self.device,
+                                       data_bin=self.data_bin)
         return self._runs[key]
 
     def histories(self, methods: Sequence[str]) -> dict[str, pd.DataFrame]:
@@ -463,16 +477,26 @@ class Workbench:
 
 
 
+def notebook_defaults() -> dict[str, object]:
+    """The parameters every notebook shares, at their defaults: the Workbench's options
+    (data_bin, runs_dir, results_dir, preset, num_experts, corpus_documents, vocab_size,
+    train_options, device, seeds). A notebook's parameters cell assigns only those it changes;
+    set one there (or inject it, papermill-style) and `notebook_workbench` reads it."""
+    return {f.name: f.default_factory() if callable(f.default_factory) else f.default
+            for f in fields(Workbench) if f.init}
+
+
 def notebook_workbench(parameters: dict[str, object], notebook: str) -> Workbench:
     """The Workbench a notebook's parameters cell describes, in one call (`globals()` works).
 
     Only the names that are Workbench options are read, so a notebook's own parameters (methods,
-    split, prompt, ...) may sit in the same cell. Exports go to `results_dir/<notebook>/`: each
-    notebook owns its folder, so none overwrites a figure or table that another exported.
+    split, prompt, ...) may sit in the same cell; the shared ones it does not set keep
+    `notebook_defaults()`. Exports go to `results_dir/<notebook>/`: each notebook owns its
+    folder, so none overwrites a figure or table that another exported.
     """
-    options = {name: parameters[name] for name, f in Workbench.__dataclass_fields__.items()
-               if f.init and name in parameters}
-    options["results_dir"] = Path(options.get("results_dir", "results")) / notebook
+    options = {name: parameters.get(name, default)
+               for name, default in notebook_defaults().items()}
+    options["results_dir"] = Path(options["results_dir"]) / notebook
     wb = Workbench(**options)
     trained = {**TRAIN_PRESETS[wb.preset], **wb.train_options}
     print(f"preset {wb.preset!r} on {wb.device}, K = {wb.num_experts}; data-bin {wb.data_bin}, "

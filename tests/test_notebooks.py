@@ -9,6 +9,7 @@ injected papermill-style: a cell added right after the one tagged "parameters".
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -18,7 +19,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from moelab.workbench import notebook_workbench
+from moelab.workbench import notebook_defaults, notebook_workbench
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -165,6 +166,28 @@ def test_every_figure_has_markdown_beside_it_that_says_what_to_look_for():
                         "saying what to look for")
 
 
+def test_no_notebook_repeats_the_parameters_every_notebook_shares():
+    """data_bin, runs_dir, preset, ... have one default (notebook_defaults); a parameters cell
+    that assigned one again would be a second place to change it."""
+    shared = set(notebook_defaults())
+    for path, nb in notebooks():
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {target.id for node in ast.walk(ast.parse(cell.source))
+                    if isinstance(node, ast.Assign) for target in node.targets
+                    if isinstance(target, ast.Name)}
+        assert not assigned & shared, (
+            f"{path.name} assigns {sorted(assigned & shared)} in its parameters cell: leave "
+            "them to moelab.workbench.notebook_defaults()")
+
+
+def test_the_shared_parameters_a_notebook_leaves_out_keep_their_defaults():
+    wb = notebook_workbench({"preset": "smoke", "methods": ["hMoEup"]}, "01_train_experts")
+    defaults = notebook_defaults()
+    assert (wb.data_bin, wb.runs_dir) == (Path(defaults["data_bin"]), Path(defaults["runs_dir"]))
+    assert wb.results_dir == Path(defaults["results_dir"]) / "01_train_experts"
+    assert (wb.preset, wb.train_options) == ("smoke", defaults["train_options"])
+
+
 def test_notebook_workbench_reads_the_parameters_and_gives_each_notebook_its_folder(tmp_path):
     parameters = {"data_bin": str(tmp_path / "bin"), "runs_dir": str(tmp_path / "runs"),
                   "results_dir": str(tmp_path / "results"), "preset": "smoke",
@@ -264,3 +287,27 @@ def test_routing_notebook_draws_routed_against_full_curves(tiny_bin, tmp_path, k
     table = (ours / "routing_hMoEup_test.csv").read_text()
     assert table.splitlines()[0].startswith(",prefix,top_k,documents")
     assert len(table.splitlines()) == 1 + 4 * 2  # every (M, K') of the parameters
+
+
+@pytest.mark.slow
+def test_remedies_notebook_trains_each_remedy_beside_the_plain_runs(tiny_bin, tmp_path, kernel):
+    """06 alone on the smoke preset: the plain runs where 01 puts them, each remedy's run of the
+    collapsing method in a folder of its own with the remedy's options, and its exports."""
+    remedies = {"sinkhorn": {"balance": "sinkhorn"}, "prior-bias": {"prior_bias_rate": 0.01},
+                "warm-start": {"init_clusters": "tfidf", "init_updates": 2}}
+    nb = execute("06_remedies.ipynb", tmp_path, kernel, **smoke(tiny_bin), remedies=remedies)
+    runs = tmp_path / "runs"
+    for method in ("hMoEup", "hMoElp"):
+        assert (runs / method / "checkpoint_best.pt").is_file()
+    for name, options in remedies.items():
+        done = json.loads((runs / f"remedy-{name}" / "hMoElp" / "done.json").read_text())
+        assert options.items() <= done["options"].items(), f"{name} trained without its options"
+    assert outputs(nb, "image/png") == 3
+    ours = tmp_path / "results" / "06_remedies"
+    assert_exported(ours, figure_files("expert_usage_plain") + figure_files("expert_usage_remedies")
+                    + figure_files("responsibilities_remedies_test")
+                    + table_files("plain_em_test") + table_files("remedies"))
+    rows = [line.split(",", 1)[0] for line in (ours / "remedies.csv").read_text().splitlines()]
+    assert rows[1:] == ["hMoEup plain", "hMoElp plain", "hMoElp sinkhorn", "hMoElp prior-bias",
+                        "hMoElp warm-start"]
+

@@ -46,3 +46,11 @@ def test_an_unknown_parameter_is_refused(tmp_path):
     assert done.returncode != 0
     assert "no parameter(s) ['step']" in done.stderr
     assert "ran" not in done.stdout
+
+
+def test_a_parameter_every_notebook_shares_is_taken_though_the_cell_leaves_it_out(tmp_path):
+    notebook = write_notebook(tmp_path / "nb.ipynb", "steps = 1\n",
+                              "print('ran', preset, runs_dir)\n")
+    done = run(notebook, "preset=smoke", "runs_dir=/tmp/r")
+    assert done.returncode == 0, done.stderr
+    assert "ran smoke /tmp/r" in done.stdout

@@ -222,3 +222,40 @@ def test_equal_compute_trains_each_cheaper_method_to_the_most_expensive_runs_flo
     assert (at_updates["updates"] == 6).all()
     assert at_updates.loc["dense", "train FLOPs"] < budget / 2
     assert wb.is_trained("dense", at="sMoEup")
+
+
+def test_a_variant_trains_the_same_method_with_its_options_into_its_own_folder(smoke_workbench,
+                                                                               tmp_path):
+    wb = smoke_workbench(runs_dir=tmp_path, num_experts=2)
+    wb.train("hMoElp")
+    balanced = wb.variant("sinkhorn", balance="sinkhorn")
+    assert balanced.save_dir("hMoElp") == tmp_path / "sinkhorn" / "hMoElp"
+    assert (balanced.results_dir, balanced.data_bin) == (wb.results_dir, wb.data_bin)
+    assert not balanced.is_trained("hMoElp")  # the plain run is not the balanced one
+    balanced.train("hMoElp")
+
+    def options(bench):
+        return json.loads((bench.save_dir("hMoElp") / DONE_FILE).read_text())["options"]
+    assert options(balanced)["balance"] == "sinkhorn" and "balance" not in options(wb)
+    assert wb.is_trained("hMoElp") and balanced.is_trained("hMoElp")
+
+
+def test_a_variant_named_like_a_folder_of_the_plain_runs_is_refused(smoke_workbench, tmp_path):
+    wb = smoke_workbench(runs_dir=tmp_path)
+    for name in ("hMoEup", "seed2", "at-sMoElp", "", "a/b"):
+        with pytest.raises(ValueError, match="share a folder"):
+            wb.variant(name, balance="sinkhorn")
+
+
+def test_a_run_reads_the_workbenchs_data_bin_not_the_path_it_trained_with(smoke_workbench,
+                                                                          tmp_path, tiny_bin):
+    """A checkpoint records its data-bin as given (often relative to where training ran);
+    the workbench that finds the run trained loads it on its own data-bin."""
+    shared = smoke_workbench()
+    shared.train("hMoEup")
+    shutil.copytree(shared.save_dir("hMoEup"), tmp_path / "runs" / "hMoEup")
+    shutil.copytree(tiny_bin, tmp_path / "moved-bin")
+    wb = smoke_workbench(runs_dir=tmp_path / "runs", data_bin=tmp_path / "moved-bin")
+    assert wb.is_trained("hMoEup")
+    assert wb.run("hMoEup").data_bin == tmp_path / "moved-bin"
+
