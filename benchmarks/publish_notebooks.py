@@ -57,7 +57,7 @@ def kernel_environment(folder: Path, dpi: int) -> dict[str, str]:
             "TQDM_DISABLE": "1"}  # progress bars would only fill the published outputs
 
 
-def inject(nb: nbformat.NotebookNode, values: dict) -> nbformat.NotebookNode:
+def inject_parameters(nb: nbformat.NotebookNode, values: dict) -> nbformat.NotebookNode:
     """Add a cell setting `values` right after the cell tagged "parameters" (papermill style)."""
     index = next(i for i, c in enumerate(nb.cells)
                  if "parameters" in c.get("metadata", {}).get("tags", []))
@@ -161,7 +161,7 @@ def main() -> None:
             print(f"{path.name} ...", flush=True)
             nb = nbformat.read(path, as_version=4)
             values = {"preset": args.preset, "data_bin": "data-bin", **params}
-            nb = inject(nb, {k: v for k, v in values.items() if k in parameters(nb)})
+            nb = inject_parameters(nb, {k: v for k, v in values.items() if k in parameters(nb)})
             NotebookClient(nb, kernel_name=KERNEL, timeout=None, allow_errors=False,
                            resources={"metadata": {"path": str(work)}}).execute()
             nbformat.write(nb, out / path.name)

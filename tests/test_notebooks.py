@@ -21,6 +21,10 @@ from nbclient import NotebookClient
 
 from moelab.workbench import notebook_defaults, notebook_workbench
 
+# the papermill-style injection the published notebooks use (benchmarks/publish_notebooks.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from publish_notebooks import inject_parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "python3"  # shadows any other python3 kernelspec: JUPYTER_PATH comes first
@@ -48,17 +52,6 @@ def kernel(jupyter_path, monkeypatch) -> str:
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
     monkeypatch.setenv("TQDM_DISABLE", "1")  # progress bars add nothing to a log
     return KERNEL
-
-
-def inject_parameters(nb: nbformat.NotebookNode, values: dict) -> nbformat.NotebookNode:
-    """Add a cell setting `values` right after the cell tagged "parameters" (papermill style)."""
-    index = next(i for i, c in enumerate(nb.cells)
-                 if "parameters" in c.get("metadata", {}).get("tags", []))
-    source = "# Injected parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
-    cell = nbformat.v4.new_code_cell(source)
-    cell.metadata["tags"] = ["injected-parameters"]
-    nb.cells.insert(index + 1, cell)
-    return nb
 
 
 def execute(name: str, workdir: Path, kernel: str, **values) -> nbformat.NotebookNode:
