@@ -4,7 +4,7 @@ The reference, the timing and the per-technique ratios live in moelab/bench/ (`m
 this script only loops over the methods and prints one JSON line each:
 
     python benchmarks/train_step.py                      # tiny preset, CPU
-    python benchmarks/train_step.py --preset seed --device cuda
+    python benchmarks/train_step.py --preset fairseq --device cuda
 """
 
 from __future__ import annotations
