@@ -1,5 +1,6 @@
 """What a checkpoint holds: every key, which part of the training state writes it, which are
-optional and since when (docs/design.md section 6), and the checks a checkpoint passes on load.
+optional and what a checkpoint without them means (docs/design.md section 6), and the checks a
+checkpoint passes on load.
 
 A checkpoint is one plain dict, filled by the stateful parts of a run, each of which saves and
 restores itself (`state_dict` / `load_state_dict`):
@@ -60,8 +61,9 @@ class Key:
     part: str  # the part of the training state that writes it
     needed: str | None = None  # READ: every reader needs it; RESUME: a resume does; None: optional
     written: str = "always"  # or when it is written
-    since: str | None = None  # the change that added it (None: the first checkpoints had it);
-    # checkpoints from before it lack the key, so reading it falls back (see restore_training)
+    # what restore_training reads when a checkpoint lacks the key (one written before moelab
+    # had it); None: every checkpoint moelab ever wrote holds it
+    missing: str | None = None
 
 
 KEYS = (
@@ -73,18 +75,18 @@ KEYS = (
     Key("rng", "ProcessRNG, one per rank", RESUME),
     Key("data_position", "TrainState", RESUME),  # {"epoch", "batch", "world_size"}
     Key("num_updates", "TrainState", RESUME),
-    Key("skipped_updates", "TrainState", since="49694db (2026-11-28), else 0"),
-    Key("meter", "Meter, one per rank", since="49694db (2026-11-28), else a fresh interval"),
+    Key("skipped_updates", "TrainState", missing="0"),
+    Key("meter", "Meter, one per rank", missing="a fresh log interval"),
     Key("best_valid_loss", "TrainState", RESUME),
-    Key("wall_time", "TrainState"),
-    Key("compute", "TrainState", since="c1bfc18 (2026-12-07), else counted from the resume on"),
+    Key("wall_time", "TrainState", missing="0"),
+    Key("compute", "TrainState", missing="counted from the resumed update on"),
     Key("config", "RunConfig", READ),
     Key("model_config", "ModelConfig", READ),
     Key("tokenizer", "the data-bin"),  # {"sha256", "vocab_size"}: compared when both have one
     Key("prior_bias", "PriorBias", written="with --prior-bias-rate (or resumed from a run with it)",
-        since="1d26139 (2026-11-30), else zeros"),
+        missing="zeros"),
     Key("branched_from", "TrainState", written="for a run branched from a dense checkpoint",
-        since="9dd78b2 (2026-12-07)"),
+        missing="a run trained from scratch"),
 )
 KEY_NAMES = tuple(key.name for key in KEYS)
 READ_KEYS = tuple(key.name for key in KEYS if key.needed == READ)
