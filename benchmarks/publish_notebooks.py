@@ -129,7 +129,7 @@ widget, which GitHub does not draw: run that notebook to use it.
 """
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu", help="gpu, cpu or smoke (default: cpu)")
     parser.add_argument("--work", type=Path, default=None,
@@ -142,7 +142,11 @@ def main() -> None:
     parser.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
                         help="only these (e.g. 06_remedies.ipynb); the README is written when "
                              "all run")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     params = {name: literal(value) for name, value in (p.split("=", 1) for p in args.param)}
     paths = sorted(NOTEBOOKS.glob("*.ipynb"))
     if args.notebooks:

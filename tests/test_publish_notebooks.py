@@ -31,3 +31,9 @@ def test_a_parameter_goes_only_to_the_notebooks_that_have_it():
     assert "remedies" not in publish_notebooks.parameters(sample)
     for nb in (remedies, sample):  # the shared ones every notebook takes
         assert {"preset", "data_bin", "runs_dir"} <= publish_notebooks.parameters(nb)
+
+
+def test_by_default_the_copies_go_to_docs_notebooks():
+    """Run without --out, the command writes where the README links, never over the sources."""
+    out = publish_notebooks.arguments().parse_args([]).out.resolve()
+    assert out == (ROOT / "docs" / "notebooks").resolve()

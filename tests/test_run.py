@@ -14,6 +14,8 @@ import torch
 
 from moelab.errors import MoelabError
 from moelab.eval import evaluate_run
+from moelab.eval.cache import scores_path
+from moelab.eval.routing import parse_routing
 from moelab.model import MixtureLM
 from moelab.train import Run, RunConfig, train
 from moelab.train.checkpoint import BEST, LAST, read_checkpoint
@@ -143,6 +145,22 @@ def test_resuming_with_another_world_size_starts_the_next_epoch(saved_by, epoch,
         assert "written by 2 process(es)" in note and "data order changes" in note
         # another world's interval sums are not this rank's
         assert not restored.meter_restored and meter.updates == 0
+
+
+def test_every_option_that_changes_an_evaluation_has_its_own_cache_file(old_run):
+    """A routed, cached-prior, chunk-latent, other-window or other-split result never reads back
+    as another's: each is its own file."""
+    run = Run.load(old_run / "run" / LAST, data_bin=old_run / "data-bin")
+    files = [scores_path(run, "valid", 0),
+             scores_path(run, "valid", 0, routing=parse_routing("prefix:8")),
+             scores_path(run, "valid", 0, routing=parse_routing("topk:1")),
+             scores_path(run, "valid", 0, prior="cached"),
+             scores_path(run, "valid", 0, latent="chunk"),
+             scores_path(run, "valid", 0, tokens_per_sample=16),
+             scores_path(run, "valid", 8),
+             scores_path(run, "test", 0)]
+    assert len(set(files)) == len(files)
+    assert files[0].name == "eval_checkpoint_last_valid_c0.npz"  # the default keeps its name
 
 
 def test_evaluations_are_cached_on_disk_until_the_checkpoint_changes(old_run, monkeypatch):

@@ -15,6 +15,7 @@ from moelab.model import ModelConfig
 from moelab.train import train
 from moelab.train.assignment import PriorBias
 from moelab.train.checkpoint import LAST, UnreadableCheckpoint, read_checkpoint, save_checkpoint
+from moelab.train.meter import Meter
 from moelab.train.state import (
     ALWAYS_WRITTEN,
     KEY_NAMES,
@@ -23,9 +24,14 @@ from moelab.train.state import (
     RESUME_KEYS,
     ProcessRNG,
     TrainState,
+    build_model,
     check_resumable,
+    in_schema,
     read_complete,
+    restore_training,
+    run_config,
 )
+from moelab.train.update import build_optimizer
 
 SMALL = dict(arch="tiny", decoder_layers=1, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
              decoder_attention_heads=2, tokens_per_sample=32, max_tokens=192, warmup_updates=2,
@@ -58,7 +64,18 @@ def test_a_trained_checkpoint_holds_exactly_the_keys_the_schema_names(runs):
                                                                      "branched_from"}
 
 
-@pytest.mark.parametrize("key", READ_KEYS)
+# Written out, not read from the schema: a key dropped from READ_KEYS or RESUME_KEYS must fail
+# here, not quietly take its own test away.
+EVERY_READER_NEEDS = ("format", "model", "config", "model_config")
+A_RESUME_NEEDS = ("optimizer", "rng", "data_position", "num_updates", "best_valid_loss")
+
+
+def test_the_schema_says_which_keys_a_reader_and_a_resume_need():
+    assert set(READ_KEYS) == set(EVERY_READER_NEEDS)
+    assert set(RESUME_KEYS) == set(A_RESUME_NEEDS)
+
+
+@pytest.mark.parametrize("key", EVERY_READER_NEEDS)
 def test_a_checkpoint_missing_a_key_every_reader_needs_is_refused_naming_it(runs, tmp_path,
                                                                             key):
     checkpoint = read_checkpoint(runs["dense"])
@@ -69,7 +86,7 @@ def test_a_checkpoint_missing_a_key_every_reader_needs_is_refused_naming_it(runs
         read_complete(path)
 
 
-@pytest.mark.parametrize("key", RESUME_KEYS)
+@pytest.mark.parametrize("key", A_RESUME_NEEDS)
 def test_a_checkpoint_missing_a_key_a_resume_needs_is_refused_naming_it(runs, key):
     checkpoint = read_checkpoint(runs["dense"])
     model_config = ModelConfig(**checkpoint["model_config"])
@@ -115,3 +132,39 @@ def test_the_random_generators_continue_from_their_state_dict():
     again = (torch.rand(3), torch.randn(2), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert first[2:] == again[2:] and not math.isnan(first[2])
+
+
+def test_a_key_the_schema_does_not_name_or_a_missing_one_is_refused_when_saving():
+    """in_schema is what build_checkpoint writes through: a part that writes an unknown key, or
+    leaves out an always-written one, is a bug caught before the file exists."""
+    parts = dict.fromkeys(ALWAYS_WRITTEN, 0)
+    assert list(in_schema(parts)) == list(ALWAYS_WRITTEN)
+    with pytest.raises(ValueError, match="extra_key unknown"):
+        in_schema({**parts, "extra_key": 1})
+    del parts["meter"]
+    with pytest.raises(ValueError, match="meter missing"):
+        in_schema(parts)
+
+
+def test_each_rank_restores_its_own_meter_and_random_generators(runs):
+    """A checkpoint of two ranks holds two meters and two RNG states: rank 1 resumes from the
+    second of each, not from rank 0's."""
+    checkpoint = read_checkpoint(runs["dense"])
+    model, _ = build_model(checkpoint, runs["dense"])
+    optimizer = build_optimizer(model, run_config(checkpoint, runs["dense"]), torch.device("cpu"))
+    meters = [Meter(1, torch.device("cpu")) for _ in range(2)]
+    for rank, meter in enumerate(meters):
+        meter.sums.loss += 10.0 * (rank + 1)
+    rngs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        rngs.append(ProcessRNG().state_dict())
+    expected = torch.rand(4)  # what rank 1's generator gives next
+    checkpoint.update(meter=[m.state_dict() for m in meters], rng=rngs,
+                      data_position={**checkpoint["data_position"], "world_size": 2})
+    meter = Meter(1, torch.device("cpu"))
+    restored = restore_training(checkpoint, runs["dense"], model=model, optimizer=optimizer,
+                                meter=meter, rng=ProcessRNG(), rank=1, world_size=2,
+                                prior_bias_rate=0.0)
+    assert restored.meter_restored and float(meter.sums.loss) == 20.0
+    assert torch.equal(torch.rand(4), expected)

@@ -240,6 +240,13 @@ def test_a_variant_trains_the_same_method_with_its_options_into_its_own_folder(s
     assert wb.is_trained("hMoElp") and balanced.is_trained("hMoElp")
 
 
+def test_a_variant_keeps_the_workbenchs_own_training_options(smoke_workbench, tmp_path):
+    wb = smoke_workbench(runs_dir=tmp_path, train_options={"max_update": 3})
+    balanced = wb.variant("sinkhorn", balance="sinkhorn")
+    assert balanced.train_options == {"max_update": 3, "balance": "sinkhorn"}
+    assert balanced.train_options_for("hMoEup")["max_update"] == 3
+
+
 def test_a_variant_named_like_a_folder_of_the_plain_runs_is_refused(smoke_workbench, tmp_path):
     wb = smoke_workbench(runs_dir=tmp_path)
     for name in ("hMoEup", "seed2", "at-sMoElp", "", "a/b"):
