@@ -74,9 +74,9 @@ STUDIES: dict[str, Study] = {
                    validate_interval_updates=1000),
         data=dict(vocab_size=8000, valid_fraction=0.05, test_fraction=0.05),
         num_experts=10),
-    # Sized so that `moelab demo` trained and evaluated all five methods at equal updates within
-    # 12 minutes on 2 cores; with every method also trained to soft EM's compute (the comparison
-    # at equal FLOPs) it takes about 16 (2026-12-07). Soft EM, which backpropagates all K
+    # Sized so that `moelab demo` trains and evaluates all five methods, at equal updates and
+    # each on to soft EM's compute (the comparison at equal FLOPs), within 12 minutes on 2 idle
+    # cores (11.5, 2026-12-08). Soft EM, which backpropagates all K
     # experts every update, sets that budget. Dropout 0: a few hundred updates underfit, so
     # dropout would only slow learning. A small vocabulary keeps the output layer cheap; small
     # held-out shares keep the evaluation within budget.

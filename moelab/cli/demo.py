@@ -27,7 +27,7 @@ def _seeds(value: str) -> list[int]:
 FLAGS = {
     "out": dict(help="report folder; also holds the data-bin and the runs, so a second run "
                      "skips finished work", metavar="DIR"),
-    "preset": dict(help="cpu: a small model, about 16 minutes on 2 cores; gpu: fairseq's "
+    "preset": dict(help="cpu: a small model, about 12 minutes on 2 cores; gpu: fairseq's "
                         "transformer_lm with K = 10; smoke: seconds, for tests; auto: gpu when "
                         "CUDA is available, else cpu", choices=["auto", *TRAIN_PRESETS]),
     "methods": dict(help="comma-separated methods to run", parse=_comma_list, metavar="M,M"),
